@@ -1,0 +1,1 @@
+"""detlab's experiment platform: tracking, jobs, sweeps and the paper's tables."""

@@ -1,0 +1,295 @@
+"""MLflow tracking conventions shared by every detlab job: URIs, store setup, tags, run lookups.
+
+Facts this module is built on (MLflow 3.17, see shared notes §5):
+
+* The file store (``./mlruns``, ``file:``) is refused, so the local default is an **absolute**
+  ``sqlite:///<base>/mlruns/mlflow.db``. Absolute because Ray Train workers ``chdir`` away from
+  the driver's cwd, and a relative sqlite path would silently open a second, empty database there.
+* Opening a *fresh* sqlite DB from several processes at once races in the alembic migrations, so
+  the driver calls :func:`init_store` before any worker starts (it also takes a file lock).
+* Multi-node runs need an ``http(s)://`` tracking server every node can reach; pass its URI to
+  the workers through ``runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": ...}}``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
+
+TAG_TABLE = "detlab.table"
+TAG_ROW = "detlab.row"
+TAG_DATASET = "detlab.dataset"
+TAG_SEED = "detlab.seed"
+TAG_KEY = "detlab.key"
+TAG_PROFILE = "detlab.profile"
+TAG_KIND = "detlab.kind"
+TAG_GIT = "detlab.git_commit"
+
+#: values of ``detlab.kind``
+KINDS = ("cell", "tables", "sweep", "trial")
+#: the paper's tables
+TABLES = (1, 2)
+#: values of ``detlab.dataset`` (note ``voc07``, while ``DataConfig.dataset`` says ``voc``)
+DATASETS = ("voc07", "coco", "trees", "shapes")
+#: statuses a dangling RUNNING run may be closed with
+TERMINAL_STATUSES = ("FAILED", "KILLED", "FINISHED")
+
+_SQLITE_PREFIX = "sqlite:///"
+# sqlite URIs that name no file: nothing to make absolute.
+_SQLITE_MEMORY = ("sqlite://", "sqlite:///:memory:")
+
+
+def quiet_mlflow() -> None:
+    """Silence MLflow chatter that says nothing useful in batch jobs (env vars the user set win)."""
+    # "🏃 View run ... at: http://..." after every run against a server.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # "Creating initial MLflow database tables..." / alembic "Context impl SQLiteImpl" on first open.
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # SQLAlchemy 2.1 deprecation of `noload` inside MLflow's own store: not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*noload.*")
+
+
+quiet_mlflow()
+
+
+def experiment_name(table: int) -> str:
+    """MLflow experiment of the paper's Table ``table`` (1 or 2)."""
+    return f"detlab-table{_check_table(table)}"
+
+
+def resolve_tracking_uri(uri: str | None = None, base_dir: Path | None = None) -> str:
+    """Pick the tracking URI: ``uri`` (``--tracking-uri``) > env ``MLFLOW_TRACKING_URI`` > local sqlite.
+
+    The default is ``sqlite:///<base_dir or cwd>/mlruns/mlflow.db``; relative sqlite paths are
+    resolved against the same base. sqlite URIs always come back absolute and their directory
+    exists. Server and database URIs (``http://``, ``postgresql://`` ...) pass through unchanged.
+    The file store is refused by MLflow 3.17, so ``file:`` URIs and bare paths raise ``ValueError``
+    unless ``MLFLOW_ALLOW_FILE_STORE=true`` (MLflow's own opt-out).
+    """
+    base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
+    base = base.resolve()
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not chosen:
+        return _sqlite_uri(base / "mlruns" / "mlflow.db")
+    if chosen in _SQLITE_MEMORY:
+        return chosen
+    if chosen.startswith(_SQLITE_PREFIX):
+        return _sqlite_uri(base / chosen[len(_SQLITE_PREFIX):])  # an absolute path stays absolute
+    scheme = urlparse(chosen).scheme
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise ValueError(
+                f"tracking URI {chosen!r} is an MLflow file store, which MLflow 3.17 refuses; "
+                f"use 'sqlite:////abs/path/mlflow.db' or an http(s):// tracking server"
+            )
+        path = urlparse(chosen).path if scheme == "file" else chosen
+        return (base / Path(path).expanduser()).resolve().as_uri()
+    if scheme == "sqlite":  # e.g. "sqlite:/x.db" (one slash): SQLAlchemy would misread it
+        raise ValueError(f"tracking URI {chosen!r}: sqlite URIs look like 'sqlite:////abs/path/mlflow.db'")
+    return chosen
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an absolute ``sqlite:///`` URI, else None (servers, in-memory)."""
+    if not uri.startswith(_SQLITE_PREFIX) or uri in _SQLITE_MEMORY:
+        return None
+    return Path(uri[len(_SQLITE_PREFIX):])
+
+
+def init_store(uri: str, experiment: str) -> str:
+    """Create the store (sqlite: DB + migrations) and ``experiment`` if needed; return its id.
+
+    Call it in the driver before any Ray worker opens the store. Idempotent and safe against
+    concurrent callers on one machine (file lock). For sqlite the experiment's artifact location is
+    ``<db dir>/artifacts/<experiment>`` (absolute); for servers the server decides (with
+    ``--serve-artifacts`` that is ``mlflow-artifacts:/<id>``). A deleted experiment is restored.
+    """
+    if not experiment or not experiment.strip():
+        raise ValueError(f"experiment name {experiment!r} is empty")
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        raise ValueError(f"tracking URI {uri!r} is relative; pass it through resolve_tracking_uri()")
+    artifact_location = (db.parent / "artifacts" / experiment).as_uri() if db is not None else None
+    client = MlflowClient(uri)
+    with _init_lock(db):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                return client.create_experiment(experiment, artifact_location=artifact_location)
+            except MlflowException:
+                # Lost a race with another process (e.g. a server client): use theirs.
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+
+@contextmanager
+def _init_lock(db: Path | None) -> Iterator[None]:
+    """Serialise first-time sqlite initialisation (alembic migrations race, notes §5.6)."""
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f"{db.name}.init.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def git_commit() -> str | None:
+    """Commit of the detlab checkout: env ``DETLAB_GIT_COMMIT`` if set, else ``git rev-parse HEAD``.
+
+    The env var exists for code shipped without ``.git`` (a Ray ``working_dir`` package, an
+    image): the submitter sets it. None when neither works.
+    """
+    env = os.environ.get("DETLAB_GIT_COMMIT", "").strip()
+    if env:
+        return env
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,  # not the cwd: Ray workers chdir elsewhere
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def dataset_tag(dataset: str) -> str:
+    """``detlab.dataset`` value for a ``DataConfig.dataset`` name (``voc`` → ``voc07``)."""
+    tag = {"voc": "voc07"}.get(dataset, dataset)
+    if tag not in DATASETS:
+        raise ValueError(f"dataset {dataset!r} has no detlab.dataset tag; known: {DATASETS} (or 'voc')")
+    return tag
+
+
+def run_tags(
+    table: int,
+    row: str | None,
+    dataset: str | None,
+    seed: int | None,
+    key: str | None,
+    profile: str | None,
+    kind: str = "cell",
+) -> dict[str, str]:
+    """The ``detlab.*`` tags of a run, as strings, plus the git commit when known.
+
+    ``kind="cell"`` (one seed of one table cell, what :mod:`lab.tables` aggregates) needs every
+    field; other kinds (``sweep``, ``trial``, ``tables``) may leave fields None to omit them.
+    ``dataset`` may be a ``DataConfig.dataset`` name (``voc`` is tagged ``voc07``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    fields = {"row": row, "dataset": dataset, "seed": seed, "key": key, "profile": profile}
+    if kind == "cell":
+        missing = [name for name, value in fields.items() if value is None or value == ""]
+        if missing:
+            raise ValueError(f"a cell run needs {', '.join(missing)} (got {fields})")
+    if row is not None and (not row or row != row.strip() or " " in row):
+        raise ValueError(f"row={row!r} must be a non-empty name without spaces (e.g. 'iac_dc')")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be an int")
+    tags = {TAG_TABLE: str(_check_table(table)), TAG_KIND: kind}
+    if row is not None:
+        tags[TAG_ROW] = row
+    if dataset is not None:
+        tags[TAG_DATASET] = dataset_tag(dataset)
+    if seed is not None:
+        tags[TAG_SEED] = str(seed)
+    if key is not None:
+        tags[TAG_KEY] = str(key)
+    if profile is not None:
+        tags[TAG_PROFILE] = str(profile)
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT] = commit
+    return tags
+
+
+def search_all_runs(
+    uri: str, experiment: str, filter_string: str = "", order_by: list[str] | None = None
+) -> list[Run]:
+    """Every run of ``experiment`` matching ``filter_string`` (all pages); [] if it does not exist."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id], filter_string=filter_string, order_by=order_by, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def tag_filter(tag: str, value: str) -> str:
+    """``search_runs`` clause ``tags.`<tag>` = '<value>'`` (backticks: tag names contain dots)."""
+    quote = "'" if "'" not in value else '"'
+    if quote in value:
+        raise ValueError(f"tag value {value!r} contains both quote characters; cannot search for it")
+    return f"tags.`{tag}` = {quote}{value}{quote}"
+
+
+def find_finished_run(uri: str, experiment: str, key: str) -> str | None:
+    """Run id of the newest FINISHED run with ``detlab.key == key``, or None (lets jobs skip done cells)."""
+    runs = search_all_runs(
+        uri,
+        experiment,
+        f"{tag_filter(TAG_KEY, key)} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def close_dangling_runs(uri: str, experiment: str, status: str = "FAILED") -> int:
+    """Mark every RUNNING run of ``experiment`` as ``status``; return how many.
+
+    For drivers that crashed or Tune trials that were killed (their runs stay RUNNING, notes
+    §2.4). It cannot tell a live run from a dead one: call it only when no job of this
+    experiment is running.
+    """
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"status={status!r} is not one of {TERMINAL_STATUSES}")
+    client = MlflowClient(uri)
+    runs = search_all_runs(uri, experiment, "attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+    return len(runs)
+
+
+def _check_table(table: int) -> int:
+    if isinstance(table, bool) or table not in TABLES:
+        raise ValueError(f"table={table!r} is not one of {TABLES}")
+    return int(table)
+
+
+def _sqlite_uri(path: Path) -> str:
+    """Absolute ``sqlite:///`` URI for ``path``, creating its directory (SQLite will not)."""
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"{_SQLITE_PREFIX}{path}"
