@@ -1,0 +1,380 @@
+"""Typed configuration for the detector: dataclasses, YAML loading, ``section.key`` flattening.
+
+The config is deliberately plain: nested dataclasses, no registries. ``flatten`` produces the
+``section.key`` names used as MLflow params and Ray Tune search-space keys, and ``apply_overrides``
+takes the same names (``--set assign.alpha=0.3``), so the three views always agree.
+
+Every reading of the paper that the paper leaves open is a key here (see the docstrings of
+``detector.assign``, ``detector.losses`` and ``detector.nms`` for what each one means).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnext50_32x4d",
+    "resnext101_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key (``section.key``) and the value."""
+
+
+@dataclass
+class ModelConfig:
+    """RetinaNet architecture and inference settings."""
+
+    backbone: str = "resnet50"
+    #: number of foreground classes; 0 means "take it from the dataset".
+    num_classes: int = 0
+    #: local path to a backbone state_dict (e.g. ImageNet weights), or None for random init.
+    weights_backbone: str | None = None
+    #: local path to a whole-detector state_dict (``model.state_dict()``), or None.
+    weights: str | None = None
+    #: how many of the ResNet stages (counted from the top) are trained when weights_backbone is set.
+    trainable_backbone_layers: int = 3
+    #: backbone normalisation: "frozen_bn" (standard with pretrained weights), "bn" or "gn"
+    #: (trainable; needed when training from scratch).
+    norm: str = "bn"
+    #: head normalisation: "none" (RetinaNet v1) or "gn" (GroupNorm in the conv towers).
+    head_norm: str = "none"
+    #: input resize (GeneralizedRCNNTransform): shorter side / cap on the longer side.
+    min_size: int = 800
+    max_size: int = 1333
+    #: base anchor size of P3..P7; each gets 3 octave scales and 3 aspect ratios.
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    #: regression loss: "l1" (RetinaNet v1), "smooth_l1", "giou".
+    reg_loss: str = "l1"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    #: inference: candidates below this score are dropped before NMS.
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000
+    detections_per_img: int = 100
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone={self.backbone!r} is not one of {BACKBONES}")
+        _choice("model.norm", self.norm, ("frozen_bn", "bn", "gn"))
+        _choice("model.head_norm", self.head_norm, ("none", "gn"))
+        _choice("model.reg_loss", self.reg_loss, ("l1", "smooth_l1", "giou"))
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0")
+        if not 0 <= self.trainable_backbone_layers <= 5:
+            raise ConfigError(f"model.trainable_backbone_layers={self.trainable_backbone_layers} must be in [0, 5]")
+        if self.min_size <= 0 or self.max_size < self.min_size:
+            raise ConfigError(f"model.min_size={self.min_size}, model.max_size={self.max_size}: need 0 < min_size <= max_size")
+        if len(self.anchor_sizes) != 5:
+            raise ConfigError(f"model.anchor_sizes={self.anchor_sizes} must give 5 sizes (P3..P7)")
+        for key in ("weights_backbone", "weights"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"model.{key}={path!r}: no such file")
+        _unit("model.focal_alpha", self.focal_alpha)
+        _unit("model.score_thresh", self.score_thresh)
+
+
+@dataclass
+class AssignConfig:
+    """Anchor assignment: torchvision's Matcher, or IAC (eq. 4-5) when ``iac`` is true."""
+
+    iac: bool = False
+    #: eq. 4 weight of the classification probability against intersection-over-min-area.
+    alpha: float = 0.5
+    fg_threshold: float = 0.5
+    bg_threshold: float = 0.4
+    #: eq. 5 score threshold. Keep it above 1 - alpha, or every anchor inside a large GT
+    #: (inter/min-area = 1) is positive from step 0, when cls_prob is ~0.01.
+    score_threshold: float = 0.7
+    allow_low_quality_matches: bool = True
+    #: training iterations before IAC is switched on (plain IoU matching until then).
+    warmup_iters: int = 0
+
+    def validate(self) -> None:
+        _unit("assign.alpha", self.alpha)
+        _unit("assign.fg_threshold", self.fg_threshold)
+        _unit("assign.bg_threshold", self.bg_threshold)
+        if self.bg_threshold > self.fg_threshold:
+            raise ConfigError(
+                f"assign.bg_threshold={self.bg_threshold} must be <= assign.fg_threshold={self.fg_threshold}"
+            )
+        if self.score_threshold < 0:
+            raise ConfigError(f"assign.score_threshold={self.score_threshold} must be >= 0 (> 1 disables the score rule)")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"assign.warmup_iters={self.warmup_iters} must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    """Dynamic Coefficient loss (eq. 1-3) switches."""
+
+    dc: bool = False
+    #: eq. 1 epsilon; lambda lies in (0.5, 2] for any eps >= 0, so eps only guards the edge.
+    eps: float = 1e-6
+    #: eq. 2 normalisation set: "batch" (all positives of the batch, the default: the focal-loss
+    #: normaliser is per batch in mmdet/detectron2 and per-image sets are tiny on small objects)
+    #: or "image".
+    scope: str = "batch"
+
+    def validate(self) -> None:
+        if self.eps < 0:
+            raise ConfigError(f"loss.eps={self.eps} must be >= 0")
+        _choice("loss.scope", self.scope, ("batch", "image"))
+
+
+@dataclass
+class NmsConfig:
+    """Post-processing NMS: class-wise greedy NMS, or CL-B NMS (eq. 6-7) when ``clb`` is true."""
+
+    clb: bool = False
+    iou_threshold: float = 0.5
+    #: eq. 7 weight of the centre-distance term: s = score + beta * dis.
+    beta: float = 1.0
+
+    def validate(self) -> None:
+        _unit("nms.iou_threshold", self.iou_threshold)
+        if self.beta < 0:
+            raise ConfigError(f"nms.beta={self.beta} must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where, and the training-time augmentation."""
+
+    #: "shapes" (generated, COCO format), "trees" (DeepForest, VOC format), "coco", "voc".
+    dataset: str = "shapes"
+    #: dataset root; None means the built-in cache directory for shapes/trees.
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    #: COCO-format only: annotation JSON paths relative to root (None: the dataset's default).
+    train_ann: str | None = None
+    val_ann: str | None = None
+    hflip_prob: float = 0.5
+    #: shapes generator: images per split and image side.
+    num_train: int = 200
+    num_val: int = 50
+    image_size: int = 256
+    #: trees: tile size in pixels.
+    tile_size: int = 400
+    #: DataLoader workers per training worker.
+    loader_workers: int = 0
+    #: cap on images per split (0 = all); handy for smoke runs on real datasets.
+    max_images: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _choice("data.dataset", self.dataset, ("shapes", "trees", "coco", "voc"))
+        if self.dataset in ("coco", "voc") and not self.root:
+            raise ConfigError(f"data.root is required for data.dataset={self.dataset!r}")
+        if self.root and self.dataset in ("coco", "voc") and not Path(self.root).exists():
+            raise ConfigError(f"data.root={self.root!r}: no such directory")
+        _unit("data.hflip_prob", self.hflip_prob)
+        for key in ("num_train", "num_val", "image_size", "tile_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be > 0")
+
+
+@dataclass
+class DetectorConfig:
+    """Everything ``detector`` needs: model, assignment, loss, NMS, data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    nms: NmsConfig = field(default_factory=NmsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "DetectorConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Generic helpers: they work on any (nested) dataclass, so lab's experiment config reuses them.
+
+T = TypeVar("T")
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {options}")
+
+
+def _unit(key: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{key}={value} must be in [0, 1]")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}`` for every leaf; these are the MLflow param names."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the declared field type, with an error naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(key, non_none[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return tuple(_coerce(key, args[0], v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}={value!r} must be a boolean")
+    if tp in (int, float):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be {tp.__name__}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise, naming them."""
+    data = dict(data or {})
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + u for u in unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            kwargs[name] = from_dict(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, tp, value)
+    return cls(**kwargs)
+
+
+def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"assign.alpha=0.3"`` -> ``("assign.alpha", 0.3)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def overrides_to_dict(items: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Dotted overrides -> nested dict."""
+    pairs = items.items() if isinstance(items, dict) else (parse_override(i) for i in items)
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: T, items: dict[str, Any] | list[str]) -> T:
+    """A copy of ``cfg`` with dotted overrides applied and type-checked."""
+    return from_dict(type(cfg), merge_dicts(to_dict(cfg), overrides_to_dict(items)))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Load a dataclass from a YAML file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

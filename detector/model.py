@@ -1,0 +1,332 @@
+"""RetinaNet with the paper's three components injected: IAC matcher, DC loss, CL-B NMS.
+
+One code path gives the four rows of the paper's Table 2: ``assign.iac``, ``loss.dc`` and
+``nms.clb`` switch the components. torchvision's ``RetinaNet`` is reused as is (transform,
+anchors, head, decoding); what changes is injected through the constructor:
+
+* ``matcher``: :class:`IoUMatcher` (torchvision's Matcher) or :class:`IACMatcher` (eq. 4-5);
+* ``loss``: :class:`RetinaNetLoss`, focal + box regression, with optional DC reweighting (eq. 1-3);
+* ``postprocess``: :class:`NmsPostprocess`, greedy class-wise NMS or CL-B NMS (eq. 6-7).
+
+With all three off the losses and detections are those of torchvision's stock RetinaNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.ops import batched_nms, box_iou, boxes as box_ops
+
+from detector.assign import iac_assign
+from detector.backbones import build_backbone
+from detector.config import AssignConfig, ConfigError, DetectorConfig, LossConfig, NmsConfig
+from detector.losses import box_regression_loss, dc_focal_loss, dc_weights_for_batch, focal_loss_per_anchor
+from detector.nms import clb_nms
+
+
+# ------------------------------------------------------------------------------------------------
+# Matchers: (anchors[A,4], gt_boxes[G,4], gt_labels[G], cls_prob[A,C], iteration) -> LongTensor[A]
+
+
+@dataclass
+class IoUMatcher:
+    """Standard RetinaNet assignment (torchvision ``Matcher`` on IoU); ignores ``cls_prob``."""
+
+    fg_threshold: float = 0.5
+    bg_threshold: float = 0.4
+    allow_low_quality_matches: bool = True
+
+    def __post_init__(self) -> None:
+        self._matcher = det_utils.Matcher(self.fg_threshold, self.bg_threshold, self.allow_low_quality_matches)
+
+    needs_cls_prob = False
+
+    def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, cls_prob: Tensor | None, iteration: int) -> Tensor:
+        if gt_boxes.numel() == 0:
+            return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+        return self._matcher(box_iou(gt_boxes, anchors))
+
+
+@dataclass
+class IACMatcher:
+    """IoU-classification-aware assignment (eq. 4-5), plain IoU matching for ``warmup_iters``."""
+
+    alpha: float = 0.5
+    fg_threshold: float = 0.5
+    bg_threshold: float = 0.4
+    score_threshold: float = 0.7
+    allow_low_quality_matches: bool = True
+    warmup_iters: int = 0
+
+    needs_cls_prob = True
+
+    def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, cls_prob: Tensor | None, iteration: int) -> Tensor:
+        # Before warm-up ends cls_prob is ~the 0.01 prior: disable the score rule (threshold > 1).
+        score_threshold = self.score_threshold if iteration >= self.warmup_iters else 2.0
+        assert cls_prob is not None
+        return iac_assign(
+            anchors,
+            gt_boxes,
+            gt_labels,
+            cls_prob,
+            alpha=self.alpha,
+            fg_threshold=self.fg_threshold,
+            bg_threshold=self.bg_threshold,
+            score_threshold=score_threshold,
+            allow_low_quality_matches=self.allow_low_quality_matches,
+        )
+
+
+def build_matcher(cfg: AssignConfig) -> IoUMatcher | IACMatcher:
+    if cfg.iac:
+        return IACMatcher(
+            cfg.alpha, cfg.fg_threshold, cfg.bg_threshold, cfg.score_threshold, cfg.allow_low_quality_matches, cfg.warmup_iters
+        )
+    return IoUMatcher(cfg.fg_threshold, cfg.bg_threshold, cfg.allow_low_quality_matches)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+
+
+class RetinaNetLoss(nn.Module):
+    """Focal classification loss (optionally DC-reweighted, eq. 3) + box regression loss.
+
+    Normalisation is torchvision's: per image by its number of positives, then the mean over
+    images. With ``dc=False`` the result equals torchvision's ``RetinaNetHead.compute_loss``.
+    """
+
+    def __init__(
+        self,
+        *,
+        dc: bool = False,
+        eps: float = 1e-6,
+        scope: str = "batch",
+        reg_loss: str = "l1",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.dc, self.eps, self.scope = dc, eps, scope
+        self.reg_loss, self.focal_alpha, self.focal_gamma = reg_loss, focal_alpha, focal_gamma
+        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+
+    def forward(
+        self,
+        targets: list[dict[str, Tensor]],
+        cls_logits: Tensor,
+        bbox_regression: Tensor,
+        anchors: list[Tensor],
+        matched_idxs: Tensor,
+    ) -> dict[str, Tensor]:
+        """cls_logits [B, A, C], bbox_regression [B, A, 4], anchors B x [A, 4], matched_idxs [B, A]."""
+        labels = [t["labels"] for t in targets]
+        pos = [torch.where(m >= 0)[0] for m in matched_idxs]
+        gt = [t["boxes"][m[p]] for t, m, p in zip(targets, matched_idxs, pos)]
+        reg = [bbox_regression[b, p] for b, p in enumerate(pos)]
+        anc = [anchors[b][p] for b, p in enumerate(pos)]
+
+        dc_weights = None
+        if self.dc:
+            per_anchor = focal_loss_per_anchor(cls_logits.detach(), matched_idxs, labels, self.focal_alpha, self.focal_gamma)
+            with torch.no_grad():
+                pred = [self.box_coder.decode_single(r.detach().float(), a) for r, a in zip(reg, anc)]
+            lam = dc_weights_for_batch(pred, gt, [per_anchor[b, p] for b, p in enumerate(pos)], self.eps, self.scope)
+            dc_weights = torch.ones_like(per_anchor)
+            for b, p in enumerate(pos):
+                dc_weights[b, p] = lam[b]
+        cls = dc_focal_loss(
+            cls_logits, matched_idxs, labels, dc_weights, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma
+        )
+        box = torch.stack(
+            [box_regression_loss(self.reg_loss, self.box_coder, a, g, r) / max(1, p.numel()) for a, g, r, p in zip(anc, gt, reg, pos)]
+        ).mean()
+        return {"classification": cls, "bbox_regression": box}
+
+
+def build_loss(cfg: DetectorConfig) -> RetinaNetLoss:
+    return RetinaNetLoss(
+        dc=cfg.loss.dc,
+        eps=cfg.loss.eps,
+        scope=cfg.loss.scope,
+        reg_loss=cfg.model.reg_loss,
+        focal_alpha=cfg.model.focal_alpha,
+        focal_gamma=cfg.model.focal_gamma,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Post-processing NMS: (boxes[K,4], scores[K], logits[K], labels[K]) -> kept indices, score order
+
+
+@dataclass
+class NmsPostprocess:
+    """Greedy class-wise NMS, or CL-B NMS (eq. 6-7) when ``clb``."""
+
+    clb: bool = False
+    iou_threshold: float = 0.5
+    beta: float = 1.0
+
+    def __call__(self, boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.clb:
+            return clb_nms(boxes, scores, logits, labels, self.iou_threshold, self.beta)
+        return batched_nms(boxes, scores, labels, self.iou_threshold)
+
+
+def build_postprocess(cfg: NmsConfig) -> NmsPostprocess:
+    return NmsPostprocess(cfg.clb, cfg.iou_threshold, cfg.beta)
+
+
+# ------------------------------------------------------------------------------------------------
+# The detector
+
+
+class DetLabRetinaNet(RetinaNet):
+    """torchvision RetinaNet with an injected matcher, loss and NMS post-processing.
+
+    Inputs/outputs are torchvision's: ``model(images, targets)`` in training returns
+    ``{"classification", "bbox_regression"}``; in eval ``model(images)`` returns per image
+    ``{"boxes" [N,4] x1y1x2y2 in input pixels, "scores" [N], "labels" [N]}``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        matcher: IoUMatcher | IACMatcher,
+        loss: RetinaNetLoss,
+        postprocess: NmsPostprocess,
+        anchor_generator: AnchorGenerator,
+        head: RetinaNetHead,
+        min_size: int,
+        max_size: int,
+        score_thresh: float = 0.05,
+        topk_candidates: int = 1000,
+        detections_per_img: int = 100,
+    ) -> None:
+        super().__init__(
+            backbone,
+            num_classes,
+            min_size=min_size,
+            max_size=max_size,
+            anchor_generator=anchor_generator,
+            head=head,
+            score_thresh=score_thresh,
+            nms_thresh=postprocess.iou_threshold,
+            detections_per_img=detections_per_img,
+            topk_candidates=topk_candidates,
+        )
+        self.matcher = matcher
+        self.loss = loss
+        self.postprocess = postprocess
+        # Training iterations seen; a buffer so that it is checkpointed (IAC warm-up resumes right).
+        self.register_buffer("num_iters", torch.zeros((), dtype=torch.int64))
+
+    def configure_nms(self, cfg: NmsConfig) -> None:
+        """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
+        self.postprocess = build_postprocess(cfg)
+        self.nms_thresh = cfg.iou_threshold
+
+    def compute_loss(self, targets, head_outputs, anchors):  # type: ignore[override]
+        cls_logits = head_outputs["cls_logits"]
+        iteration = int(self.num_iters)
+        self.num_iters += 1
+        cls_prob = cls_logits.detach().sigmoid() if self.matcher.needs_cls_prob else None
+        matched = torch.stack(
+            [
+                self.matcher(a, t["boxes"], t["labels"], None if cls_prob is None else cls_prob[b], iteration)
+                for b, (a, t) in enumerate(zip(anchors, targets))
+            ]
+        )
+        return self.loss(targets, cls_logits, head_outputs["bbox_regression"], anchors, matched)
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):  # type: ignore[override]
+        """torchvision's per-level top-k + decoding, then the injected NMS (which needs logits)."""
+        class_logits = head_outputs["cls_logits"]
+        box_regression = head_outputs["bbox_regression"]
+        detections: list[dict[str, Tensor]] = []
+        for index, image_shape in enumerate(image_shapes):
+            boxes_all, scores_all, logits_all, labels_all = [], [], [], []
+            for reg_l, logits_l, anchors_l in zip(
+                (br[index] for br in box_regression), (cl[index] for cl in class_logits), anchors[index]
+            ):
+                num_classes = logits_l.shape[-1]
+                flat_logits = logits_l.flatten()
+                scores_l = torch.sigmoid(flat_logits)
+                keep = torch.where(scores_l > self.score_thresh)[0]
+                num_topk = det_utils._topk_min(keep, self.topk_candidates, 0)
+                scores_l, idxs = scores_l[keep].topk(num_topk)
+                keep = keep[idxs]
+                anchor_idxs = torch.div(keep, num_classes, rounding_mode="floor")
+                boxes_l = self.box_coder.decode_single(reg_l[anchor_idxs], anchors_l[anchor_idxs])
+                boxes_all.append(box_ops.clip_boxes_to_image(boxes_l, image_shape))
+                scores_all.append(scores_l)
+                logits_all.append(flat_logits[keep])
+                labels_all.append(keep % num_classes)
+            boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
+            logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+            kept = self.postprocess(boxes, scores, logits, labels)[: self.detections_per_img]
+            detections.append({"boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept]})
+        return detections
+
+
+def build_anchor_generator(base_sizes: tuple[int, ...]) -> AnchorGenerator:
+    """torchvision's RetinaNet anchors: 3 octave scales x 3 ratios per level (int-truncated sizes)."""
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in base_sizes)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def build_detector(cfg: DetectorConfig) -> DetLabRetinaNet:
+    """The detector for a resolved config (``cfg.model.num_classes`` must be set, > 0)."""
+    cfg.validate()
+    m = cfg.model
+    if m.num_classes <= 0:
+        raise ConfigError("model.num_classes must be > 0 (set it from the dataset before building the model)")
+    backbone = build_backbone(
+        m.backbone, norm=m.norm, weights_backbone=m.weights_backbone, trainable_layers=m.trainable_backbone_layers
+    )
+    anchor_generator = build_anchor_generator(m.anchor_sizes)
+    norm_layer = (lambda c: nn.GroupNorm(32, c)) if m.head_norm == "gn" else None
+    head = RetinaNetHead(
+        backbone.out_channels, anchor_generator.num_anchors_per_location()[0], m.num_classes, norm_layer=norm_layer
+    )
+    model = DetLabRetinaNet(
+        backbone,
+        m.num_classes,
+        matcher=build_matcher(cfg.assign),
+        loss=build_loss(cfg),
+        postprocess=build_postprocess(cfg.nms),
+        anchor_generator=anchor_generator,
+        head=head,
+        min_size=m.min_size,
+        max_size=m.max_size,
+        score_thresh=m.score_thresh,
+        topk_candidates=m.topk_candidates,
+        detections_per_img=m.detections_per_img,
+    )
+    if m.weights is not None:
+        load_detector_weights(model, m.weights)
+    return model
+
+
+def load_detector_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a whole-detector state_dict (or a detlab checkpoint holding one under "model")."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"model.weights={str(path)!r} could not be read: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"model.weights={str(path)!r} does not fit this model: {str(e)[:500]}") from None
