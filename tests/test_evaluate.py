@@ -139,6 +139,14 @@ def test_coco_gt_object_and_path_inputs(tmp_path):
             assert all(_same(got[k], from_dict[k]) for k in COCO_STAT_NAMES)
 
 
+def test_coco_detections_with_tensor_and_numpy_fields():
+    gt, dets = _random_coco(10)
+    mixed = [{"image_id": torch.tensor(d["image_id"]), "category_id": np.int64(d["category_id"]),
+              "bbox": torch.tensor(d["bbox"], dtype=torch.float64), "score": np.float64(d["score"])} for d in dets]
+    a, b = coco_evaluate(gt, dets), coco_evaluate(gt, mixed)
+    assert all(_same(a[k], b[k]) for k in COCO_STAT_NAMES)
+
+
 def test_coco_bad_ids_and_shapes_raise():
     gt, dets = _random_coco(8)
     good = dict(dets[0])
@@ -258,6 +266,77 @@ def test_voc_hand_worked_11_point_and_area():
 
     # Without names the keys are the labels seen.
     assert set(voc_evaluate(gts, dets)["AP_per_class"]) == {0, 1, 2}
+
+
+def _reference_voc_ap(gts, dets, cls, thr, use_07):
+    """Devkit-style loop (one detection at a time), written independently of detector.evaluate."""
+    recs = {}
+    for g in gts:
+        b, l = np.asarray(g["boxes"], float).reshape(-1, 4), np.asarray(g["labels"])
+        d = np.asarray(g.get("difficult", np.zeros(len(l), bool)), bool)
+        recs[g["image_id"]] = {"boxes": b[l == cls], "diff": d[l == cls], "det": [False] * int((l == cls).sum())}
+    npos = sum(int((~r["diff"]).sum()) for r in recs.values())
+    items = [(d["image_id"], float(s), np.asarray(b, float))
+             for d in dets for b, s, l in zip(np.asarray(d["boxes"]).reshape(-1, 4), d["scores"], d["labels"])
+             if l == cls]
+    items.sort(key=lambda t: -t[1])
+    tp, fp = np.zeros(len(items)), np.zeros(len(items))
+    for k, (img, _, bb) in enumerate(items):
+        r = recs[img]
+        ovmax, jmax = -1.0, -1
+        for j, g in enumerate(r["boxes"]):
+            iw = max(min(bb[2], g[2]) - max(bb[0], g[0]), 0.0)
+            ih = max(min(bb[3], g[3]) - max(bb[1], g[1]), 0.0)
+            inter = iw * ih
+            ov = inter / ((bb[2] - bb[0]) * (bb[3] - bb[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter)
+            if ov > ovmax:
+                ovmax, jmax = ov, j
+        if ovmax >= thr:
+            if not r["diff"][jmax]:
+                if not r["det"][jmax]:
+                    tp[k], r["det"][jmax] = 1, True
+                else:
+                    fp[k] = 1
+        else:
+            fp[k] = 1
+    if npos == 0:
+        return float("nan")
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    rec, prec = tp / npos, tp / np.maximum(tp + fp, np.finfo(float).eps)
+    if use_07:
+        return 100 * sum(max([p for p, q in zip(prec, rec) if q >= k / 10] or [0.0]) for k in range(11)) / 11
+    ap, r_prev = 0.0, 0.0
+    for k in range(len(rec)):  # area under the right-max envelope, step by step
+        if rec[k] > r_prev:
+            ap += (rec[k] - r_prev) * prec[k:].max()
+            r_prev = rec[k]
+    return 100 * ap
+
+
+@pytest.mark.parametrize("use_07", [True, False])
+def test_voc_matches_reference_loop_on_random_data(use_07):
+    rng = np.random.default_rng(11)
+    gts, dets = [], []
+    for i in range(40):
+        n = int(rng.integers(0, 6))
+        xy, wh = rng.uniform(0, 100, (n, 2)), rng.uniform(5, 60, (n, 2))
+        boxes, labels = np.concatenate([xy, xy + wh], 1), rng.integers(0, 4, n)
+        gts.append({"image_id": 100 + i, "boxes": boxes, "labels": labels, "difficult": rng.random(n) < 0.2})
+        m = int(rng.integers(0, 12))
+        xy, wh = rng.uniform(0, 100, (m, 2)), rng.uniform(5, 60, (m, 2))
+        dboxes, dlabels = np.concatenate([xy, xy + wh], 1), rng.integers(0, 4, m)
+        k = min(n, m)  # the first detections are near GT ...
+        dboxes[:k], dlabels[:k] = boxes[:k] + rng.normal(0, 4, (k, 4)), labels[:k]
+        dup = min(n, 2)  # ... plus duplicates of the first GT boxes
+        dboxes = np.concatenate([dboxes, boxes[:dup] + rng.normal(0, 3, (dup, 4))])
+        dlabels = np.concatenate([dlabels, labels[:dup]])
+        m += dup
+        dets.append({"image_id": 100 + i, "boxes": dboxes, "scores": rng.random(m), "labels": dlabels})
+    res = voc_evaluate(gts, dets, use_07_metric=use_07)
+    for c in range(4):
+        ref = _reference_voc_ap(gts, dets, c, 0.5, use_07)
+        assert res["AP_per_class"][c] == pytest.approx(ref, abs=1e-9), c
+    assert 0 < res["mAP"] < 100
 
 
 def test_voc_ap_formulas_directly():
