@@ -436,7 +436,9 @@ class _Flat:
             labels = _as_vector(g["labels"], n, np.int64, f"gts[{i}].labels")
             flag = g.get("difficult", g.get("iscrowd"))
             diff = np.zeros(n, dtype=bool) if flag is None else _as_vector(flag, n, bool, f"gts[{i}].difficult")
-            g_boxes.append(boxes), g_labels.append(labels), g_diff.append(diff)
+            g_boxes.append(boxes)
+            g_labels.append(labels)
+            g_diff.append(diff)
             g_img.append(np.full(n, index[image_id], dtype=np.int64))
         d_boxes, d_scores, d_labels, d_img = [], [], [], []
         for i, d in enumerate(detections):
@@ -462,7 +464,8 @@ class _Flat:
         self.d_labels = cat(d_labels, (0,), np.int64)
         self.d_img = cat(d_img, (0,), np.int64)
         for name, labels in (("gts", self.g_labels), ("detections", self.d_labels)):
-            bad = labels[(labels < 0) | ((labels >= num_classes) if num_classes is not None else False)]
+            upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
+            bad = labels[(labels < 0) | (labels >= upper)]
             if bad.size:
                 limit = f" (class_names has {num_classes})" if num_classes is not None else ""
                 raise ValueError(f"{name}: label {int(bad[0])} is not a valid contiguous label{limit}")

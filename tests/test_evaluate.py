@@ -99,6 +99,9 @@ def test_coco_perfect_detections_give_100():
         for k in ("AP", "AP50", "AP75", "AR100"):
             assert stats[k] == pytest.approx(100.0, abs=1e-9), k
         assert pr["recall"].shape == (101,) and np.allclose(pr["precision_mean"], 1.0)
+    assert np.allclose(pr_curve(gt, dets, fmt="coco")["precision"], 1.0)
+    with pytest.raises(ValueError, match="fmt"):
+        pr_curve(gt, dets, fmt="yolo")
 
 
 def test_coco_images_without_detections_count():
