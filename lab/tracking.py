@@ -122,8 +122,8 @@ def init_store(uri: str, experiment: str) -> str:
     if db is not None and not db.is_absolute():
         raise ValueError(f"tracking URI {uri!r} is relative; pass it through resolve_tracking_uri()")
     artifact_location = (db.parent / "artifacts" / experiment).as_uri() if db is not None else None
-    client = MlflowClient(uri)
     with _init_lock(db):
+        client = MlflowClient(uri)  # inside the lock: opening the store runs the migrations
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             try:
