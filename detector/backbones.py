@@ -60,7 +60,7 @@ def load_backbone_weights(body: resnet.ResNet, path: str | Path) -> None:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    own = body.state_dict()
+    own = {k: v for k, v in body.state_dict().items() if not k.startswith("fc.")}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or bad_shape:

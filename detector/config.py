@@ -336,6 +336,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-6" as a string
+            value = float(value)
+        except ValueError:
+            pass
     return key, value
 
 
