@@ -1,0 +1,261 @@
+"""Experiment-level configuration: the detector config plus schedule, evaluation and scaling.
+
+``LabConfig`` *is a* ``DetectorConfig`` (same ``model/assign/loss/nms/data`` sections, so
+``detector.build_detector(cfg)`` accepts it) with three more sections:
+
+* ``train``   — the optimiser and the 1x schedule (SGD, linear warm-up, x0.1 steps at 8/12, 11/12);
+* ``eval``    — when and how the val split is evaluated;
+* ``scaling`` — Ray Train workers / GPUs / CPUs and the failure budget.
+
+Every key is addressable as ``section.key`` (``--set train.epochs=2``), and ``flatten`` gives
+the same names as MLflow params. Profiles (``lab/profiles/<name>.yaml``) hold the per-profile
+defaults and the datasets/backbones the tables run over; see :mod:`lab.experiments`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detector.config import (
+    ConfigError,
+    DetectorConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    merge_dicts,
+    overrides_to_dict,
+    to_dict,
+)
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILES = ("smoke", "demo", "cpu", "paper")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule (the standard RetinaNet "1x" recipe, scaled to the epochs given)."""
+
+    epochs: int = 12
+    #: images per worker per step; the global batch is batch_size x max(workers, 1).
+    batch_size: int = 2
+    #: learning rate for a global batch of 16 (linear scaling rule: lr = base_lr x global_batch / 16).
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    #: linear warm-up from warmup_factor x lr to lr over the first warmup_iters iterations.
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    #: step decay points as fractions of the total iterations (1x: epochs 8 and 11 of 12).
+    lr_steps: tuple[float, ...] = (8 / 12, 11 / 12)
+    lr_gamma: float = 0.1
+    #: max gradient norm; 0 disables clipping.
+    grad_clip: float = 0.0
+    #: mixed precision (torch.autocast + GradScaler); only takes effect on GPU workers.
+    amp: bool = True
+    #: cap on iterations per epoch (0 = the whole epoch); for smoke runs.
+    max_iters: int = 0
+    #: seed of the torch/numpy/python RNGs (per rank: seed + rank).
+    seed: int = 0
+    #: print a progress line every this many iterations (rank 0).
+    log_every: int = 20
+
+    def validate(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.base_lr", self.base_lr)
+        _positive("train.log_every", self.log_every)
+        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        for key in ("momentum", "warmup_factor", "lr_gamma"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be in [0, 1]")
+        if any(not 0.0 < s <= 1.0 for s in self.lr_steps) or list(self.lr_steps) != sorted(self.lr_steps):
+            raise ConfigError(f"train.lr_steps={self.lr_steps} must be increasing fractions in (0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the val split (always after the last epoch)."""
+
+    #: also evaluate every this many epochs (0 = only at the end).
+    every: int = 0
+    batch_size: int = 4
+    #: images drawn with their detections into the sample picture artifact.
+    num_samples: int = 4
+    #: score threshold for the drawn detections (not for the metrics).
+    draw_score: float = 0.3
+    #: COCO test-dev image-info JSON (e.g. image_info_test-dev2017.json); when set, rank 0 also
+    #: writes a results JSON for the evaluation server (images under data.root/test_dev_split).
+    test_dev_ann: str | None = None
+    test_dev_split: str = "test2017"
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every={self.every} must be >= 0")
+        _positive("eval.batch_size", self.batch_size)
+        if self.num_samples < 0:
+            raise ConfigError(f"eval.num_samples={self.num_samples} must be >= 0")
+        if not 0.0 <= self.draw_score <= 1.0:
+            raise ConfigError(f"eval.draw_score={self.draw_score} must be in [0, 1]")
+        if self.test_dev_ann is not None and not Path(self.test_dev_ann).is_file():
+            raise ConfigError(f"eval.test_dev_ann={self.test_dev_ann!r}: no such file")
+
+
+@dataclass
+class ScalingOptions:
+    """How one cell is placed on the Ray cluster (``ray.train.ScalingConfig``)."""
+
+    #: Ray Train workers; 0 = Ray Train local mode (the loop runs in the cell's own process,
+    #: no worker group: seconds instead of ~30 s of start-up, used by the smoke profile).
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    #: CPUs reserved per worker; also torch.set_num_threads in the worker.
+    cpus_per_worker: int = 1
+    #: worker-group failures retried from the last checkpoint (ray.train.FailureConfig).
+    max_failures: int = 0
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"scaling.workers={self.workers} must be >= 0")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker} must be >= 0")
+        _positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        if self.max_failures < -1:
+            raise ConfigError(f"scaling.max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def world_size(self) -> int:
+        return max(self.workers, 1)
+
+    def resources(self) -> dict[str, float]:
+        """Cluster resources one cell occupies while it trains."""
+        n = self.world_size
+        res = {"CPU": float(n * self.cpus_per_worker)}
+        if self.gpus_per_worker:
+            res["GPU"] = n * self.gpus_per_worker
+        return res
+
+
+@dataclass
+class LabConfig(DetectorConfig):
+    """A fully resolved experiment: detector sections plus train / eval / scaling."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.batch_size * self.scaling.world_size
+
+    @property
+    def lr(self) -> float:
+        """Linear scaling rule: base_lr (for 16 images) x global_batch / 16."""
+        return self.train.base_lr * self.global_batch / 16
+
+
+#: keys that change how a cell runs but not what it computes; left out of ``cell_key`` so that
+#: e.g. resubmitting with more CPUs or retries still finds (and resumes) the same cell.
+NON_SEMANTIC_KEYS = frozenset(
+    {"scaling.cpus_per_worker", "scaling.max_failures", "train.log_every", "data.loader_workers",
+     "eval.batch_size", "eval.num_samples", "eval.draw_score"}
+)
+
+
+def cell_key(cfg: LabConfig) -> str:
+    """Stable 12-hex-digit hash of the resolved config (the ``detlab.key`` tag, the Ray run name)."""
+    items = {k: v for k, v in flatten(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    blob = json.dumps(items, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_config(*layers: dict[str, Any], source: str = "config") -> LabConfig:
+    """Merge nested-dict layers (later wins) onto the defaults, type-check and validate."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge_dicts(merged, layer or {})
+    try:
+        cfg = from_dict(LabConfig, merged)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def user_overrides(config_files: list[str] | None = None, sets: list[str] | None = None) -> dict[str, Any]:
+    """``--config FILE`` (in order) then ``--set key=value`` as one nested override dict.
+
+    Keys are checked against ``LabConfig`` here, so a typo fails before anything runs.
+    """
+    out: dict[str, Any] = {}
+    for path in config_files or []:
+        data = read_yaml_mapping(path)
+        try:
+            from_dict(LabConfig, data)  # unknown keys / wrong types, naming the file
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        out = merge_dicts(out, data)
+    if sets:
+        nested = overrides_to_dict(list(sets))
+        try:
+            from_dict(LabConfig, nested)
+        except ConfigError as e:
+            raise ConfigError(f"--set: {e}") from None
+        out = merge_dicts(out, nested)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> LabConfig:
+    """Inverse of ``to_dict`` for a resolved config shipped to a worker."""
+    return from_dict(LabConfig, data)
+
+
+def dump_config(cfg: LabConfig) -> str:
+    """Resolved config as YAML (the ``config/resolved.yaml`` artifact)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+__all__ = [
+    "ConfigError",
+    "EvalConfig",
+    "LabConfig",
+    "PROFILES",
+    "ScalingOptions",
+    "TrainConfig",
+    "apply_overrides",
+    "build_config",
+    "cell_key",
+    "config_from_dict",
+    "dump_config",
+    "user_overrides",
+]

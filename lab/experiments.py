@@ -1,0 +1,249 @@
+"""The paper's experiments as data: profiles, table rows, and the cells they expand to.
+
+A *cell* is one (row x dataset x seed) of a table with its fully resolved ``LabConfig`` and its
+``cell_key``. Config layers, later wins::
+
+    LabConfig defaults < profile.config < profile.datasets[tag] < --config files < --set
+      < --data-root < the row's switches < the seed
+
+The row's switches come after the user's overrides on purpose: ``--config best.yaml`` from a
+sweep may carry ``assign.iac: true``, and must not turn the baseline row into IAC.
+
+Everything here is pure and raises ``ConfigError`` naming the profile/cell/key, so jobs fail
+before ``ray.init``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detector.config import ConfigError, flatten, from_dict, merge_dicts, overrides_to_dict
+from lab.config import PROFILES, PROFILES_DIR, LabConfig, build_config, cell_key, read_yaml_mapping
+from lab.tracking import DATASETS, dataset_tag
+
+#: Table 2 rows: the components switched on (IAC assignment, DC loss, CL-B NMS).
+TABLE2_ROWS: dict[str, dict[str, bool]] = {
+    "baseline": {"assign.iac": False, "loss.dc": False, "nms.clb": False},
+    "iac": {"assign.iac": True, "loss.dc": False, "nms.clb": False},
+    "iac_dc": {"assign.iac": True, "loss.dc": True, "nms.clb": False},
+    "iac_dc_clb": {"assign.iac": True, "loss.dc": True, "nms.clb": True},
+}
+#: CL-B changes inference only: this row evaluates the weights trained for that row.
+TABLE2_REUSE = {"iac_dc_clb": "iac_dc"}
+#: Table 1: RetinaNet vs ours (IAC + DC + CL-B), per backbone.
+TABLE1_METHODS: dict[str, dict[str, bool]] = {
+    "retinanet": {"assign.iac": False, "loss.dc": False, "nms.clb": False},
+    "ours": {"assign.iac": True, "loss.dc": True, "nms.clb": True},
+}
+
+
+@dataclass
+class TableSpec:
+    """What one table runs over in a profile."""
+
+    datasets: list[str] = field(default_factory=list)
+    #: Table 1 only: the backbones compared.
+    backbones: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Profile:
+    """A named set of defaults (``lab/profiles/<name>.yaml``)."""
+
+    name: str = ""
+    description: str = ""
+    #: default number of seeds (``--seeds`` overrides).
+    seeds: int = 1
+    #: LabConfig overrides for every cell.
+    config: dict[str, Any] = field(default_factory=dict)
+    #: detlab.dataset tag -> LabConfig overrides for cells on that dataset.
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    table1: TableSpec = field(default_factory=TableSpec)
+    table2: TableSpec = field(default_factory=TableSpec)
+    #: dotted keys the user must set (e.g. data.root for real datasets).
+    required: list[str] = field(default_factory=list)
+
+    def table(self, table: int) -> TableSpec:
+        return {1: self.table1, 2: self.table2}[table]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (row x dataset x seed) of a table, resolved."""
+
+    table: int
+    row: str
+    dataset: str  #: detlab.dataset tag (voc07, coco, trees, shapes)
+    seed: int
+    profile: str
+    cfg: LabConfig = field(compare=False, repr=False)
+    key: str = ""
+    #: name of the cell whose trained weights this cell evaluates (CL-B rows); None = trains.
+    reuse: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Readable id, unique within a table run (e.g. ``t2-iac_dc-trees-s0``)."""
+        return f"t{self.table}-{self.row}-{self.dataset}-s{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        """Ray Train run name: stable, so resubmitting resumes from the checkpoint."""
+        return f"{self.name}-{self.key}"
+
+
+def load_profile(name: str) -> Profile:
+    """Read ``lab/profiles/<name>.yaml``; errors name the file and key."""
+    if name not in PROFILES:
+        raise ConfigError(f"--profile {name!r} is not one of {PROFILES}")
+    path = PROFILES_DIR / f"{name}.yaml"
+    data = read_yaml_mapping(path)
+    try:
+        prof = from_dict(Profile, {"name": name, **data})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for tag in prof.datasets:
+        if tag not in DATASETS:
+            raise ConfigError(f"{path}: datasets.{tag}: unknown dataset tag; known: {DATASETS}")
+    for t in (1, 2):
+        for tag in prof.table(t).datasets:
+            if tag not in prof.datasets:
+                raise ConfigError(f"{path}: table{t}.datasets names {tag!r}, which has no entry under datasets")
+    # keys and types of the config layers now (values are validated per cell, once the user's
+    # overrides such as data.root are in)
+    for where, layer in [("config", prof.config), *((f"datasets.{t}", d) for t, d in prof.datasets.items())]:
+        try:
+            from_dict(LabConfig, layer)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {where}: {e}") from None
+    return prof
+
+
+def data_root_overrides(items: list[str] | None, tags: list[str]) -> dict[str, dict[str, Any]]:
+    """``--data-root [TAG=]PATH`` (repeatable) -> per-tag ``{"data": {"root": abs path}}``.
+
+    A bare PATH applies to every dataset of the table; ``TAG=PATH`` to one (``voc07=/data/VOCdevkit``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        tag, sep, path = item.partition("=")
+        if not sep:
+            tag, path = "", item
+        if tag and tag not in tags:
+            raise ConfigError(f"--data-root {item!r}: {tag!r} is not a dataset of this table ({', '.join(tags)})")
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise ConfigError(f"--data-root {item!r}: {str(root)!r} does not exist")
+        for t in [tag] if tag else tags:
+            out[t] = {"data": {"root": str(root.resolve())}}
+    return out
+
+
+def table_cells(
+    table: int,
+    profile: Profile,
+    seeds: int | None = None,
+    user: dict[str, Any] | None = None,
+    data_roots: list[str] | None = None,
+) -> list[Cell]:
+    """All cells of Table ``table`` under ``profile``, in run order (a CL-B cell after its source)."""
+    if table not in (1, 2):
+        raise ConfigError(f"table={table!r} is not 1 or 2")
+    spec = profile.table(table)
+    if not spec.datasets:
+        raise ConfigError(f"profile {profile.name!r} defines no datasets for table {table}")
+    n_seeds = profile.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds {n_seeds} must be >= 1")
+    roots = data_root_overrides(data_roots, spec.datasets)
+    if table == 2:
+        rows = [(name, switches, TABLE2_REUSE.get(name)) for name, switches in TABLE2_ROWS.items()]
+    else:
+        if not spec.backbones:
+            raise ConfigError(f"profile {profile.name!r}: table1.backbones is empty")
+        rows = [
+            (f"{method}_{bb}", {"model.backbone": bb, **switches}, None)
+            for bb in spec.backbones
+            for method, switches in TABLE1_METHODS.items()
+        ]
+    cells: list[Cell] = []
+    for tag in spec.datasets:
+        for seed in range(n_seeds):
+            for row, switches, reuse in rows:
+                layers = [
+                    profile.config,
+                    profile.datasets[tag],
+                    user or {},
+                    roots.get(tag, {}),
+                    overrides_to_dict({**switches, "train.seed": seed}),
+                ]
+                name = f"table {table} cell {row}/{tag}/seed {seed} (profile {profile.name})"
+                merged = _expand_backbone(layers)
+                _check_required(merged, profile, name)
+                cfg = build_config(merged, source=name)
+                if dataset_tag(cfg.data.dataset) != tag:
+                    raise ConfigError(
+                        f"{name}: data.dataset={cfg.data.dataset!r} does not match the dataset tag {tag!r}"
+                    )
+                reuse_name = f"t{table}-{reuse}-{tag}-s{seed}" if reuse else None
+                cells.append(Cell(table, row, tag, seed, profile.name, cfg, cell_key(cfg), reuse_name))
+    _check_reuse(cells)
+    return cells
+
+
+def single_cell(profile: Profile, user: dict[str, Any], dataset: str | None = None, row: str = "custom") -> Cell:
+    """One cell from a profile plus user overrides (``detlab train``); table is 0 (none)."""
+    tag = dataset or next(iter(profile.table2.datasets or profile.datasets), None)
+    base = merge_dicts(profile.config, profile.datasets.get(tag, {})) if tag else profile.config
+    cfg = build_config(base, user, source=f"detlab train (profile {profile.name})")
+    return Cell(0, row, dataset_tag(cfg.data.dataset), cfg.train.seed, profile.name, cfg, cell_key(cfg))
+
+
+def _expand_backbone(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge ``layers``; ``{backbone}`` in ``model.weights_backbone`` becomes the row's backbone, so
+    one ``--set model.weights_backbone=/weights/{backbone}.pth`` serves every Table 1 row."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge_dicts(merged, layer)
+    model = merged.get("model", {})
+    path = model.get("weights_backbone")
+    if isinstance(path, str) and "{backbone}" in path:
+        backbone = model.get("backbone", LabConfig().model.backbone)
+        merged = merge_dicts(merged, {"model": {"weights_backbone": path.replace("{backbone}", str(backbone))}})
+    return merged
+
+
+def _check_required(merged: dict[str, Any], profile: Profile, where: str) -> None:
+    """The profile's required keys must be given (checked first: the hint says how)."""
+    flat = flatten(LabConfig())
+    for key in profile.required:
+        if key not in flat:
+            raise ConfigError(f"profile {profile.name!r}: required key {key!r} is not a config key")
+        node: Any = merged
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node in (None, ""):
+            hint = {
+                "data.root": " (pass --data-root [TAG=]PATH)",
+                "model.weights_backbone": " (pass --set model.weights_backbone=/weights/{backbone}.pth: a local"
+                " ImageNet state_dict; {backbone} is replaced by each row's backbone)",
+            }.get(key, f" (pass --set {key}=...)")
+            raise ConfigError(f"{where}: {key} must be set{hint}")
+
+
+def _check_reuse(cells: list[Cell]) -> None:
+    """A CL-B cell may only differ from its source in ``nms.*`` (it evaluates the same weights)."""
+    by_name = {c.name: c for c in cells}
+    for c in cells:
+        if c.reuse is None:
+            continue
+        src = by_name.get(c.reuse)
+        if src is None:
+            raise ConfigError(f"{c.name}: reuses {c.reuse}, which is not a cell of this run")
+        a = {k: v for k, v in flatten(c.cfg).items() if not k.startswith(("nms.", "eval."))}
+        b = {k: v for k, v in flatten(src.cfg).items() if not k.startswith(("nms.", "eval."))}
+        diff = sorted(k for k in a if a[k] != b[k])
+        if diff:
+            raise ConfigError(f"{c.name} reuses {src.name}'s weights but their configs differ in {diff}")
