@@ -1,0 +1,43 @@
+# detlab: `make demo` runs the main job on built-in data; `make test` runs the test suite.
+# Both create .venv and install from pyproject.toml + constraints.txt when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench ui data clean-results help
+
+help:
+	@echo "make demo   - Table 2 at profile demo on a local Ray + MLflow (sqlite), then the table"
+	@echo "make test   - the test suite (what CI runs)"
+	@echo "make bench  - benchmarks (ratios measured in one process)"
+	@echo "make ui     - MLflow UI on 127.0.0.1 over the local store"
+	@echo "make data   - prepare the built-in datasets (shapes, trees)"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/table2.py --profile demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_nms.py
+	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_scaling.py
+
+ui: $(STAMP)
+	$(VENV)/bin/detlab ui
+
+data: $(STAMP)
+	$(VENV)/bin/detlab data shapes
+	$(VENV)/bin/detlab data trees
+
+clean-results:
+	rm -rf results mlruns
