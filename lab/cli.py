@@ -1,0 +1,244 @@
+"""``detlab``: the command line of the platform.
+
+Subcommands::
+
+    detlab table 1|2 [--profile smoke|demo|cpu|paper] [--seeds N] [--set k=v] ...   run a paper table
+    detlab train [--config FILE] [--set k=v] ...      one config -> one run (experiment detlab-train)
+    detlab tables --table 1|2 [--out DIR]             rebuild a table from MLflow (lab.tables)
+    detlab data shapes|trees                          prepare a built-in dataset, print where it is
+    detlab predict IMAGE... --weights model.pt        boxes JSON + a drawn PNG per image
+    detlab ui [--port 5000]                           MLflow UI on 127.0.0.1 over the same store
+
+Every config error (unknown key, bad value, missing data root) is raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from detector.config import ConfigError, merge_dicts, overrides_to_dict
+from lab import tracking
+from lab.config import PROFILES, user_overrides
+from lab.experiments import Cell, load_profile, single_cell, table_cells
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``table`` and ``train``."""
+    p.add_argument("--profile", choices=PROFILES, default="smoke", help="defaults to start from (default: smoke)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML overrides (e.g. a sweep's best config); repeatable, later wins")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="dotted config override, e.g. --set train.epochs=4 (repeatable, validated)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
+    p.add_argument("--out", type=Path, default=Path("results"),
+                   help="results dir: tables, Ray checkpoints, weights (default: results/)")
+    p.add_argument("--workers", type=int, help="Ray Train workers per cell (0 = local mode) [scaling.workers]")
+    p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")
+    p.add_argument("--cpus-per-worker", type=int, help="[scaling.cpus_per_worker]; also torch threads")
+    p.add_argument("--max-failures", type=int, help="worker-group failures retried from a checkpoint [scaling.max_failures]")
+    p.add_argument("--force", action="store_true", help="rerun cells that already have a FINISHED run")
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, the job's, or a local one)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved cells and exit (no Ray, no MLflow)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detlab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("table", help="run Table 1 or Table 2 of the paper")
+    p.add_argument("table", type=int, choices=(1, 2))
+    _add_run_options(p)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's)")
+    p.add_argument("--data-root", action="append", default=[], metavar="[TAG=]PATH",
+                   help="dataset root, for all datasets or one (voc07=/data/VOCdevkit); repeatable")
+
+    p = sub.add_parser("train", help="train and evaluate one config (one MLflow run)")
+    _add_run_options(p)
+    p.add_argument("--dataset", default=None, help="the profile's dataset entry to start from (e.g. shapes, trees)")
+    p.add_argument("--experiment", default="detlab-train", help="MLflow experiment (default: detlab-train)")
+
+    sub.add_parser("tables", help="rebuild a table from MLflow (see detlab tables --help)", add_help=False)
+
+    p = sub.add_parser("data", help="prepare a built-in dataset and print where it is")
+    p.add_argument("name", choices=("shapes", "trees"))
+    p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", dest="sets",
+                   help="DataConfig override, e.g. --set data.num_train=500")
+
+    p = sub.add_parser("predict", help="detect objects in images with trained weights")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--weights", required=True, type=Path, help="a model.pt written by training (see the run's detlab.weights tag)")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output dir (default: predictions/)")
+    p.add_argument("--score", type=float, default=0.3, help="minimum score written and drawn (default 0.3)")
+    p.add_argument("--set", action="append", default=[], metavar="nms.KEY=VALUE", dest="sets",
+                   help="inference overrides, e.g. --set nms.clb=true --set model.score_thresh=0.1")
+
+    p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the detlab store")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tables"]:  # its own parser, owned by lab.tables
+        from lab import tables
+
+        return tables.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return {"table": cmd_table, "train": cmd_train, "data": cmd_data, "predict": cmd_predict, "ui": cmd_ui}[
+            args.command
+        ](args)
+    except ConfigError as e:
+        print(f"detlab: config error: {e}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _user_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """--config files, then --set, then the scaling shorthands (all validated here)."""
+    layer = user_overrides(args.config, args.sets)
+    short = {"scaling.workers": args.workers, "scaling.gpus_per_worker": args.gpus_per_worker,
+             "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.max_failures": args.max_failures}
+    given = {k: v for k, v in short.items() if v is not None}
+    return merge_dicts(layer, overrides_to_dict(given)) if given else layer
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    cells = table_cells(args.table, profile, args.seeds, _user_layer(args), args.data_root)
+    return _run(cells, args, tracking.experiment_name(args.table), table=args.table)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    if args.dataset and args.dataset not in profile.datasets:
+        raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} ({', '.join(profile.datasets)})")
+    cell = single_cell(profile, _user_layer(args), args.dataset)
+    return _run([cell], args, args.experiment, table=None)
+
+
+def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: int | None) -> int:
+    """Shared tail of ``table`` and ``train``: resolve where things go, run, report."""
+    out = args.out.expanduser().resolve()
+    if args.dry_run:
+        for c in cells:
+            extra = f" (evaluates {c.reuse}'s weights)" if c.reuse else ""
+            print(f"{c.name:42} key {c.key}{extra}")
+        return 0
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    _warn_if_ephemeral(out, uri)
+    from lab import runner  # imports Ray: only once the config is known to be good
+
+    print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {uri} (experiment {experiment}), results {out}")
+    t0 = time.time()
+    opts = runner.RunOptions(tracking_uri=uri, experiment=experiment, out=out, force=args.force,
+                             ray_address=args.ray_address)
+    outcomes = runner.run_cells(cells, opts)
+    print("\n" + runner.summarize(outcomes))
+    print(f"wall time {time.time() - t0:.0f}s")
+    if table is not None:
+        from lab import tables
+
+        try:
+            paths = tables.write_tables(uri, table, out, profile=args.profile)
+            print("\n" + paths["md"].read_text())
+            print(f"tables written under {out}")
+        except Exception as e:  # noqa: BLE001 - the runs are safe in MLflow; `detlab tables` can redo this
+            print(f"detlab: writing the tables failed ({type(e).__name__}: {e}); "
+                  f"rerun `detlab tables --table {table} --tracking-uri {uri}`", file=sys.stderr)
+            return 1
+    return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+
+
+def _warn_if_ephemeral(out: Path, uri: str) -> None:
+    """Under ``ray job submit --working-dir`` the cwd is a temporary unpacked copy of the repo."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return
+    cwd = Path.cwd()
+    for what, path in (("--out", out), ("tracking store", tracking.sqlite_path(uri))):
+        if path is not None and path.is_relative_to(cwd) and "runtime_resources" in str(cwd):
+            print(f"detlab: warning: {what} {path} is inside the job's temporary working dir and will be "
+                  f"deleted with it; pass an absolute --out / an http(s) --tracking-uri", file=sys.stderr)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from detector.config import DataConfig, apply_overrides
+    from detector.data import build_dataset, default_data_dir
+
+    data = apply_overrides(DataConfig(dataset=args.name), [s.removeprefix("data.") for s in args.sets])
+    data.validate()
+    for split in ("train", "val"):
+        ds = build_dataset(data, split, train=False)
+        print(f"{args.name} {split}: {ds!r}")
+    print(f"{args.name} is under {data.root or default_data_dir() / args.name}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from detector.config import apply_overrides
+    from detector.model import build_detector
+    from lab import evaluation
+    from lab.config import config_from_dict
+    from lab.train import load_weights
+
+    if not args.weights.is_file():
+        raise ConfigError(f"--weights {str(args.weights)!r}: no such file")
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise ConfigError(f"no such image file(s): {', '.join(missing)}")
+    payload = load_weights(args.weights)
+    cfg = config_from_dict(payload["config"])
+    if args.sets:
+        cfg = apply_overrides(cfg, args.sets)
+    cfg.model.weights = cfg.model.weights_backbone = None  # the state_dict below has everything
+    model = build_detector(cfg)
+    model.load_state_dict(payload["model"])
+    model.configure_nms(cfg.nms)
+    model.eval()
+    names = payload["class_names"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        image = to_tensor(Image.open(path).convert("RGB"))
+        with torch.no_grad():
+            det = model([image])[0]
+        keep = det["scores"] >= args.score
+        boxes = [
+            {"box_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "label": names[l]}
+            for b, s, l in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist())
+        ]
+        (args.out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": boxes}, indent=1))
+        fig = evaluation.draw_detections(image, det, names, args.score)
+        fig.savefig(args.out / f"{path.stem}.png")
+        print(f"{path}: {len(boxes)} detection(s) -> {args.out / path.stem}.json/.png")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if not uri.startswith("sqlite:"):
+        print(f"the tracking store is a server: open {uri}")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

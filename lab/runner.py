@@ -1,0 +1,346 @@
+"""Cells onto the Ray cluster: skip what MLflow already has, run the rest concurrently.
+
+The driver (a job's entrypoint process) owns the MLflow runs: it creates the store and the
+experiment before Ray starts, opens one run per cell (status RUNNING, tags, params), hands the
+run id to the cell, and closes the run FINISHED or FAILED in ``finally`` — a run is never left
+RUNNING, whatever happens to the cell.
+
+Each cell runs as a Ray task that drives a ``TorchTrainer`` (or, for CL-B rows, evaluates the
+weights of the cell it reuses). The driver launches as many cells as the cluster's CPUs/GPUs
+hold (a Train worker group that waits for resources times out after 60 s, so oversubscribing
+is not an option) and keeps going as they finish; a CL-B cell starts when its source is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Ray reads these when it is imported. Progress lines of concurrent cells ("[t2-iac-trees-s0]
+# epoch 3/12 ...") differ only in numbers, which Ray's log dedup would fold into one line.
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[t\d-")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Param, RunStatus  # noqa: E402
+
+from detector.config import flatten, to_dict  # noqa: E402
+from lab import tracking  # noqa: E402
+from lab.config import ConfigError  # noqa: E402
+from lab.experiments import Cell  # noqa: E402
+
+#: tags beyond lab.tracking's: where the cell's Ray run and final weights live, what it reused.
+TAG_RAY_RUN = "detlab.ray_run"
+TAG_WEIGHTS = "detlab.weights"
+TAG_REUSED = "detlab.reused_from"
+#: env vars forwarded to cell tasks and their Train workers (credentials for a tracking server).
+_FORWARD_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_HTTP_REQUEST_TIMEOUT", "DETLAB_DATA", "TORCH_HOME")
+
+
+@dataclass
+class RunOptions:
+    """Where results go and how the driver behaves."""
+
+    tracking_uri: str  #: resolved (absolute sqlite or a server URL)
+    experiment: str
+    out: Path  #: results directory; Ray checkpoints and weights go to ``out/ray``
+    force: bool = False  #: rerun cells that already have a FINISHED run
+    ray_address: str | None = None  #: None: RAY_ADDRESS / a job's cluster / start a local one
+
+    @property
+    def storage(self) -> Path:
+        return self.out / "ray"
+
+
+@dataclass
+class Outcome:
+    """What happened to one cell."""
+
+    cell: Cell
+    status: str  #: FINISHED | FAILED | SKIPPED
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def run_cells(cells: list[Cell], opts: RunOptions) -> list[Outcome]:
+    """Run ``cells`` (skipping FINISHED ones unless ``force``); one Outcome per cell, in order."""
+    tracking.init_store(opts.tracking_uri, opts.experiment)  # before any worker opens the store
+    client = MlflowClient(opts.tracking_uri)
+    outcomes: dict[str, Outcome] = {}
+    todo: list[Cell] = []
+    for cell in cells:
+        done = None if opts.force else tracking.find_finished_run(opts.tracking_uri, opts.experiment, cell.key)
+        if done:
+            outcomes[cell.name] = Outcome(cell, "SKIPPED", done)
+            print(f"[{cell.name}] skipped: FINISHED run {done} has detlab.key={cell.key} (use --force to rerun)")
+        else:
+            todo.append(cell)
+    if todo:
+        _prepare_builtin_data(todo)
+        _init_ray(opts.ray_address)
+        _Scheduler(todo, opts, client, outcomes).run()
+    return [outcomes[c.name] for c in cells]
+
+
+def summarize(outcomes: list[Outcome]) -> str:
+    """Plain-text status table of a run."""
+    lines = [f"{'cell':42} {'status':9} {'time':>8}  metrics"]
+    for o in outcomes:
+        shown = [f"{k} {v:.2f}" for k, v in o.metrics.items() if k in ("AP", "AP50", "AP75", "mAP", "misalign_spearman")]
+        text = ", ".join(shown) if shown else (o.error or "").strip().split("\n")[-1]
+        lines.append(f"{o.cell.name:42} {o.status:9} {o.seconds:7.0f}s  {text}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cell_tags(cell: Cell) -> dict[str, str]:
+    """``detlab.*`` tags of a cell run (``detlab train`` runs belong to no table: no table/kind tag)."""
+    if cell.table in tracking.TABLES:
+        return tracking.run_tags(cell.table, cell.row, cell.dataset, cell.seed, cell.key, cell.profile)
+    tags = {tracking.TAG_ROW: cell.row, tracking.TAG_DATASET: cell.dataset, tracking.TAG_SEED: str(cell.seed),
+            tracking.TAG_KEY: cell.key, tracking.TAG_PROFILE: cell.profile}
+    commit = tracking.git_commit()
+    if commit:
+        tags[tracking.TAG_GIT] = commit
+    return tags
+
+
+def open_run(client: MlflowClient, experiment_id: str, cell: Cell, extra_tags: dict[str, str]) -> str:
+    """RUNNING run for ``cell``: the newest FAILED/KILLED run with its key is reopened (so a resumed
+    cell keeps one metric history), else a new run with the flattened config as params."""
+    key_filter = tracking.tag_filter(tracking.TAG_KEY, cell.key)
+    old = client.search_runs(
+        [experiment_id], f"{key_filter} and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if old:
+        run_id = old[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=cell.name, tags={**cell_tags(cell)}).info.run_id
+        params = [Param(k, _param_value(v)) for k, v in flatten(cell.cfg).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=params[i : i + 100])
+    for k, v in extra_tags.items():
+        client.set_tag(run_id, k, v)
+    return run_id
+
+
+def _param_value(v: Any) -> str:
+    return "None" if v is None else str(v)
+
+
+def _prepare_builtin_data(cells: list[Cell]) -> None:
+    """Generate/unpack shapes and trees once in the driver, so concurrent cells do not race on it."""
+    from detector.data import build_dataset
+
+    seen: set[str] = set()
+    for cell in cells:
+        data = cell.cfg.data
+        if data.dataset not in ("shapes", "trees"):
+            continue
+        ident = repr(data)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        for split in ("train", "val"):
+            build_dataset(data, split, train=False)
+
+
+def _init_ray(address: str | None) -> None:
+    """Connect to (or start) Ray with its own chatter turned down."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # identical lines from many workers printed once
+    kwargs: dict[str, Any] = {}
+    starting_local = not (address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+    if starting_local:
+        # A private single-node cluster: the dashboard is what lets Ray Train clean up placement
+        # groups (notes §1.9); the object store barely matters here, so keep it modest.
+        kwargs.update(include_dashboard=True, object_store_memory=512 * 1024**2)
+    ray.init(
+        address=address,
+        log_to_driver=True,  # progress lines are printed by the cells' processes
+        logging_level=logging.WARNING,
+        **kwargs,
+    )
+
+
+def _task_env(uri: str) -> dict[str, str]:
+    env = {"MLFLOW_TRACKING_URI": uri, "RAY_TRAIN_V2_ENABLED": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    commit = tracking.git_commit()  # a working_dir package has no .git
+    if commit:
+        env["DETLAB_GIT_COMMIT"] = commit
+    env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
+    return env
+
+
+def _cell_task(payload: dict[str, Any]) -> dict[str, Any]:
+    """Body of the Ray task of one cell (imports torch & co. here, not in the driver)."""
+    from lab import train
+    from lab.config import config_from_dict
+
+    cfg = config_from_dict(payload["cfg"])
+    if payload["weights_from"]:
+        return train.evaluate_weights(cfg, payload["weights_from"], name=payload["name"],
+                                      run_id=payload["run_id"], tracking_uri=payload["uri"])
+    return train.fit_cell(cfg, name=payload["name"], run_name=payload["run_name"], storage_path=payload["storage"],
+                          run_id=payload["run_id"], tracking_uri=payload["uri"])
+
+
+class _Scheduler:
+    """Launch cells while their resources fit in the cluster; CL-B cells after their source."""
+
+    def __init__(self, cells: list[Cell], opts: RunOptions, client: MlflowClient, outcomes: dict[str, Outcome]):
+        import ray
+
+        self.ray = ray
+        self.pending = list(cells)
+        self.opts, self.client, self.outcomes = opts, client, outcomes
+        self.exp_id = client.get_experiment_by_name(opts.experiment).experiment_id
+        self.total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        self.used = {k: 0.0 for k in self.total}
+        self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
+        self.remote = ray.remote(max_retries=0)(_cell_task)
+        self.env = _task_env(opts.tracking_uri)
+        for cell in cells:  # fail before anything is launched if a cell can never fit
+            need = _demand(cell)
+            short = {k: v for k, v in need.items() if v > self.total.get(k, 0.0)}
+            if short:
+                raise ConfigError(
+                    f"{cell.name} needs {need} but the Ray cluster has {self.total}; "
+                    f"lower --workers/--cpus-per-worker/--gpus-per-worker"
+                )
+
+    def run(self) -> None:
+        status_on_exit = "FAILED"
+        try:
+            while self.pending or self.running:
+                self._launch_ready()
+                if not self.running:
+                    if self.pending:  # only cells whose source failed are left
+                        self._fail_orphans()
+                    continue
+                ready, _ = self.ray.wait(list(self.running), num_returns=1)
+                self._collect(ready[0])
+        except KeyboardInterrupt:
+            status_on_exit = "KILLED"
+            raise
+        finally:
+            for ref, (cell, run_id, _, t0) in self.running.items():
+                self.ray.cancel(ref, force=True)
+                self._close(cell, run_id, status_on_exit, t0, error="driver stopped before the cell ended")
+
+    def _launch_ready(self) -> None:
+        for cell in list(self.pending):
+            weights_from = None
+            if cell.reuse:
+                if cell.reuse not in self.outcomes:
+                    continue  # its source is still pending or running
+                weights_from = self._source_weights(cell, self.outcomes[cell.reuse])
+                if weights_from is None:
+                    continue
+            need = _demand(cell)
+            if self.running and any(self.used[k] + v > self.total[k] + 1e-9 for k, v in need.items()):
+                continue
+            self.pending.remove(cell)
+            self._launch(cell, need, weights_from)
+
+    def _source_weights(self, cell: Cell, src: Outcome | None) -> str | None:
+        """Path of the weights a CL-B cell evaluates; fails the cell if its source has none."""
+        if src is not None and src.status in ("FINISHED", "SKIPPED") and src.run_id:
+            path = self.client.get_run(src.run_id).data.tags.get(TAG_WEIGHTS)
+            if path and Path(path).is_file():
+                return path
+            err = (f"{cell.reuse} (run {src.run_id}) has no weights file at {path!r}; "
+                   f"rerun it with --force, or keep the same --out")
+        else:
+            err = f"its source cell {cell.reuse} did not finish"
+        self.pending.remove(cell)
+        run_id = open_run(self.client, self.exp_id, cell, {TAG_REUSED: cell.reuse or ""})
+        self._close(cell, run_id, "FAILED", time.time(), error=err)
+        return None
+
+    def _launch(self, cell: Cell, need: dict[str, float], weights_from: str | None) -> None:
+        storage = self.opts.storage.resolve()
+        tags = {TAG_RAY_RUN: cell.run_name}
+        if weights_from:
+            tags.update({TAG_WEIGHTS: weights_from, TAG_REUSED: cell.reuse or ""})
+        else:
+            tags[TAG_WEIGHTS] = str(storage / cell.run_name / "model.pt")
+        run_id = open_run(self.client, self.exp_id, cell, tags)
+        payload = {"cfg": to_dict(cell.cfg), "name": cell.name, "run_name": cell.run_name, "storage": str(storage),
+                   "run_id": run_id, "uri": self.opts.tracking_uri, "weights_from": weights_from}
+        s = cell.cfg.scaling
+        # A cell that trains with a worker group only waits on it: the workers hold the resources.
+        in_process = bool(weights_from) or s.workers == 0
+        ref = self.remote.options(
+            num_cpus=s.cpus_per_worker if in_process else 0,
+            num_gpus=s.gpus_per_worker if in_process else 0,
+            runtime_env={"env_vars": self.env},
+            name=cell.name,
+        ).remote(payload)
+        for k, v in need.items():
+            self.used[k] += v
+        self.running[ref] = (cell, run_id, need, time.time())
+        what = f"evaluating {cell.reuse}'s weights" if weights_from else f"training ({_describe(cell)})"
+        print(f"[{cell.name}] started: {what}; MLflow run {run_id}", flush=True)
+
+    def _collect(self, ref: Any) -> None:
+        cell, run_id, need, t0 = self.running.pop(ref)
+        for k, v in need.items():
+            self.used[k] -= v
+        try:
+            value = self.ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - any failure of a cell is recorded, the rest go on
+            self._close(cell, run_id, "FAILED", t0, error=_error_text(e))
+            return
+        self._close(cell, run_id, "FINISHED", t0, metrics=value.get("metrics", {}))
+
+    def _fail_orphans(self) -> None:
+        """Cells whose source never ran (not part of this run): nothing will ever unblock them."""
+        for cell in list(self.pending):
+            self._source_weights(cell, None)
+
+    def _close(self, cell: Cell, run_id: str, status: str, t0: float, metrics: dict | None = None,
+               error: str | None = None) -> None:
+        seconds = time.time() - t0
+        try:
+            if error:
+                self.client.set_tag(run_id, "detlab.error", error[-4000:])
+            self.client.log_metric(run_id, "cell_wall_s", seconds)
+        finally:
+            self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+        self.outcomes[cell.name] = Outcome(cell, status, run_id, metrics or {}, error, seconds)
+        tail = f": {error.strip().splitlines()[-1]}" if error else ""
+        print(f"[{cell.name}] {status} in {seconds:.0f}s{tail}", flush=True)
+
+
+def _demand(cell: Cell) -> dict[str, float]:
+    s = cell.cfg.scaling
+    if cell.reuse:  # evaluation only: one process
+        return {"CPU": float(s.cpus_per_worker), **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    return s.resources()
+
+
+def _describe(cell: Cell) -> str:
+    c = cell.cfg
+    mode = "local mode" if c.scaling.workers == 0 else f"{c.scaling.workers} worker(s)"
+    return f"{c.model.backbone}, {c.train.epochs} epochs, {mode}, key {cell.key}"
+
+
+def _error_text(e: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(e), e)).strip()
+    return text if len(text) < 8000 else text[:2000] + "\n...\n" + text[-5000:]

@@ -1,0 +1,470 @@
+"""Training one cell on Ray Train (V2): the per-worker loop and the ``TorchTrainer`` around it.
+
+Per worker: build the dataset and the detector from the resolved config, wrap them with
+``prepare_model`` / ``prepare_data_loader`` (DDP + ``DistributedSampler`` when there are several
+workers), train with SGD and the 1x schedule, checkpoint every epoch, evaluate on rank 0.
+
+Ray facts this relies on (shared notes §1):
+
+* ``ray.train.report`` is a barrier: every rank calls it once per epoch, rank 0 attaching the
+  checkpoint, so other ranks simply wait there while rank 0 evaluates.
+* ``Result.metrics`` only carries metrics attached to a checkpoint, so the loop also *returns*
+  its final metrics (``Result.return_value``) and logs them to MLflow itself.
+* Workers ``chdir`` away from the driver's cwd: every path here is absolute.
+* The run name is the cell's stable key: refitting with the same name resumes from the latest
+  registered checkpoint (``ray.train.get_checkpoint()``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# V2 is the default in Ray 2.60; pin it so an inherited RAY_TRAIN_V2_ENABLED=0 cannot flip the API.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import logging  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import ray.train  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_data_loader, prepare_model  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from detector.config import to_dict  # noqa: E402
+from detector.data import build_dataset, collate_fn  # noqa: E402
+from detector.model import build_detector  # noqa: E402
+from lab import evaluation  # noqa: E402
+from lab.config import LabConfig, config_from_dict, dump_config  # noqa: E402
+
+STATE_FILE = "state.pt"
+#: final weights of a cell, written beside its Ray checkpoints; CL-B cells and ``detlab predict`` read it.
+WEIGHTS_FILE = "model.pt"
+#: Ray Train polls workers every 2 s; a checkpoint reported less than that before a crash may not be
+#: registered yet (notes §1.6), so the fault-injection hook waits this long before failing.
+_REGISTER_WAIT_S = 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces
+
+
+class RunLog:
+    """Rank 0's handle on the cell's MLflow run, which the driver created; a no-op without run_id.
+
+    It uses ``MlflowClient`` with an explicit run id rather than ``mlflow.start_run``: the fluent
+    context manager would end the run (FINISHED) when the worker leaves it, but the run's status
+    belongs to the driver, which sets FINISHED/FAILED once the whole cell is done.
+    """
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.run_id = run_id
+        self._client = MlflowClient(tracking_uri) if run_id else None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self._client is None or not values:
+            return
+        ts = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
+
+    def artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        if self._client is not None:
+            self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        if self._client is not None:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self._client is not None:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, v)
+
+
+class Progress:
+    """One line every ``every`` steps: epoch, step, loss, lr, images/s, ETA (rank 0 prints)."""
+
+    def __init__(self, name: str, epochs: int, iters_per_epoch: int, start_epoch: int, every: int, enabled: bool):
+        self.name, self.epochs, self.iters, self.every, self.enabled = name, epochs, iters_per_epoch, every, enabled
+        self.remaining_total = (epochs - start_epoch) * iters_per_epoch
+        self.done = 0
+        self.t0 = time.perf_counter()
+
+    def step(self, epoch: int, it: int, loss: float, parts: dict[str, float], lr: float, img_per_s: float) -> None:
+        self.done += 1
+        if not self.enabled or (it + 1) % self.every and it + 1 != self.iters:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * max(self.remaining_total - self.done, 0)
+        detail = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+        print(
+            f"[{self.name}] epoch {epoch + 1}/{self.epochs} step {it + 1}/{self.iters} "
+            f"loss {loss:.4f} ({detail}) lr {lr:.5f} {img_per_s:.1f} img/s ETA {_hms(eta)}",
+            flush=True,
+        )
+
+
+def lr_lambda(total_iters: int, warmup_iters: int, warmup_factor: float, steps: tuple[float, ...], gamma: float):
+    """Multiplier of the base lr at iteration ``it``: linear warm-up times step decay at ``steps`` x total."""
+    milestones = [int(s * total_iters) for s in steps]
+
+    def factor(it: int) -> float:
+        warm = 1.0
+        if it < warmup_iters:
+            warm = warmup_factor + (1.0 - warmup_factor) * it / warmup_iters
+        return warm * gamma ** sum(it >= m for m in milestones)
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _all_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state (gathered, so rank 0's checkpoint holds them all)."""
+    mine = rng_state()
+    if world_size == 1 or not dist.is_initialized():
+        return [mine]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def resolve_num_classes(cfg: LabConfig, dataset: Any) -> LabConfig:
+    """``model.num_classes = 0`` means "take it from the dataset"; a mismatch is an error."""
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = int(dataset.num_classes)
+    elif cfg.model.num_classes != dataset.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {dataset.num_classes} classes")
+    return cfg
+
+
+def save_weights(path: Path, model: torch.nn.Module, cfg: LabConfig, class_names: list[str]) -> Path:
+    """Self-contained final weights: state_dict + resolved config + class names (``detlab predict``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": _unwrap(model).state_dict(), "config": to_dict(cfg), "class_names": list(class_names)}, tmp)
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """Read a ``model.pt`` written by :func:`save_weights` (our own file, so full unpickling is fine)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class LoopArgs:
+    """What the driver passes to every worker besides the config (all plain values)."""
+
+    name: str
+    weights_path: str  #: absolute path of the final ``model.pt``
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    #: fault injection for tests: the last rank raises once after this epoch's checkpoint.
+    fail_after_epoch: int | None = None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker function. Returns (rank 0) the final metrics and resume bookkeeping."""
+    cfg = config_from_dict(config["cfg"])
+    args = LoopArgs(**config["args"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    seed_everything(cfg.train.seed + rank)
+    device = get_device()
+    use_amp = cfg.train.amp and device.type == "cuda"
+    log = RunLog(args.tracking_uri, args.run_id) if rank == 0 else RunLog(None, None)
+
+    train_set = build_dataset(cfg.data, "train", train=True)
+    cfg = resolve_num_classes(cfg, train_set)
+    loader = DataLoader(
+        train_set, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_fn,
+        num_workers=cfg.data.loader_workers, persistent_workers=cfg.data.loader_workers > 0,
+    )
+    loader = prepare_data_loader(loader)
+    iters = len(loader) if not cfg.train.max_iters else min(len(loader), cfg.train.max_iters)
+    if iters == 0:
+        raise ValueError(f"{args.name}: the train split has {len(train_set)} images, fewer than one batch per worker")
+
+    model = prepare_model(build_detector(cfg))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    t = cfg.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.epochs * iters, t.warmup_iters, t.warmup_factor, t.lr_steps, t.lr_gamma)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    start_epoch, metrics = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, metrics = state["epoch"] + 1, state["metrics"]
+        rngs = state["rng"]
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:  # different world size than when saved: a deterministic fresh stream per rank
+            seed_everything(cfg.train.seed + rank + 1000 * start_epoch)
+        if rank == 0:
+            print(f"[{args.name}] resumed from the epoch-{start_epoch} checkpoint", flush=True)
+    elif rank == 0:
+        log.text(dump_config(cfg), "config/resolved.yaml")
+        print(
+            f"[{args.name}] training {t.epochs} epochs x {iters} iters, {world} worker(s) x batch {t.batch_size}, "
+            f"lr {cfg.lr:.5f}, device {device.type}{', amp' if use_amp else ''}", flush=True,
+        )
+
+    progress = Progress(args.name, t.epochs, iters, start_epoch, t.log_every, enabled=rank == 0)
+    val_set = None
+    for epoch in range(start_epoch, t.epochs):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)  # else every epoch sees the same order
+        epoch_metrics = _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch,
+                                         device, use_amp, progress, log, world)
+        last = epoch == t.epochs - 1
+        metrics = dict(epoch_metrics)
+        rngs = _all_rng_states(world)  # the last collective before rank 0 may evaluate for long
+        if rank == 0 and (last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0)):
+            # rank 0 evaluates; the other ranks are already waiting in ray.train.report below
+            val_set = val_set or build_dataset(cfg.data, "val", train=False)
+            metrics.update(_evaluate(model, val_set, cfg, device, log, epoch, args, final=last))
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(
+                    {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "rng": rngs, "metrics": metrics},
+                    Path(d) / STATE_FILE,
+                )
+                ckpt = Checkpoint.from_directory(d)
+            ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
+        if args.fail_after_epoch == epoch and rank == world - 1:
+            time.sleep(_REGISTER_WAIT_S)
+            raise RuntimeError(f"[{args.name}] injected failure after epoch {epoch + 1} (fault-injection test hook)")
+
+    if rank == 0 and start_epoch >= t.epochs:
+        print(f"[{args.name}] already trained {t.epochs} epochs; nothing to do", flush=True)
+    return {
+        "metrics": metrics, "start_epoch": start_epoch, "world_size": world,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "model_type": type(model).__name__, "weights": args.weights_path,
+    }
+
+
+def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch, device, use_amp,
+                     progress, log, world) -> dict[str, float]:
+    """One epoch (at most ``iters`` steps); returns epoch means reduced over ranks."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, classification, bbox_regression
+    steps, images_seen, t0 = 0, 0, time.perf_counter()
+    for it, (images, targets) in enumerate(loader):
+        if it >= iters:
+            break
+        steps += 1
+        with torch.autocast(device.type, enabled=use_amp):
+            parts = model(images, targets)
+        loss = sum(parts.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {float(loss)} at epoch {epoch + 1} step {it + 1} "
+                f"({ {k: float(v) for k, v in parts.items()} }); try a lower train.base_lr or train.grad_clip"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        vals = {k: float(v.detach()) for k, v in parts.items()}
+        sums += torch.tensor([float(loss.detach()), vals.get("classification", 0.0), vals.get("bbox_regression", 0.0)],
+                             dtype=torch.float64)
+        images_seen += len(images)
+        img_per_s = images_seen * world / (time.perf_counter() - t0)  # ranks run in lock-step under DDP
+        short = {"cls": vals.get("classification", 0.0), "reg": vals.get("bbox_regression", 0.0)}
+        progress.step(epoch, it, float(loss.detach()), short, lr, img_per_s)
+        step = epoch * iters + it + 1
+        if (it + 1) % cfg.train.log_every == 0:
+            log.metrics({"step_loss": float(loss.detach()), "step_lr": lr}, step)
+    seconds = time.perf_counter() - t0
+    counts = torch.tensor([float(steps), float(images_seen)], dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        both = torch.cat([sums, counts]).to(device)
+        dist.all_reduce(both)
+        sums, counts = both[:3].cpu(), both[3:].cpu()
+    mean = sums / counts[0]
+    metrics = {
+        "train_loss": float(mean[0]), "train_loss_cls": float(mean[1]), "train_loss_reg": float(mean[2]),
+        "lr": optimizer.param_groups[0]["lr"], "images_per_s": float(counts[1]) / seconds, "epoch_time_s": seconds,
+    }
+    log.metrics(metrics, epoch + 1)
+    return metrics
+
+
+def _evaluate(model, val_set, cfg: LabConfig, device, log: RunLog, epoch: int, args: LoopArgs, final: bool) -> dict[str, float]:
+    """Rank 0: val metrics (logged at step epoch+1); on the last epoch also artifacts and final weights."""
+    t0 = time.perf_counter()
+    net = _unwrap(model)
+    result = evaluation.evaluate(net, val_set, device, cfg.eval.batch_size)
+    metrics = {**result.metrics, "eval_time_s": time.perf_counter() - t0}
+    log.metrics(metrics, epoch + 1)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if k in ("AP", "AP50", "mAP", "misalign_spearman"))
+    print(f"[{args.name}] eval after epoch {epoch + 1}: {shown} ({metrics['eval_time_s']:.1f}s)", flush=True)
+    if final:
+        save_weights(Path(args.weights_path), net, cfg, list(val_set.class_names))
+        _log_eval_artifacts(log, val_set, result, cfg, args.name)
+        if cfg.eval.test_dev_ann:
+            _write_test_dev(net, cfg, device, log, args.name)
+    return metrics
+
+
+def _log_eval_artifacts(log: RunLog, dataset, result, cfg: LabConfig, title: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        evaluation.write_artifacts(Path(d), dataset, result, cfg.eval.num_samples, cfg.eval.draw_score, title)
+        log.artifacts(Path(d), "eval")
+
+
+def _write_test_dev(net, cfg: LabConfig, device, log: RunLog, name: str) -> None:
+    """COCO test-dev results JSON for the evaluation server (no annotations: nothing to score here)."""
+    from dataclasses import replace
+
+    data = replace(cfg.data, val_split=cfg.eval.test_dev_split, val_ann=cfg.eval.test_dev_ann, max_images=0)
+    test_set = build_dataset(data, "val", train=False)
+    preds = evaluation.predict(net, test_set, device, cfg.eval.batch_size)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"detections_{cfg.eval.test_dev_split}_detlab_results.json"
+        evaluation.write_detections(path, test_set, preds)
+        log.artifacts(Path(d), "test-dev")
+    print(f"[{name}] wrote test-dev results for {len(preds)} images", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def fit_cell(
+    cfg: LabConfig,
+    *,
+    name: str,
+    run_name: str,
+    storage_path: str | Path,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    fail_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Train one cell with a ``TorchTrainer``; returns the loop's return value (rank 0).
+
+    ``name`` prefixes progress lines. ``(storage_path, run_name)`` identifies the Ray run: calling this again with the same pair
+    resumes from its latest checkpoint. Raises ``ray.train.TrainingFailedError`` on failure.
+    """
+    storage = Path(storage_path).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    s = cfg.scaling
+    resources = {"CPU": float(s.cpus_per_worker)}
+    if s.use_gpu:
+        resources["GPU"] = float(s.gpus_per_worker)
+    args = LoopArgs(
+        name=name,
+        weights_path=str(storage / run_name / WEIGHTS_FILE),
+        run_id=run_id, tracking_uri=tracking_uri, fail_after_epoch=fail_after_epoch,
+    )
+    if s.workers == 0:
+        # local mode logs every report at INFO in this process; LoggingConfig only reaches workers
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "args": vars(args)},
+        # backend=None: nccl when workers have GPUs, gloo on CPU (ray.train.torch.config.on_start)
+        torch_config=TorchConfig(backend=None),
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    return result.return_value
+
+
+def evaluate_weights(
+    cfg: LabConfig,
+    weights_path: str | Path,
+    *,
+    name: str,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate trained weights under ``cfg`` (its ``nms`` section wins): the CL-B cells.
+
+    Runs in the calling process (a Ray task of the runner), no Train worker group needed.
+    """
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    payload = load_weights(weights_path)
+    val_set = build_dataset(cfg.data, "val", train=False)
+    cfg = resolve_num_classes(cfg, val_set)
+    model = build_detector(cfg)
+    model.load_state_dict(payload["model"])
+    model.configure_nms(cfg.nms)
+    model.to(device)
+    log = RunLog(tracking_uri, run_id)
+    log.text(dump_config(cfg), "config/resolved.yaml")
+    print(f"[{name}] evaluating {weights_path} with nms {cfg.nms}", flush=True)
+    t0 = time.perf_counter()
+    result = evaluation.evaluate(model, val_set, device, cfg.eval.batch_size)
+    metrics = {**result.metrics, "eval_time_s": time.perf_counter() - t0}
+    log.metrics(metrics, cfg.train.epochs)
+    _log_eval_artifacts(log, val_set, result, cfg, name)
+    if cfg.eval.test_dev_ann:
+        _write_test_dev(model, cfg, device, log, name)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in ("AP", "AP50", "mAP", "misalign_spearman"))
+    print(f"[{name}] eval: {shown}", flush=True)
+    return {"metrics": metrics, "weights": str(weights_path)}
