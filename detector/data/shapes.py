@@ -5,7 +5,7 @@ Layout (the same as ``dataset="coco"``): ``out_dir/<split>/NNNNNN.png`` and
 a second call with the same parameters reuses the files).
 
 Each image is a random crop of a bundled scikit-image photograph (CC0 / public domain, no network)
-with 1..8 shapes pasted on it. A shape is filled with a texture crop of another photo blended with
+with up to 8 shapes pasted on it. A shape is filled with a texture crop of another photo blended with
 a random tint, so colour does not give the class away; the classes differ by outline only.
 Object areas are drawn log-uniformly so COCO small (< 32^2), medium and large (> 96^2) all occur at
 256 px. Later shapes occlude earlier ones; the annotation (bbox, area, RLE segmentation) is the
@@ -297,7 +297,9 @@ def generate_shapes(
 
     Deterministic in all parameters: the image ``i`` of a split depends only on
     ``(seed, split, i, image_size, ...)``, so ``"train"`` and ``"val"`` with the same seed differ.
-    ``image_format`` is ``"png"`` (lossless, default) or ``"jpg"``.
+    Each image plans ``min_objects..max_objects`` shapes (uniform); a shape that finds no valid
+    place in 4 tries is skipped, so tiny images may get fewer. ``image_format`` is ``"png"``
+    (lossless, default) or ``"jpg"``. Category ids are ``1..len(SHAPE_CLASSES)``, image ids ``1..N``.
     """
     if num_images <= 0 or image_size < 16:
         raise DatasetError(f"generate_shapes: need num_images > 0 and image_size >= 16, got {num_images}, {image_size}")
