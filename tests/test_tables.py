@@ -152,7 +152,8 @@ def test_table1_rows_n1_and_missing(store: dict) -> None:
     assert [r.row for r in rows] == ["retinanet_resnet101", "ours_resnet101", "retinanet_resnet50", "ours_resnet50"]
     ours = _row(rows, "ours_resnet101", "coco")
     assert ours.paper["AP"] == 40.6 and ours.paper["APl"] == 51.1
-    assert ours.delta.mean == pytest.approx(np.mean([31.0, 32.5, 33.0]) - 31.0) and ours.paper_delta == pytest.approx(1.5)
+    assert ours.delta.mean == pytest.approx(np.mean([31.0, 32.5, 33.0]) - 31.0)
+    assert ours.paper_delta == pytest.approx(1.5)
     one = _row(rows, "ours_resnet50", "coco")
     assert one.n == 1 and one.stats["AP"].ci95 is None and one.paper["AP"] is None
     assert _row(rows, "retinanet_resnet50", "coco").n == 0 and one.delta is None
