@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import skimage
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
-from skimage.draw import polygon as draw_polygon
 
 from detector.data.base import DatasetError, file_lock, logger
 
@@ -44,7 +43,7 @@ PHOTOS: tuple[str, ...] = (
 )  # fmt: skip
 
 #: bump when the drawing code changes, so cached sets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _IMAGE_NAME = re.compile(r"^\d{6}\.(png|jpg)$")
 
@@ -78,12 +77,12 @@ def _rotated(yy: np.ndarray, xx: np.ndarray, angle: float) -> tuple[np.ndarray, 
 
 def _poly_mask(d: int, radii: np.ndarray, angles: np.ndarray) -> np.ndarray:
     """Rasterise a polygon given in polar form (radii in units of d/2) centred in a d x d square."""
-    r = d / 2 + radii * (d / 2) * np.sin(angles)
-    c = d / 2 + radii * (d / 2) * np.cos(angles)
-    mask = np.zeros((d, d), dtype=bool)
-    rr, cc = draw_polygon(r - 0.5, c - 0.5, shape=(d, d))
-    mask[rr, cc] = True
-    return mask
+    # PIL's pixel (i, j) is the point (j, i), i.e. our pixel centre (j + 0.5, i + 0.5): shift by -0.5.
+    x = d / 2 + radii * (d / 2) * np.cos(angles) - 0.5
+    y = d / 2 + radii * (d / 2) * np.sin(angles) - 0.5
+    canvas = Image.new("L", (d, d), 0)
+    ImageDraw.Draw(canvas).polygon([(float(a), float(b)) for a, b in zip(x, y)], fill=1)
+    return np.asarray(canvas, dtype=bool)
 
 
 def _star(d: int, rng: np.random.Generator) -> np.ndarray:
