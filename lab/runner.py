@@ -167,8 +167,11 @@ def _init_ray(address: str | None) -> None:
     kwargs: dict[str, Any] = {}
     starting_local = not (address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
     if starting_local:
-        # A private single-node cluster: the dashboard is what lets Ray Train clean up placement
-        # groups (notes §1.9); the object store barely matters here, so keep it modest.
+        # A private single-node cluster. address="local": with None, Ray would attach to whatever
+        # cluster /tmp/ray/ray_current_cluster names (someone else's `ray start` on a shared box).
+        # The dashboard is what lets Ray Train clean up placement groups (notes §1.9); the object
+        # store barely matters here, so keep it modest.
+        address = "local"
         kwargs.update(include_dashboard=True, object_store_memory=512 * 1024**2)
     ray.init(
         address=address,

@@ -21,6 +21,9 @@ import os
 
 # V2 is the default in Ray 2.60; pin it so an inherited RAY_TRAIN_V2_ENABLED=0 cannot flip the API.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Train's print patch sends print() both to stdout and to its logger, so every progress line
+# reached the driver twice. Ray propagates this variable from the process calling fit() to the workers.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import logging  # noqa: E402
 import random  # noqa: E402
@@ -152,6 +155,17 @@ def _all_rng_states(world_size: int) -> list[dict[str, Any]]:
     return out
 
 
+def quiet_ray_train_logs() -> None:
+    """Drop Ray Train's per-report INFO lines ("Reporting training result ...") on every rank.
+
+    Ray 2.60 names that logger by file path (``getLogger(__file__)``), so ``LoggingConfig``'s
+    level filter, which only matches ``ray.train.*`` names, misses it.
+    """
+    for name in list(logging.root.manager.loggerDict):
+        if "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -206,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     args = LoopArgs(**config["args"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_ray_train_logs()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     seed_everything(cfg.train.seed + rank)
     device = get_device()
