@@ -1,0 +1,204 @@
+"""End to end: ``jobs/table2.py --profile smoke`` submitted with ``JobSubmissionClient`` to a real
+``ray start --head`` on 127.0.0.1 (working_dir upload), logging to a real ``mlflow server``;
+then the 8 cell runs, their tags, metrics and artifacts are checked through the MLflow client.
+
+Everything this test starts it stops itself, by process: the head's processes are found by
+its private --temp-dir (never ``ray stop``, which would also stop other people's clusters).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ROWS = {"baseline", "iac", "iac_dc", "iac_dc_clb"}
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
+        try:
+            with closing(urllib.request.urlopen(url, timeout=2)) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def kill_tree(procs: list[psutil.Process]) -> None:
+    """SIGTERM ``procs`` and their descendants, then SIGKILL what is left."""
+    everything: dict[int, psutil.Process] = {}
+    for p in procs:
+        try:
+            everything[p.pid] = p
+            everything.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for p in everything.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(everything.values()), timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    # short: Ray's AF_UNIX socket paths live under the temp dir (107-byte limit)
+    d = Path(tempfile.mkdtemp(prefix="dl", dir="/tmp"))
+    yield d
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(workdir):
+    (port,) = free_ports(1)
+    log = open(workdir / "mlflow.log", "w")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner (7 processes)
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+         "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", 180, proc)
+        yield uri
+    finally:
+        kill_tree([psutil.Process(proc.pid)])
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head(workdir):
+    temp = workdir / "ray"
+    port, dash, client, agent, metrics, runtime_env = free_ports(6)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+           "--object-store-memory", str(300 * 1024**2), "--temp-dir", str(temp), "--disable-usage-stats"]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+        address = f"http://127.0.0.1:{dash}"
+        wait_http(f"{address}/api/version", 60)
+        yield address
+    finally:
+        mine = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(temp) in arg for arg in p.info["cmdline"] or []):
+                    mine.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        kill_tree(mine)
+
+
+@pytest.fixture(scope="module")
+def submitted(workdir, mlflow_server, ray_head):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    out = workdir / "results"
+    client = JobSubmissionClient(ray_head)
+    t0 = time.time()
+    sid = client.submit_job(
+        entrypoint=f"{sys.executable} jobs/table2.py --profile smoke --out {out} --tracking-uri {mlflow_server}",
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": [".git", ".venv", "results", "mlruns", "*.pt", "*.db", "__pycache__"],
+            "env_vars": {"DETLAB_GIT_COMMIT": commit or "unknown"},
+        },
+        submission_id=f"detlab-e2e-{uuid.uuid4().hex[:8]}",
+    )
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(sid)) not in terminal:
+        if time.time() - t0 > 420:
+            client.stop_job(sid)
+            pytest.fail(f"job {sid} still {status} after 420 s:\n{client.get_job_logs(sid)[-5000:]}")
+        time.sleep(2)
+    logs = client.get_job_logs(sid)
+    print(f"job {sid}: {status} in {time.time() - t0:.0f}s")
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    return {"logs": logs, "uri": mlflow_server, "out": out, "commit": commit}
+
+
+def test_job_prints_progress_and_the_table(submitted):
+    logs = submitted["logs"]
+    assert "[t2-baseline-trees-s0] epoch 2/2 step 2/2" in logs  # progress from the cells reaches the job log
+    assert "# Table 2" in logs and "## shapes" in logs and "## trees" in logs
+    for name in ("table2.md", "table2.csv", "table2_runs.parquet"):
+        assert (submitted["out"] / name).is_file(), name
+
+
+def test_eight_cells_finished_with_tags_metrics_and_artifacts(submitted):
+    client = MlflowClient(submitted["uri"])
+    exp = client.get_experiment_by_name("detlab-table2")
+    runs = client.search_runs([exp.experiment_id], "tags.`detlab.kind` = 'cell'")
+    assert len(runs) == 8
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    cells = {(r.data.tags["detlab.row"], r.data.tags["detlab.dataset"]): r for r in runs}
+    assert set(cells) == {(row, ds) for row in ROWS for ds in ("trees", "shapes")}
+    keys = set()
+    for (row, dataset), run in cells.items():
+        tags, metrics = run.data.tags, run.data.metrics
+        assert tags["detlab.table"] == "2" and tags["detlab.profile"] == "smoke" and tags["detlab.seed"] == "0"
+        assert tags["detlab.git_commit"] == (submitted["commit"] or "unknown")
+        keys.add(tags["detlab.key"])
+        assert run.data.params["model.backbone"] == "resnet18"
+        assert run.data.params["nms.clb"] == str(row == "iac_dc_clb")
+        expected = {"mAP"} if dataset == "trees" else {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert expected | {"misalign_spearman", "misalign_pearson"} <= set(metrics), (row, dataset)
+        if row == "iac_dc_clb":
+            assert tags["detlab.reused_from"] == f"t2-iac_dc-{dataset}-s0"
+        else:
+            history = client.get_metric_history(run.info.run_id, "train_loss")
+            assert sorted(m.step for m in history) == [1, 2]
+            assert {"lr", "images_per_s"} <= set(metrics)
+    assert len(keys) == 8
+
+    run_id = cells[("iac_dc_clb", "shapes")].info.run_id
+    files = {f.path for d in ("eval", "config") for f in client.list_artifacts(run_id, d)}
+    assert {"eval/detections.json", "eval/pr_curve.png", "eval/samples.png", "config/resolved.yaml"} <= files
+
+    tables = client.search_runs([exp.experiment_id], "tags.`detlab.kind` = 'tables'")
+    assert tables and tables[0].info.status == "FINISHED"
