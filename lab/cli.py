@@ -52,7 +52,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detlab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="detlab", description="detlab: run the paper's experiments on Ray Train + MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("table", help="run Table 1 or Table 2 of the paper")
@@ -175,15 +175,15 @@ def _warn_if_ephemeral(out: Path, uri: str) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from detector.config import DataConfig, apply_overrides
-    from detector.data import build_dataset, default_data_dir
+    from detector.config import DetectorConfig, apply_overrides
+    from detector.data import build_dataset, dataset_root
 
-    data = apply_overrides(DataConfig(dataset=args.name), [s.removeprefix("data.") for s in args.sets])
+    data = apply_overrides(DetectorConfig(), [f"data.dataset={args.name}", *args.sets]).data
     data.validate()
     for split in ("train", "val"):
         ds = build_dataset(data, split, train=False)
         print(f"{args.name} {split}: {ds!r}")
-    print(f"{args.name} is under {data.root or default_data_dir() / args.name}")
+    print(f"{args.name} is under {dataset_root(data)}")
     return 0
 
 
