@@ -48,6 +48,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to use, e.g. auto or 10.0.0.1:6379 (default: $RAY_ADDRESS, the submitted job's "
                    "cluster, else a private local one)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="cells at once (default: as many as the cluster's CPUs/GPUs hold); for autoscaling clusters")
     p.add_argument("--dry-run", action="store_true", help="print the resolved cells and exit (no Ray, no MLflow)")
 
 
@@ -138,6 +140,8 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
             extra = f" (evaluates {c.reuse}'s weights)" if c.reuse else ""
             print(f"{c.name:42} key {c.key}{extra}")
         return 0
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1")
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     _warn_if_ephemeral(out, uri)
     from lab import runner  # imports Ray: only once the config is known to be good
@@ -145,7 +149,7 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
     print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {uri} (experiment {experiment}), results {out}")
     t0 = time.time()
     opts = runner.RunOptions(tracking_uri=uri, experiment=experiment, out=out, force=args.force,
-                             ray_address=args.ray_address)
+                             ray_address=args.ray_address, max_concurrent=args.max_concurrent)
     outcomes = runner.run_cells(cells, opts)
     print("\n" + runner.summarize(outcomes))
     print(f"wall time {time.time() - t0:.0f}s")
@@ -238,6 +242,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    # no job runner: it starts 7 huey consumers (~2 GiB) that a read-only UI does not need
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, cmd)
     return 0  # not reached
 

@@ -166,7 +166,8 @@ def draw_samples(
                 ax.text(box[0], box[1], f"{name} {score:.2f}", color="white", fontsize=6,
                         bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "lw": 0})
         ax.set_title(f"image {int(target['image_id'])}", fontsize=8)
-    fig.suptitle(title or f"green: ground truth, red: detections >= {min_score}", fontsize=9)
+    legend = f"green: ground truth, red: detections with score >= {min_score}"
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,10 @@ class RunOptions:
     out: Path  #: results directory; Ray checkpoints and weights go to ``out/ray``
     force: bool = False  #: rerun cells that already have a FINISHED run
     ray_address: str | None = None  #: None: RAY_ADDRESS / a job's cluster / start a local one
+    #: cells at once instead of "as many as the cluster's CPUs/GPUs hold now": for autoscaling
+    #: clusters, whose current resources say nothing of what will come up (raise
+    #: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S too, so worker groups wait for new nodes).
+    max_concurrent: int | None = None
 
     @property
     def storage(self) -> Path:
@@ -86,8 +94,27 @@ def run_cells(cells: list[Cell], opts: RunOptions) -> list[Outcome]:
     if todo:
         _prepare_builtin_data(todo)
         _init_ray(opts.ray_address)
-        _Scheduler(todo, opts, client, outcomes).run()
+        with _sigterm_as_exit():
+            _Scheduler(todo, opts, client, outcomes).run()
     return [outcomes[c.name] for c in cells]
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, ``kill``) raises SystemExit, so the runs get closed KILLED
+    instead of being left RUNNING by an interpreter that dies without unwinding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summarize(outcomes: list[Outcome]) -> str:
@@ -181,8 +208,11 @@ def _init_ray(address: str | None) -> None:
     )
 
 
-def _task_env(uri: str) -> dict[str, str]:
-    env = {"MLFLOW_TRACKING_URI": uri, "RAY_TRAIN_V2_ENABLED": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+def _task_env(uri: str, gcs_address: str) -> dict[str, str]:
+    env = {"MLFLOW_TRACKING_URI": uri, "RAY_TRAIN_V2_ENABLED": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+           # Ray Train's PlacementGroupCleaner calls the State API without an address; with two
+           # Ray clusters on one machine it then dies on "Found multiple active Ray instances".
+           "RAY_ADDRESS": gcs_address}
     commit = tracking.git_commit()  # a working_dir package has no .git
     if commit:
         env["DETLAB_GIT_COMMIT"] = commit
@@ -214,17 +244,21 @@ class _Scheduler:
         self.opts, self.client, self.outcomes = opts, client, outcomes
         self.exp_id = client.get_experiment_by_name(opts.experiment).experiment_id
         self.total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        self.used = {k: 0.0 for k in self.total}
+        self.used = {"CPU": 0.0, "GPU": 0.0}
         self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
         self.remote = ray.remote(max_retries=0)(_cell_task)
-        self.env = _task_env(opts.tracking_uri)
-        for cell in cells:  # fail before anything is launched if a cell can never fit
+        self.env = _task_env(opts.tracking_uri, ray.get_runtime_context().gcs_address)
+        if opts.max_concurrent is None:
+            self._refuse_unfittable(cells)
+
+    def _refuse_unfittable(self, cells: list[Cell]) -> None:
+        """Fail before launching anything if some cell can never fit in the cluster."""
+        for cell in cells:
             need = _demand(cell)
-            short = {k: v for k, v in need.items() if v > self.total.get(k, 0.0)}
-            if short:
+            if any(v > self.total.get(k, 0.0) for k, v in need.items()):
                 raise ConfigError(
-                    f"{cell.name} needs {need} but the Ray cluster has {self.total}; "
-                    f"lower --workers/--cpus-per-worker/--gpus-per-worker"
+                    f"{cell.name} needs {need} but the Ray cluster has {self.total}; lower "
+                    f"--workers/--cpus-per-worker/--gpus-per-worker (or, on an autoscaling cluster, pass --max-concurrent)"
                 )
 
     def run(self) -> None:
@@ -238,7 +272,7 @@ class _Scheduler:
                     continue
                 ready, _ = self.ray.wait(list(self.running), num_returns=1)
                 self._collect(ready[0])
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `ray job stop` (SIGTERM, see run_cells)
             status_on_exit = "KILLED"
             raise
         finally:
@@ -256,10 +290,15 @@ class _Scheduler:
                 if weights_from is None:
                     continue
             need = _demand(cell)
-            if self.running and any(self.used[k] + v > self.total[k] + 1e-9 for k, v in need.items()):
+            if self.running and not self._fits(need):
                 continue
             self.pending.remove(cell)
             self._launch(cell, need, weights_from)
+
+    def _fits(self, need: dict[str, float]) -> bool:
+        if self.opts.max_concurrent is not None:
+            return len(self.running) < self.opts.max_concurrent
+        return all(self.used[k] + v <= self.total.get(k, 0.0) + 1e-9 for k, v in need.items())
 
     def _source_weights(self, cell: Cell, src: Outcome | None) -> str | None:
         """Path of the weights a CL-B cell evaluates; fails the cell if its source has none."""

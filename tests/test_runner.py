@@ -145,3 +145,15 @@ def test_a_cell_the_cluster_cannot_hold_is_refused_before_launch(ray_session, tm
     with pytest.raises(ConfigError, match="needs .*GPU"):
         runner.run_cells(cells, opts)
     assert tracking.search_all_runs(opts.tracking_uri, opts.experiment) == []
+
+
+def test_sigterm_unwinds_so_runs_get_closed():
+    """`ray job stop` sends SIGTERM: it must raise (run `finally` blocks), not kill the driver outright."""
+    import os
+    import signal
+
+    with pytest.raises(SystemExit) as exc, runner._sigterm_as_exit():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 1)  # give the handler a chance to run
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
