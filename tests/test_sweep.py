@@ -1,0 +1,243 @@
+"""lab.sweep: space parsing/validation (fast, no Ray) and one real smoke sweep (Ray Tune + Train V2 +
+a real sqlite MLflow store, no mocks) with its resume and a post-hoc NMS grid.
+
+The smoke sweep is the expensive part (about 2-3 minutes on 2 shared CPUs): 3 trials at profile
+``smoke`` with one Train worker each, two at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from detector.config import ConfigError
+from lab import sweep
+from lab.config import build_config, user_overrides
+from lab.sweep import Param, load_space, parse_spec, resolve_sample, validate_space
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
+
+BASE = {"assign": {"iac": True}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Space parsing and validation (no Ray)
+
+
+def test_parse_spec_forms() -> None:
+    assert parse_spec("nms.beta", "uniform(0, 4)") == Param("nms.beta", "uniform", 0.0, 4.0, spec="uniform(0, 4)")
+    p = parse_spec("loss.eps", "loguniform(1e-6, 1)")
+    assert (p.kind, p.low, p.high) == ("loguniform", 1e-6, 1.0)
+    assert parse_spec("nms.iou_threshold", "choice(0.5, 0.6)").values == (0.5, 0.6)
+    frac = parse_spec("assign.bg_threshold", "uniform(0.5, 0.9) * assign.fg_threshold")
+    assert frac.scale_by == "assign.fg_threshold" and frac.name == "assign.bg_threshold_frac"
+    assert parse_spec("nms.beta", "none") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("uniform(1, 0)", "low 1 > high 0"),
+        ("loguniform(0, 1)", "positive bounds"),
+        ("loguniform(-1, 1)", "positive bounds"),
+        ("uniform(0)", "two numbers"),
+        ("uniform(a, b)", "two numbers"),
+        ("normal(0, 1)", "cannot parse"),
+        ("choice()", "at least one value"),
+        (0.3, "not a distribution"),
+    ],
+)
+def test_parse_spec_errors_name_the_key(spec: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_spec("nms.beta", spec)
+    assert "nms.beta" in str(e.value)
+
+
+def test_default_space_and_edits(tmp_path: Path) -> None:
+    space = load_space()
+    assert set(space) == {"assign.alpha", "assign.score_threshold", "assign.fg_threshold", "assign.bg_threshold",
+                          "loss.eps", "nms.beta", "nms.iou_threshold"}
+    assert space["loss.eps"].kind == "loguniform" and space["assign.bg_threshold"].scale_by == "assign.fg_threshold"
+    validate_space(space, BASE)  # the default is valid
+    edited = load_space(["nms.beta=uniform(0, 2)", "loss.eps=none"])
+    assert edited["nms.beta"].high == 2.0 and "loss.eps" not in edited
+    f = tmp_path / "s.yaml"
+    f.write_text("assign.alpha: uniform(0.2, 0.4)\n")
+    assert set(load_space([str(f)])) == {"assign.alpha"}
+    with pytest.raises(ConfigError, match="no such file"):
+        load_space([str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="empty"):
+        load_space([str(f), "assign.alpha=none"])
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("assign.alhpa=uniform(0, 1)", "'assign.alhpa' is not a config key"),
+        ("assign.alpha=uniform(0, 1.5)", "assign.alpha=1.5 must be in \\[0, 1\\]"),
+        ("nms.beta=uniform(-1, 1)", "nms.beta=-1.0 must be >= 0"),
+        ("assign.iac=uniform(0, 1)", "needs a numeric key"),
+        ("loss.scope=choice('batch', 'everything')", "loss.scope"),
+        ("assign.bg_threshold=uniform(0.3, 0.55)", "bg_threshold"),
+        ("assign.bg_threshold=uniform(0.5, 1.2) * assign.fg_threshold", "bg_threshold"),
+        ("assign.bg_threshold=uniform(0.5, 0.9) * nms.nope", "must name a numeric config key"),
+    ],
+)
+def test_invalid_spaces_are_rejected_naming_the_key(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_space(load_space([item]), BASE)
+
+
+def test_bg_is_a_fraction_of_fg() -> None:
+    space = load_space()
+    sample = {"assign.alpha": 0.3, "assign.score_threshold": 0.8, "assign.fg_threshold": 0.5,
+              "assign.bg_threshold_frac": 0.8, "loss.eps": 1e-3, "nms.beta": 1.0, "nms.iou_threshold": 0.5}
+    values = resolve_sample(space, sample, BASE)
+    assert values["assign.bg_threshold"] == pytest.approx(0.4) and "assign.bg_threshold_frac" not in values
+    cfg = build_config(BASE, {"assign": {"fg_threshold": 0.5, "bg_threshold": values["assign.bg_threshold"]}})
+    assert cfg.assign.bg_threshold < cfg.assign.fg_threshold
+
+
+def test_posthoc_grid_takes_the_inference_keys() -> None:
+    grid = sweep.posthoc_grid(load_space(["nms.beta=uniform(0, 2)"]), 3)
+    assert {tuple(sorted(p)) for p in grid} == {("nms.beta", "nms.iou_threshold")}
+    assert sorted({p["nms.beta"] for p in grid}) == [0.0, 1.0, 2.0] and len(grid) == 6
+    with pytest.raises(ConfigError, match="inference-only"):
+        sweep.posthoc_grid(load_space(["nms.beta=none", "nms.iou_threshold=none"]), 3)
+
+
+def _args(*argv: str):
+    return sweep.build_parser().parse_args(["--profile", "smoke", "--dataset", "shapes", *argv])
+
+
+def test_plan_defaults_name_and_errors(tmp_path: Path) -> None:
+    import ray
+
+    plan = sweep.build_plan(_args("--out", str(tmp_path)))
+    assert plan.metric == "AP" and plan.experiment == "detlab-sweep-shapes"
+    assert (plan.cfg.assign.iac, plan.cfg.loss.dc, plan.cfg.nms.clb) == (True, True, True)  # the full method
+    assert plan.cfg.scaling.workers == 1 and plan.cfg.eval.every == 1  # Tune needs a worker group + epoch metrics
+    assert sweep.build_plan(_args("--out", str(tmp_path / "x"), "--max-concurrent", "1")).name == plan.name
+    assert sweep.build_plan(_args("--space", "nms.beta=uniform(0, 1)")).name != plan.name
+    assert not sweep.build_plan(_args("--set", "nms.clb=false")).cfg.nms.clb
+    with pytest.raises(ConfigError, match="eval.every=2"):
+        sweep.build_plan(_args("--set", "eval.every=2"))
+    with pytest.raises(ConfigError, match="local mode"):
+        sweep.build_plan(_args("--workers", "0"))
+    with pytest.raises(ConfigError, match="--num-samples 0"):
+        sweep.build_plan(_args("--num-samples", "0"))
+    with pytest.raises(ConfigError, match="--dataset 'voc'"):
+        sweep.build_plan(sweep.build_parser().parse_args(["--profile", "smoke", "--dataset", "voc"]))
+    # bad input exits 2 before any cluster resources are taken
+    assert sweep.main(["--profile", "smoke", "--space", "assign.alpha=uniform(0, 2)", "--out", str(tmp_path)]) == 2
+    assert not ray.is_initialized()
+
+
+def test_optuna_is_optional() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        with pytest.raises(ConfigError, match="'optuna' package, which is not installed"):
+            sweep.build_plan(_args("--search", "optuna"))
+    else:
+        assert sweep.build_plan(_args("--search", "optuna")).search == "optuna"
+
+
+def test_trial_capacity() -> None:
+    assert sweep.trial_capacity({"CPU": 2.0}, {"CPU": 1.0}) == 2
+    assert sweep.trial_capacity({"CPU": 16.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}) == 1
+    assert sweep.trial_capacity({"CPU": 1.0}, {"CPU": 2.0}) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One real smoke sweep, resumed, then a post-hoc grid over one of its trials
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    argv = ["--profile", "smoke", "--dataset", "shapes", "--num-samples", "3", "--out", str(root / "out"),
+            "--tracking-uri", uri]
+    t0 = time.time()
+    rc = sweep.main(argv)
+    return {"root": root, "uri": uri, "argv": argv, "rc": rc, "wall": time.time() - t0}
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("detlab-sweep-shapes")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_smoke_sweep_mlflow_structure(smoke: dict) -> None:
+    print(f"smoke sweep wall {smoke['wall']:.0f}s")
+    assert smoke["rc"] == 0
+    runs = _runs(smoke["uri"])
+    parents = [r for r in runs if r.data.tags.get("detlab.kind") == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+    assert {r.data.tags["detlab.kind"] for r in children} == {"trial"}
+    assert parent.info.status == "FINISHED"
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)  # none RUNNING, none FAILED
+    for r in children:
+        assert r.data.params["space.assign.alpha"] and r.data.params["assign.alpha"] == r.data.params["space.assign.alpha"]
+        assert float(r.data.params["assign.bg_threshold"]) < float(r.data.params["assign.fg_threshold"])
+        assert r.data.params["assign.iac"] == "True" and r.data.params["nms.clb"] == "True"
+        history = MlflowClient(smoke["uri"]).get_metric_history(r.info.run_id, "AP")
+        assert [m.step for m in history][: r.data.metrics["epochs_trained"]] == list(
+            range(1, int(r.data.metrics["epochs_trained"]) + 1))  # the val metric per epoch
+    client = MlflowClient(smoke["uri"])
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/trials.csv", "sweep/AP_vs_params.png", "sweep/space.yaml"} <= arts
+    rows = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(parent.info.run_id, "sweep/trials.csv")).read_text())))
+    assert len(rows) == 3 and {row["status"] for row in rows} <= {"FINISHED", "KILLED"}
+    assert parent.data.metrics["num_trials"] == 3 and not math.isnan(parent.data.metrics["best_AP"])
+
+
+def test_best_config_feeds_the_table_jobs(smoke: dict) -> None:
+    path = smoke["root"] / "out" / "best_shapes.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data["assign"]["iac"] is True and "alpha" in data["assign"] and "beta" in data["nms"]
+    layer = user_overrides([str(path)])  # what `--config FILE` of the table jobs reads
+    cfg = build_config(layer)
+    assert cfg.assign.bg_threshold <= cfg.assign.fg_threshold and cfg.nms.clb
+
+
+def test_resume_reruns_nothing(smoke: dict) -> None:
+    before = {r.info.run_id: (r.info.status, r.info.end_time) for r in _runs(smoke["uri"])
+              if r.data.tags.get("detlab.kind") == "trial"}
+    t0 = time.time()
+    assert sweep.main([*smoke["argv"], "--resume"]) == 0
+    print(f"resume wall {time.time() - t0:.0f}s")
+    after = {r.info.run_id: (r.info.status, r.info.end_time) for r in _runs(smoke["uri"])
+             if r.data.tags.get("detlab.kind") == "trial"}
+    assert after == before  # no new trial run, none reopened
+    assert len([r for r in _runs(smoke["uri"]) if r.data.tags.get("detlab.kind") == "sweep"]) == 1
+    # without --resume the same sweep is refused before Ray starts
+    assert sweep.main(smoke["argv"]) == 2
+
+
+def test_posthoc_grid_over_a_trial(smoke: dict) -> None:
+    trial = next(r for r in _runs(smoke["uri"]) if r.data.tags.get("detlab.kind") == "trial"
+                 and r.info.status == "FINISHED")
+    rc = sweep.main(["--posthoc", trial.info.run_id, "--space", "nms.beta=uniform(0, 2)", "--points", "2",
+                     "--tracking-uri", smoke["uri"], "--out", str(smoke["root"] / "out")])
+    assert rc == 0
+    runs = _runs(smoke["uri"])
+    parent = next(r for r in runs if r.data.tags.get("detlab.sweep_mode") == "posthoc"
+                  and r.data.tags.get("detlab.kind") == "sweep")
+    points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(points) == 4  # beta {0, 2} x iou {0.5, 0.6}
+    assert all(r.info.status == "FINISHED" and "AP" in r.data.metrics for r in points)
+    assert {(r.data.params["nms.beta"], r.data.params["nms.iou_threshold"]) for r in points} == {
+        ("0.0", "0.5"), ("0.0", "0.6"), ("2.0", "0.5"), ("2.0", "0.6")}
