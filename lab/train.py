@@ -25,11 +25,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # reached the driver twice. Ray propagates this variable from the process calling fit() to the workers.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -385,17 +386,24 @@ def _log_eval_artifacts(log: RunLog, dataset, result, cfg: LabConfig, title: str
 
 
 def _write_test_dev(net, cfg: LabConfig, device, log: RunLog, name: str) -> None:
-    """COCO test-dev results JSON for the evaluation server (no annotations: nothing to score here)."""
-    from dataclasses import replace
+    """COCO test-dev results JSON for the evaluation server (no annotations: nothing to score here).
 
-    data = replace(cfg.data, val_split=cfg.eval.test_dev_split, val_ann=cfg.eval.test_dev_ann, max_images=0)
-    test_set = build_dataset(data, "val", train=False)
-    preds = evaluation.predict(net, test_set, device, cfg.eval.batch_size)
+    The image-info JSON has no ``annotations`` list, which ``detector.data`` requires of COCO
+    files, so an empty one is added in a temporary copy.
+    """
+    info = json.loads(Path(cfg.eval.test_dev_ann).read_text())
+    info.setdefault("annotations", [])
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"detections_{cfg.eval.test_dev_split}_detlab_results.json"
-        evaluation.write_detections(path, test_set, preds)
-        log.artifacts(Path(d), "test-dev")
-    print(f"[{name}] wrote test-dev results for {len(preds)} images", flush=True)
+        ann = Path(d) / "image_info.json"
+        ann.write_text(json.dumps(info))
+        data = replace(cfg.data, val_split=cfg.eval.test_dev_split, val_ann=str(ann), max_images=0)
+        test_set = build_dataset(data, "val", train=False)
+        preds = evaluation.predict(net, test_set, device, cfg.eval.batch_size)
+        out = Path(d) / "results"
+        out.mkdir()
+        evaluation.write_detections(out / f"detections_{cfg.eval.test_dev_split}_detlab_results.json", test_set, preds)
+        log.artifacts(out, "test-dev")
+    print(f"[{name}] wrote {cfg.eval.test_dev_split} results for {len(preds)} images (for the evaluation server)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
+from detector.data import build_dataset
 from lab import tracking
 from lab.config import user_overrides
 from lab.experiments import load_profile, single_cell
@@ -63,7 +64,12 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     run_id = new_run(uri, "local")
-    cell = tiny_cell()
+    # a test-dev style image-info file (no annotations) over the val images: exercises the
+    # results-for-the-evaluation-server path
+    val_ann = Path(build_dataset(tiny_cell().cfg.data, "val", train=False).ann_file)
+    info = {k: v for k, v in json.loads(val_ann.read_text()).items() if k != "annotations"}
+    (tmp / "image_info.json").write_text(json.dumps(info))
+    cell = tiny_cell(f"eval.test_dev_ann={tmp / 'image_info.json'}", "eval.test_dev_split=val")
     result = fit_cell(cell.cfg, name="local", run_name=cell.run_name, storage_path=tmp / "ray",
                       run_id=run_id, tracking_uri=uri)
     return {"uri": uri, "run_id": run_id, "result": result, "cell": cell, "tmp": tmp}
@@ -84,7 +90,7 @@ def test_local_mode_trains_evaluates_and_logs(trained):
     for key in ("lr", "images_per_s", "train_loss_cls", "train_loss_reg", "AP", "misalign_spearman"):
         assert key in run.data.metrics, key
     assert {"config/resolved.yaml", "eval/detections.json", "eval/pr_curve.png", "eval/samples.png",
-            "eval/metrics.json"} <= artifact_paths(client, trained["run_id"])
+            "eval/metrics.json", "test-dev/detections_val_detlab_results.json"} <= artifact_paths(client, trained["run_id"])
 
     payload = load_weights(result["weights"])
     assert payload["config"]["model"]["num_classes"] == len(payload["class_names"]) > 0
@@ -113,7 +119,6 @@ def test_clb_evaluates_saved_weights(trained):
 
 
 def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
-    from detector.data import build_dataset
     from lab.cli import main
 
     val = build_dataset(trained["cell"].cfg.data, "val", train=False)
