@@ -669,8 +669,10 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple
         trainable,
         param_space={p.name: p.tune_domain() for p in plan.space.values()},
         tune_config=tune.TuneConfig(
-            metric=plan.metric, mode="max", scheduler=scheduler, search_alg=_search_alg(plan),
-            num_samples=plan.num_samples, max_concurrent_trials=concurrency,
+            metric=plan.metric, mode="max", scheduler=scheduler, search_alg=_search_alg(plan, concurrency),
+            num_samples=plan.num_samples,
+            # random search caps itself (BasicVariantGenerator(max_concurrent)); Tune would ignore this
+            max_concurrent_trials=concurrency if plan.search != "random" else None,
             trial_name_creator=lambda t: f"trial_{t.trial_id}",
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",  # short paths (AF_UNIX limits)
         ),
@@ -692,15 +694,16 @@ def _LetLastEpochFinish(epochs: int, **kwargs: Any) -> Any:  # noqa: N802 - a cl
     return LetLastEpochFinish(**kwargs)
 
 
-def _search_alg(plan: SweepPlan) -> Any:
-    if plan.search == "optuna":
+def _search_alg(plan: SweepPlan, concurrency: int) -> Any:
+    if plan.search == "optuna":  # a Searcher: Tune applies max_concurrent_trials to it
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=plan.seed))
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=plan.seed)
+    # a SearchGenerator: Tune ignores max_concurrent_trials for it (it warns), so cap it here
+    return BasicVariantGenerator(random_state=plan.seed, max_concurrent=concurrency)
 
 
 def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
