@@ -9,7 +9,6 @@ its private --temp-dir (never ``ray stop``, which would also stop other people's
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
