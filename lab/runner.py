@@ -87,7 +87,7 @@ def run_cells(cells: list[Cell], opts: RunOptions) -> list[Outcome]:
     for cell in cells:
         done = None if opts.force else tracking.find_finished_run(opts.tracking_uri, opts.experiment, cell.key)
         if done:
-            outcomes[cell.name] = Outcome(cell, "SKIPPED", done)
+            outcomes[cell.name] = Outcome(cell, "SKIPPED", done, dict(client.get_run(done).data.metrics))
             print(f"[{cell.name}] skipped: FINISHED run {done} has detlab.key={cell.key} (use --force to rerun)")
         else:
             todo.append(cell)
