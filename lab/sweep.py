@@ -546,7 +546,7 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None) -> int:
               f"metric {plan.metric} (max), MLflow {uri} experiment {plan.experiment} parent run {parent_id}",
               flush=True)
         grid = tuner.fit()
-        rows = _reconcile(client, exp_id, parent_id, plan, grid)
+        rows = _reconcile(client, uri, parent_id, plan, grid)
         best = _best(rows)
         _log_parent(client, parent_id, plan, rows, best, time.time() - t0)
         print(summarize(rows, plan.metric))
@@ -732,14 +732,13 @@ def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
     return run_id
 
 
-def _reconcile(client: Any, exp_id: str, parent_id: str, plan: SweepPlan, grid: Any) -> list[TrialRow]:
+def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any) -> list[TrialRow]:
     """Rows for every trial, and no child run left RUNNING (Tune kills stopped trials' processes)."""
     from mlflow.entities import Metric
 
     children = {
         r.data.tags.get(TAG_TRIAL): r
-        for r in tracking.search_all_runs(tracking_uri_of(client), plan.experiment,
-                                          tracking.tag_filter(TAG_PARENT, parent_id))
+        for r in tracking.search_all_runs(uri, plan.experiment, tracking.tag_filter(TAG_PARENT, parent_id))
     }
     rows: list[TrialRow] = []
     epochs = plan.cfg.train.epochs
@@ -772,11 +771,6 @@ def _reconcile(client: Any, exp_id: str, parent_id: str, plan: SweepPlan, grid: 
             client.set_terminated(run.info.run_id, status="KILLED")
     rows.sort(key=lambda r: r.trial_id)
     return rows
-
-
-def tracking_uri_of(client: Any) -> str:
-    """The URI an ``MlflowClient`` was built with."""
-    return client._tracking_client.tracking_uri
 
 
 def _best(rows: list[TrialRow]) -> TrialRow | None:
