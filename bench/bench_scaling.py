@@ -51,7 +51,7 @@ def throughput(workers: int, args: argparse.Namespace, storage: Path) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--size", type=int, default=128, help="image side (generated and model input)")
+    p.add_argument("--size", type=int, default=160, help="image side (generated and model input)")
     p.add_argument("--batch", type=int, default=8, help="images per worker per step")
     p.add_argument("--images", type=int, default=128, help="training images (split across workers)")
     p.add_argument("--epochs", type=int, default=2, help="the last one is measured")

@@ -142,7 +142,10 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1")
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    try:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    except ValueError as e:
+        raise ConfigError(f"--tracking-uri: {e}") from None
     _warn_if_ephemeral(out, uri)
     from lab import runner  # imports Ray: only once the config is known to be good
 

@@ -58,6 +58,7 @@ def runs_by_name(opts: runner.RunOptions) -> dict[str, list]:
         (["table", "2", "--data-root", "/nonexistent"], "does not exist"),
         (["table", "2", "--profile", "paper"], "data.root must be set"),
         (["train", "--dataset", "coco"], "--dataset 'coco' is not in profile 'smoke'"),
+        (["table", "2", "--max-concurrent", "0"], "--max-concurrent 0 must be >= 1"),
     ],
 )
 def test_config_errors_are_raised_before_ray(tmp_path, capsys, argv, message):
