@@ -328,12 +328,16 @@ class _Scheduler:
         s = cell.cfg.scaling
         # A cell that trains with a worker group only waits on it: the workers hold the resources.
         in_process = bool(weights_from) or s.workers == 0
-        ref = self.remote.options(
-            num_cpus=s.cpus_per_worker if in_process else 0,
-            num_gpus=s.gpus_per_worker if in_process else 0,
-            runtime_env={"env_vars": self.env},
-            name=cell.name,
-        ).remote(payload)
+        try:
+            ref = self.remote.options(
+                num_cpus=s.cpus_per_worker if in_process else 0,
+                num_gpus=s.gpus_per_worker if in_process else 0,
+                runtime_env={"env_vars": self.env},
+                name=cell.name,
+            ).remote(payload)
+        except BaseException as e:  # the run is open: close it before giving up
+            self._close(cell, run_id, "FAILED", time.time(), error=_error_text(e))
+            raise
         for k, v in need.items():
             self.used[k] += v
         self.running[ref] = (cell, run_id, need, time.time())
