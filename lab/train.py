@@ -88,11 +88,6 @@ class RunLog:
         if self._client is not None:
             self._client.log_text(self.run_id, text, artifact_file)
 
-    def tags(self, tags: dict[str, str]) -> None:
-        if self._client is not None:
-            for k, v in tags.items():
-                self._client.set_tag(self.run_id, k, v)
-
 
 class Progress:
     """One line every ``every`` steps: epoch, step, loss, lr, images/s, ETA (rank 0 prints)."""
@@ -112,7 +107,7 @@ class Progress:
         detail = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
         print(
             f"[{self.name}] epoch {epoch + 1}/{self.epochs} step {it + 1}/{self.iters} "
-            f"loss {loss:.4f} ({detail}) lr {lr:.5f} {img_per_s:.1f} img/s ETA {_hms(eta)}",
+            f"loss {loss:.4f} ({detail}) lr {lr:.3g} {img_per_s:.1f} img/s ETA {_hms(eta)}",
             flush=True,
         )
 
@@ -269,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         log.text(dump_config(cfg), "config/resolved.yaml")
         print(
             f"[{args.name}] training {t.epochs} epochs x {iters} iters, {world} worker(s) x batch {t.batch_size}, "
-            f"lr {cfg.lr:.5f}, device {device.type}{', amp' if use_amp else ''}", flush=True,
+            f"lr {cfg.lr:.3g}, device {device.type}{', amp' if use_amp else ''}", flush=True,
         )
 
     progress = Progress(args.name, t.epochs, iters, start_epoch, t.log_every, enabled=rank == 0)
