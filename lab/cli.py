@@ -195,6 +195,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
     import torch
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
@@ -233,6 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         (args.out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": boxes}, indent=1))
         fig = evaluation.draw_detections(image, det, names, args.score)
         fig.savefig(args.out / f"{path.stem}.png")
+        plt.close(fig)
         print(f"{path}: {len(boxes)} detection(s) -> {args.out / path.stem}.json/.png")
     return 0
 

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # workers have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
@@ -158,13 +159,7 @@ def draw_samples(
             ax.add_patch(_rect(box, "lime", "--"))
         pred = by_id.get(int(target["image_id"]))
         if pred is not None:
-            keep = pred["scores"] >= min_score
-            for box, score, label in zip(pred["boxes"][keep].tolist(), pred["scores"][keep].tolist(),
-                                         pred["labels"][keep].tolist()):
-                ax.add_patch(_rect(box, "red", "-"))
-                name = names[label] if label < len(names) else str(label)
-                ax.text(box[0], box[1], f"{name} {score:.2f}", color="white", fontsize=6,
-                        bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "lw": 0})
+            _draw_detections_on(ax, pred, names, min_score, fontsize=6)
         ax.set_title(f"image {int(target['image_id'])}", fontsize=8)
     legend = f"green: ground truth, red: detections with score >= {min_score}"
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
@@ -178,19 +173,24 @@ def draw_detections(image: torch.Tensor, det: dict[str, Any], class_names: list[
     fig, ax = plt.subplots(figsize=(max(3.0, w / 100), max(3.0, h / 100)), dpi=100)
     ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
     ax.axis("off")
-    keep = det["scores"] >= min_score
-    for box, score, label in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist()):
-        ax.add_patch(_rect(box, "red", "-"))
-        name = class_names[label] if label < len(class_names) else str(label)
-        ax.text(box[0], box[1], f"{name} {score:.2f}", color="white", fontsize=7,
-                bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "lw": 0})
+    _draw_detections_on(ax, det, class_names, min_score, fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def _rect(box: list[float], color: str, style: str) -> matplotlib.patches.Rectangle:
+def _draw_detections_on(ax: plt.Axes, det: dict[str, Any], names: list[str], min_score: float, fontsize: int) -> None:
+    """Red boxes labelled "class score" for the detections scoring at least ``min_score``."""
+    keep = det["scores"] >= min_score
+    for box, score, label in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+        ax.add_patch(_rect(box, "red", "-"))
+        name = names[label] if label < len(names) else str(label)
+        ax.text(box[0], box[1], f"{name} {score:.2f}", color="white", fontsize=fontsize,
+                bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "lw": 0})
+
+
+def _rect(box: list[float], color: str, style: str) -> Rectangle:
     x1, y1, x2, y2 = box
-    return matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linestyle=style, lw=1.2)
+    return Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linestyle=style, lw=1.2)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
