@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="prepare a built-in dataset and print where it is")
     p.add_argument("name", choices=("shapes", "trees"))
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="prepare exactly what this profile's cells will read (default: DataConfig defaults)")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", dest="sets",
                    help="DataConfig override, e.g. --set data.num_train=500")
 
@@ -185,7 +187,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     from detector.config import DetectorConfig, apply_overrides
     from detector.data import build_dataset, dataset_root
 
-    data = apply_overrides(DetectorConfig(), [f"data.dataset={args.name}", *args.sets]).data
+    base = DetectorConfig()
+    if args.profile:
+        profile = load_profile(args.profile)
+        if args.name not in profile.datasets:
+            raise ConfigError(f"profile {args.profile!r} has no {args.name!r} dataset ({', '.join(profile.datasets)})")
+        base.data = single_cell(profile, {}, args.name).cfg.data
+    data = apply_overrides(base, [f"data.dataset={args.name}", *args.sets]).data
     data.validate()
     for split in ("train", "val"):
         ds = build_dataset(data, split, train=False)
