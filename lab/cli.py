@@ -44,7 +44,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")
     p.add_argument("--cpus-per-worker", type=int, help="[scaling.cpus_per_worker]; also torch threads")
     p.add_argument("--max-failures", type=int, help="worker-group failures retried from a checkpoint [scaling.max_failures]")
-    p.add_argument("--force", action="store_true", help="rerun cells that already have a FINISHED run")
+    p.add_argument("--force", action="store_true",
+                   help="rerun cells that already have a FINISHED run (a cell whose Ray checkpoint under --out is "
+                   "complete is only re-evaluated; delete <out>/ray/<run> to retrain it)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to use, e.g. auto or 10.0.0.1:6379 (default: $RAY_ADDRESS, the submitted job's "
                    "cluster, else a private local one)")

@@ -297,7 +297,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"[{args.name}] injected failure after epoch {epoch + 1} (fault-injection test hook)")
 
     if rank == 0 and start_epoch >= t.epochs:
-        print(f"[{args.name}] already trained {t.epochs} epochs; nothing to do", flush=True)
+        # Trained by an earlier attempt (e.g. rerun with --force, or the driver died before closing
+        # the run): evaluate again so that this MLflow run gets its metrics and artifacts.
+        print(f"[{args.name}] already trained {t.epochs} epochs; evaluating the final weights", flush=True)
+        val_set = build_dataset(cfg.data, "val", train=False)
+        metrics = {**metrics, **_evaluate(model, val_set, cfg, device, log, t.epochs - 1, args, final=True)}
     return {
         "metrics": metrics, "start_epoch": start_epoch, "world_size": world,
         "backend": dist.get_backend() if dist.is_initialized() else None,

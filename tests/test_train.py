@@ -157,3 +157,10 @@ def test_ddp_two_workers_resume_after_failure(ray_cluster, tmp_path):
     assert result["model_type"] == "DistributedDataParallel"
     assert "AP" in result["metrics"]
     assert torch.load(result["weights"], weights_only=False)["config"]["scaling"]["workers"] == 2
+
+    # once more (e.g. --force): nothing left to train, but the final evaluation is redone so a new
+    # MLflow run still gets its metrics
+    Path(result["weights"]).unlink()
+    again = fit_cell(cell.cfg, **kwargs)
+    assert again["start_epoch"] == 2 and "AP" in again["metrics"]
+    assert Path(again["weights"]).is_file()
