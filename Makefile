@@ -31,13 +31,14 @@ bench: $(STAMP)
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_scaling.py
+	$(PY) bench/bench_sweep.py
 
 ui: $(STAMP)
 	$(VENV)/bin/detlab ui
 
 data: $(STAMP)
-	$(VENV)/bin/detlab data shapes
-	$(VENV)/bin/detlab data trees
+	$(VENV)/bin/detlab data shapes --profile demo
+	$(VENV)/bin/detlab data trees --profile demo
 
 clean-results:
 	rm -rf results mlruns

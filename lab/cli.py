@@ -5,6 +5,7 @@ Subcommands::
     detlab table 1|2 [--profile smoke|demo|cpu|paper] [--seeds N] [--set k=v] ...   run a paper table
     detlab train [--config FILE] [--set k=v] ...      one config -> one run (experiment detlab-train)
     detlab tables --table 1|2 [--out DIR]             rebuild a table from MLflow (lab.tables)
+    detlab sweep --dataset shapes --num-samples 32    Ray Tune sweep (lab.sweep)
     detlab data shapes|trees                          prepare a built-in dataset, print where it is
     detlab predict IMAGE... --weights model.pt        boxes JSON + a drawn PNG per image
     detlab ui [--port 5000]                           MLflow UI on 127.0.0.1 over the same store
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="detlab-train", help="MLflow experiment (default: detlab-train)")
 
     sub.add_parser("tables", help="rebuild a table from MLflow (see detlab tables --help)", add_help=False)
+    sub.add_parser("sweep", help="Ray Tune sweep over IAC/DC/CL-B parameters (see detlab sweep --help)", add_help=False)
 
     p = sub.add_parser("data", help="prepare a built-in dataset and print where it is")
     p.add_argument("name", choices=("shapes", "trees"))
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:  # its own parser, owned by lab.sweep
+        from lab import sweep
+
+        return sweep.main(argv[1:])
     if argv[:1] == ["tables"]:  # its own parser, owned by lab.tables
         from lab import tables
 

@@ -47,11 +47,18 @@ __all__ = [
 
 
 def dataset_root(cfg: DataConfig) -> Path:
-    """Absolute root: ``cfg.root`` if set, else ``default_data_dir()/<dataset>`` (shapes, trees)."""
+    """Absolute root: ``cfg.root`` if set, else ``default_data_dir()/<dataset>`` (shapes, trees).
+
+    Generated shapes get a directory per generation setting under the default root, so that
+    concurrent jobs (or workers) asking for different sizes never regenerate each other's files.
+    """
     if cfg.root:
         return Path(cfg.root).expanduser().resolve()
     if cfg.dataset in ("coco", "voc"):
         raise DatasetError(f"data.root is required for data.dataset={cfg.dataset!r}")
+    if cfg.dataset == "shapes":
+        key = f"{cfg.image_size}px-seed{cfg.seed}-train{cfg.num_train}-val{cfg.num_val}"
+        return default_data_dir() / "shapes" / key
     return default_data_dir() / cfg.dataset
 
 
