@@ -364,17 +364,23 @@ def apply_overrides(cfg: T, items: dict[str, Any] | list[str]) -> T:
     return from_dict(type(cfg), merge_dicts(to_dict(cfg), overrides_to_dict(items)))
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Load a dataclass from a YAML file; errors name the file."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name ``what`` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Load a dataclass from a YAML file; errors name the file."""
+    data = read_yaml_mapping(path)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms, box_iou, boxes as box_ops
 
 from detector.assign import iac_assign
 from detector.backbones import build_backbone
-from detector.config import AssignConfig, ConfigError, DetectorConfig, LossConfig, NmsConfig
+from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
 from detector.losses import box_regression_loss, dc_focal_loss, dc_weights_for_batch, focal_loss_per_anchor
 from detector.nms import clb_nms
 

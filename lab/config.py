@@ -29,6 +29,7 @@ from detector.config import (
     flatten,
     from_dict,
     merge_dicts,
+    read_yaml_mapping,
     overrides_to_dict,
     to_dict,
 )
@@ -191,20 +192,6 @@ def build_config(*layers: dict[str, Any], source: str = "config") -> LabConfig:
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return data
 
 
 def user_overrides(config_files: list[str] | None = None, sets: list[str] | None = None) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
-from detector.config import ConfigError, flatten, merge_dicts, overrides_to_dict, to_dict  # noqa: E402
+from detector.config import ConfigError, flatten, merge_dicts, overrides_to_dict, read_yaml_mapping, to_dict  # noqa: E402
 from lab import tracking  # noqa: E402
 from lab.config import PROFILES, LabConfig, build_config, cell_key, user_overrides  # noqa: E402
 from lab.experiments import data_root_overrides, load_profile, single_cell  # noqa: E402
@@ -200,12 +200,7 @@ def load_space(items: Sequence[str] | None = None) -> Space:
 def _space_from_file(path: Path) -> Space:
     if not path.is_file():
         raise ConfigError(f"--space {str(path)!r}: no such file (or write KEY=SPEC)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--space {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--space {str(path)!r} must hold a mapping 'section.key: distribution'")
+    data = read_yaml_mapping(path, what="--space file")
     space: Space = {}
     for key, spec in data.items():
         try:
@@ -424,11 +419,9 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lab.train import WEIGHTS_FILE, LoopArgs, train_loop_per_worker
+    from lab.train import WEIGHTS_FILE, fit_cell
 
     # a worker group may wait for a stopped trial's placement group to be freed (the cleaner polls)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
@@ -450,24 +443,9 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     try:
         if cfg is None:
             raise error or ConfigError(f"trial {trial_id}: no config")
-        s = cfg.scaling
-        resources = {"CPU": float(s.cpus_per_worker), **({"GPU": float(s.gpus_per_worker)} if s.use_gpu else {})}
-        args = LoopArgs(name=run_name, weights_path=str(weights), run_id=run_id, tracking_uri=ctx["uri"])
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "args": vars(args)},
-            torch_config=TorchConfig(backend=None),
-            scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name=run_name,  # stable per trial: a restored trial resumes from its last checkpoint
-                storage_path=str(train_storage),
-                callbacks=[TuneReportCallback()],
-                failure_config=FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                logging_config=LoggingConfig(log_level="WARNING"),
-            ),
-        )
-        value = trainer.fit().return_value or {}
+        # the Ray run name is stable per trial: a restored trial resumes from its last checkpoint
+        value = fit_cell(cfg, name=run_name, run_name=run_name, storage_path=train_storage, run_id=run_id,
+                         tracking_uri=ctx["uri"], callbacks=[TuneReportCallback()]) or {}
         metrics = value.get("metrics", {})
         final = {"epochs_trained": float(cfg.train.epochs), "trial_wall_s": time.time() - t0}
         if ctx["metric"] in metrics:

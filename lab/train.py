@@ -418,8 +418,11 @@ def fit_cell(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     fail_after_epoch: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Train one cell with a ``TorchTrainer``; returns the loop's return value (rank 0).
+
+    ``callbacks`` go to ``RunConfig`` (a Tune trial passes ``TuneReportCallback``).
 
     ``name`` prefixes progress lines. ``(storage_path, run_name)`` identifies the Ray run: calling this again with the same pair
     resumes from its latest checkpoint. Raises ``ray.train.TrainingFailedError`` on failure.
@@ -447,6 +450,7 @@ def fit_cell(
         run_config=RunConfig(
             name=run_name,
             storage_path=str(storage),
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
