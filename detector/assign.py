@@ -97,9 +97,33 @@ def iac_assign(
     Returns:
         LongTensor[A]: GT index (>= 0), -1 background or -2 ignored.
     """
+    return iac_assign_with_stats(
+        anchors, gt_boxes, gt_labels, cls_prob, alpha=alpha, fg_threshold=fg_threshold, bg_threshold=bg_threshold,
+        score_threshold=score_threshold, allow_low_quality_matches=allow_low_quality_matches,
+    )[0]
+
+
+@torch.no_grad()
+def iac_assign_with_stats(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    cls_prob: Tensor,
+    *,
+    alpha: float,
+    fg_threshold: float,
+    bg_threshold: float,
+    score_threshold: float,
+    allow_low_quality_matches: bool = True,
+) -> tuple[Tensor, int]:
+    """:func:`iac_assign` plus the number of anchors made positive by the score rule alone.
+
+    That count says whether IAC does anything: early in training from scratch ``cls_prob`` stays
+    low and the score rule may never fire.
+    """
     num_anchors = anchors.shape[0]
     if gt_boxes.numel() == 0:
-        return torch.full((num_anchors,), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors.device)
+        return torch.full((num_anchors,), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors.device), 0
     if cls_prob.shape[0] != num_anchors:
         raise ValueError(f"cls_prob has {cls_prob.shape[0]} rows for {num_anchors} anchors")
 
@@ -118,6 +142,7 @@ def iac_assign(
         matches[score_pos] = argmax_score[score_pos]
         positive = iou_pos | score_pos
     else:
+        score_pos = torch.zeros_like(iou_pos)
         positive = iou_pos
 
     matches[~positive & (max_iou < bg_threshold)] = BELOW_LOW_THRESHOLD
@@ -126,4 +151,5 @@ def iac_assign(
         highest_per_gt, _ = iou.max(dim=1)
         _, anchor_idx = torch.nonzero(iou == highest_per_gt[:, None], as_tuple=True)
         matches[anchor_idx] = argmax_iou[anchor_idx]
-    return matches
+        score_pos[anchor_idx] = False
+    return matches, int(score_pos.sum())

@@ -23,7 +23,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import batched_nms, box_iou, boxes as box_ops
 
-from detector.assign import iac_assign
+from detector.assign import iac_assign_with_stats
 from detector.backbones import build_backbone
 from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
 from detector.losses import box_regression_loss, dc_focal_loss, dc_weights_for_batch, focal_loss_per_anchor
@@ -46,6 +46,7 @@ class IoUMatcher:
         self._matcher = det_utils.Matcher(self.fg_threshold, self.bg_threshold, self.allow_low_quality_matches)
 
     needs_cls_prob = False
+    last_score_positives = 0  # the score rule is IAC's
 
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, cls_prob: Tensor | None, iteration: int) -> Tensor:
         if gt_boxes.numel() == 0:
@@ -65,12 +66,13 @@ class IACMatcher:
     warmup_iters: int = 0
 
     needs_cls_prob = True
+    last_score_positives = 0  # set by each call: anchors positive by the score rule alone
 
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, cls_prob: Tensor | None, iteration: int) -> Tensor:
         # Before warm-up ends cls_prob is ~the 0.01 prior: disable the score rule (threshold > 1).
         score_threshold = self.score_threshold if iteration >= self.warmup_iters else 2.0
         assert cls_prob is not None
-        return iac_assign(
+        matches, self.last_score_positives = iac_assign_with_stats(
             anchors,
             gt_boxes,
             gt_labels,
@@ -81,6 +83,7 @@ class IACMatcher:
             score_threshold=score_threshold,
             allow_low_quality_matches=self.allow_low_quality_matches,
         )
+        return matches
 
 
 def build_matcher(cfg: AssignConfig) -> IoUMatcher | IACMatcher:
@@ -228,6 +231,8 @@ class DetLabRetinaNet(RetinaNet):
         self.postprocess = postprocess
         # Training iterations seen; a buffer so that it is checkpointed (IAC warm-up resumes right).
         self.register_buffer("num_iters", torch.zeros((), dtype=torch.int64))
+        #: assignment statistics of the last training step (see compute_loss)
+        self.assign_stats: dict[str, float] = {}
 
     def configure_nms(self, cfg: NmsConfig) -> None:
         """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
@@ -239,13 +244,17 @@ class DetLabRetinaNet(RetinaNet):
         iteration = int(self.num_iters)
         self.num_iters += 1
         cls_prob = cls_logits.detach().sigmoid() if self.matcher.needs_cls_prob else None
-        matched = torch.stack(
-            [
-                self.matcher(a, t["boxes"], t["labels"], None if cls_prob is None else cls_prob[b], iteration)
-                for b, (a, t) in enumerate(zip(anchors, targets))
-            ]
-        )
-        return self.loss(targets, cls_logits, head_outputs["bbox_regression"], anchors, matched)
+        matched, score_pos = [], 0
+        for b, (a, t) in enumerate(zip(anchors, targets)):
+            matched.append(self.matcher(a, t["boxes"], t["labels"], None if cls_prob is None else cls_prob[b], iteration))
+            score_pos += self.matcher.last_score_positives
+        matched_t = torch.stack(matched)
+        # Per-image means for the training log: whether IAC's score rule is doing anything.
+        self.assign_stats = {
+            "positives_per_image": float((matched_t >= 0).sum()) / len(targets),
+            "iac_score_positives_per_image": score_pos / len(targets),
+        }
+        return self.loss(targets, cls_logits, head_outputs["bbox_regression"], anchors, matched_t)
 
     def postprocess_detections(self, head_outputs, anchors, image_shapes):  # type: ignore[override]
         """torchvision's per-level top-k + decoding, then the injected NMS (which needs logits)."""

@@ -313,7 +313,8 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
                      progress, log, world) -> dict[str, float]:
     """One epoch (at most ``iters`` steps); returns epoch means reduced over ranks."""
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, classification, bbox_regression
+    # loss, classification, bbox_regression, positives/image, IAC score-rule positives/image
+    sums = torch.zeros(5, dtype=torch.float64)
     steps, images_seen, t0 = 0, 0, time.perf_counter()
     for it, (images, targets) in enumerate(loader):
         if it >= iters:
@@ -337,7 +338,9 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         vals = {k: float(v.detach()) for k, v in parts.items()}
-        sums += torch.tensor([float(loss.detach()), vals.get("classification", 0.0), vals.get("bbox_regression", 0.0)],
+        stats = getattr(_unwrap(model), "assign_stats", {})
+        sums += torch.tensor([float(loss.detach()), vals.get("classification", 0.0), vals.get("bbox_regression", 0.0),
+                              stats.get("positives_per_image", 0.0), stats.get("iac_score_positives_per_image", 0.0)],
                              dtype=torch.float64)
         images_seen += len(images)
         img_per_s = images_seen * world / (time.perf_counter() - t0)  # ranks run in lock-step under DDP
@@ -351,11 +354,12 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
     if world > 1 and dist.is_initialized():
         both = torch.cat([sums, counts]).to(device)
         dist.all_reduce(both)
-        sums, counts = both[:3].cpu(), both[3:].cpu()
+        sums, counts = both[:5].cpu(), both[5:].cpu()
     mean = sums / counts[0]
     metrics = {
         "train_loss": float(mean[0]), "train_loss_cls": float(mean[1]), "train_loss_reg": float(mean[2]),
         "lr": optimizer.param_groups[0]["lr"], "images_per_s": float(counts[1]) / seconds, "epoch_time_s": seconds,
+        "positives_per_image": float(mean[3]), "iac_score_positives_per_image": float(mean[4]),
     }
     log.metrics(metrics, epoch + 1)
     return metrics

@@ -92,3 +92,15 @@ def test_low_quality_matches_applied_last():
 def test_cls_prob_shape_checked():
     with pytest.raises(ValueError, match="cls_prob"):
         iac_assign(torch.rand(3, 4), torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0]), torch.rand(2, 1), **KW)
+
+
+def test_stats_count_score_rule_positives_only():
+    from detector.assign import iac_assign_with_stats
+
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    anchors = torch.tensor([[0.0, 0.0, 100.0, 100.0], [40.0, 40.0, 60.0, 60.0], [45.0, 45.0, 55.0, 55.0]])
+    prob = torch.tensor([[0.9], [0.6], [0.2]])
+    matches, n = iac_assign_with_stats(anchors, gt, torch.tensor([0]), prob, **KW)
+    assert matches.tolist() == [0, 0, -1] and n == 1  # anchor 0 is IoU-positive, anchor 1 score-positive
+    _, n_off = iac_assign_with_stats(anchors, gt, torch.tensor([0]), prob, **{**KW, "score_threshold": 1.5})
+    assert n_off == 0

@@ -185,3 +185,15 @@ def test_num_classes_required():
     cfg = tiny_cfg(**{"model.num_classes": 0})
     with pytest.raises(ConfigError, match="num_classes"):
         build_detector(cfg)
+
+
+def test_assign_stats_report_iac_score_positives():
+    torch.manual_seed(0)
+    images, targets = batch()
+    plain = build_detector(tiny_cfg()).train()
+    plain(images, targets)
+    assert plain.assign_stats["iac_score_positives_per_image"] == 0
+    assert plain.assign_stats["positives_per_image"] > 0
+    iac = build_detector(tiny_cfg(**{"assign.iac": True, "assign.score_threshold": 0.5})).train()
+    iac(images, targets)  # score 0.5 * p + 0.5 * iom >= 0.5 holds for every anchor inside a GT
+    assert iac.assign_stats["iac_score_positives_per_image"] > 0

@@ -87,7 +87,8 @@ def test_local_mode_trains_evaluates_and_logs(trained):
     assert run.info.status == "RUNNING"  # the worker never ends the run: that is the driver's job
     history = client.get_metric_history(trained["run_id"], "train_loss")
     assert [m.step for m in history] == [1, 2]  # one value per epoch
-    for key in ("lr", "images_per_s", "train_loss_cls", "train_loss_reg", "AP", "misalign_spearman"):
+    for key in ("lr", "images_per_s", "train_loss_cls", "train_loss_reg", "AP", "misalign_spearman",
+                "positives_per_image", "iac_score_positives_per_image"):
         assert key in run.data.metrics, key
     assert {"config/resolved.yaml", "eval/detections.json", "eval/pr_curve.png", "eval/samples.png",
             "eval/metrics.json", "test-dev/detections_val_detlab_results.json"} <= artifact_paths(client, trained["run_id"])
