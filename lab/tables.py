@@ -486,7 +486,10 @@ def _reported_section(table: int, digits: int) -> Section:
                    "ResNet-50 RetinaNet baseline.", header, body)
 
 
-_TITLES = {1: "Table 1 — RetinaNet vs ours by backbone", 2: "Table 2 — component analysis (ResNet-50 RetinaNet)"}
+_TITLES = {
+    1: "Table 1 — RetinaNet vs ours by backbone",
+    2: "Table 2 — component analysis (paper: ResNet-50 RetinaNet; ours: the profile's backbone)",
+}
 _LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no CI for n = 1); n = seeds; "
            f"{MISSING} = no finished run (or no paper value); Δ = headline-metric gain over the previous "
            "row (Table 2) or over RetinaNet (Table 1), CI paired over seeds when seeds match. Percent.")
