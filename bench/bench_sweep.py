@@ -12,7 +12,7 @@ holds at once (cluster CPUs / CPUs per trial): a scheduler with no gaps and no c
 The ratio printed is sweep wall / ideal packing (goal: <= 1.15). Trials that share 2 CPUs also slow
 each other down, which this ratio counts as overhead too.
 
-Usage: python bench/bench_sweep.py [--trials 4] [--keep DIR]
+Usage: python bench/bench_sweep.py [--trials 4] [--keep DIR] [--set train.max_iters=40 --set data.num_train=80]
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--keep", type=Path, default=None, help="work dir to keep (default: a temp dir)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                    help="extra config override for every trial, e.g. train.max_iters=40 (longer trials)")
     a = ap.parse_args()
     root = a.keep or Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
     base_args = ["--profile", "smoke", "--dataset", "shapes", "--num-samples", str(a.trials), "--out",
-                 str(root / "out"), "--set", f"data.root={root.resolve() / 'shapes'}"]
+                 str(root / "out"), "--set", f"data.root={root.resolve() / 'shapes'}",
+                 *[x for kv in a.sets for x in ("--set", kv)]]
     plan = sweep.build_plan(sweep.build_parser().parse_args([*base_args, "--grace-period", "100"]))
 
     import ray
