@@ -103,6 +103,20 @@ def dc_focal_loss(
         scalar Tensor.
     """
     per_anchor = focal_loss_per_anchor(cls_logits, matched_idxs, gt_labels, focal_alpha, focal_gamma)
+    return dc_reduce(per_anchor, matched_idxs, dc_weights)
+
+
+def dc_reduce(per_anchor: Tensor, matched_idxs: Tensor, dc_weights: Tensor | None = None) -> Tensor:
+    """The reduction of eq. 3 over per-anchor losses (see :func:`dc_focal_loss`).
+
+    Split out so that a caller who needs the per-anchor losses for eq. 2 computes them once.
+
+    Args:
+        per_anchor: Tensor[B, A] from :func:`focal_loss_per_anchor`; matched_idxs: LongTensor[B, A];
+        dc_weights: Tensor[B, A] of lambda' for positives, or None.
+    Returns:
+        scalar Tensor.
+    """
     if dc_weights is not None:
         per_anchor = torch.where(matched_idxs >= 0, per_anchor * dc_weights, per_anchor)
     num_pos = (matched_idxs >= 0).sum(dim=1).clamp(min=1)

@@ -26,7 +26,7 @@ from torchvision.ops import batched_nms, box_iou, boxes as box_ops
 from detector.assign import iac_assign_with_stats
 from detector.backbones import build_backbone
 from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
-from detector.losses import box_regression_loss, dc_focal_loss, dc_weights_for_batch, focal_loss_per_anchor
+from detector.losses import box_regression_loss, dc_reduce, dc_weights_for_batch, focal_loss_per_anchor
 from detector.nms import clb_nms
 
 
@@ -135,18 +135,18 @@ class RetinaNetLoss(nn.Module):
         reg = [bbox_regression[b, p] for b, p in enumerate(pos)]
         anc = [anchors[b][p] for b, p in enumerate(pos)]
 
+        # One focal-loss evaluation: eq. 2 reads its detached values, eq. 3 reduces it.
+        per_anchor = focal_loss_per_anchor(cls_logits, matched_idxs, labels, self.focal_alpha, self.focal_gamma)
         dc_weights = None
         if self.dc:
-            per_anchor = focal_loss_per_anchor(cls_logits.detach(), matched_idxs, labels, self.focal_alpha, self.focal_gamma)
             with torch.no_grad():
                 pred = [self.box_coder.decode_single(r.detach().float(), a) for r, a in zip(reg, anc)]
-            lam = dc_weights_for_batch(pred, gt, [per_anchor[b, p] for b, p in enumerate(pos)], self.eps, self.scope)
+            pos_loss = [per_anchor[b, p].detach() for b, p in enumerate(pos)]
+            lam = dc_weights_for_batch(pred, gt, pos_loss, self.eps, self.scope)
             dc_weights = torch.ones_like(per_anchor)
             for b, p in enumerate(pos):
                 dc_weights[b, p] = lam[b]
-        cls = dc_focal_loss(
-            cls_logits, matched_idxs, labels, dc_weights, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma
-        )
+        cls = dc_reduce(per_anchor, matched_idxs, dc_weights)
         box = torch.stack(
             [box_regression_loss(self.reg_loss, self.box_coder, a, g, r) / max(1, p.numel()) for a, g, r, p in zip(anc, gt, reg, pos)]
         ).mean()
