@@ -70,11 +70,10 @@ class ModelConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is not one of {BACKBONES}")
-        _choice("model.norm", self.norm, ("frozen_bn", "bn", "gn"))
-        _choice("model.head_norm", self.head_norm, ("none", "gn"))
-        _choice("model.reg_loss", self.reg_loss, ("l1", "smooth_l1", "giou"))
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0")
+        check_choice("model.norm", self.norm, ("frozen_bn", "bn", "gn"))
+        check_choice("model.head_norm", self.head_norm, ("none", "gn"))
+        check_choice("model.reg_loss", self.reg_loss, ("l1", "smooth_l1", "giou"))
+        check_min("model.num_classes", self.num_classes)
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ConfigError(f"model.trainable_backbone_layers={self.trainable_backbone_layers} must be in [0, 5]")
         if self.min_size <= 0 or self.max_size < self.min_size:
@@ -85,8 +84,8 @@ class ModelConfig:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"model.{key}={path!r}: no such file")
-        _unit("model.focal_alpha", self.focal_alpha)
-        _unit("model.score_thresh", self.score_thresh)
+        check_unit("model.focal_alpha", self.focal_alpha)
+        check_unit("model.score_thresh", self.score_thresh)
 
 
 @dataclass
@@ -106,17 +105,15 @@ class AssignConfig:
     warmup_iters: int = 0
 
     def validate(self) -> None:
-        _unit("assign.alpha", self.alpha)
-        _unit("assign.fg_threshold", self.fg_threshold)
-        _unit("assign.bg_threshold", self.bg_threshold)
+        check_unit("assign.alpha", self.alpha)
+        check_unit("assign.fg_threshold", self.fg_threshold)
+        check_unit("assign.bg_threshold", self.bg_threshold)
         if self.bg_threshold > self.fg_threshold:
             raise ConfigError(
                 f"assign.bg_threshold={self.bg_threshold} must be <= assign.fg_threshold={self.fg_threshold}"
             )
-        if self.score_threshold < 0:
-            raise ConfigError(f"assign.score_threshold={self.score_threshold} must be >= 0 (> 1 disables the score rule)")
-        if self.warmup_iters < 0:
-            raise ConfigError(f"assign.warmup_iters={self.warmup_iters} must be >= 0")
+        check_min("assign.score_threshold", self.score_threshold, note=" (> 1 disables the score rule)")
+        check_min("assign.warmup_iters", self.warmup_iters)
 
 
 @dataclass
@@ -132,9 +129,8 @@ class LossConfig:
     scope: str = "batch"
 
     def validate(self) -> None:
-        if self.eps < 0:
-            raise ConfigError(f"loss.eps={self.eps} must be >= 0")
-        _choice("loss.scope", self.scope, ("batch", "image"))
+        check_min("loss.eps", self.eps)
+        check_choice("loss.scope", self.scope, ("batch", "image"))
 
 
 @dataclass
@@ -147,9 +143,8 @@ class NmsConfig:
     beta: float = 1.0
 
     def validate(self) -> None:
-        _unit("nms.iou_threshold", self.iou_threshold)
-        if self.beta < 0:
-            raise ConfigError(f"nms.beta={self.beta} must be >= 0")
+        check_unit("nms.iou_threshold", self.iou_threshold)
+        check_min("nms.beta", self.beta)
 
 
 @dataclass
@@ -179,15 +174,14 @@ class DataConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _choice("data.dataset", self.dataset, ("shapes", "trees", "coco", "voc"))
+        check_choice("data.dataset", self.dataset, ("shapes", "trees", "coco", "voc"))
         if self.dataset in ("coco", "voc") and not self.root:
             raise ConfigError(f"data.root is required for data.dataset={self.dataset!r}")
         if self.root and self.dataset in ("coco", "voc") and not Path(self.root).exists():
             raise ConfigError(f"data.root={self.root!r}: no such directory")
-        _unit("data.hflip_prob", self.hflip_prob)
+        check_unit("data.hflip_prob", self.hflip_prob)
         for key in ("num_train", "num_val", "image_size", "tile_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"data.{key}={getattr(self, key)} must be > 0")
+            check_positive(f"data.{key}", getattr(self, key))
 
 
 @dataclass
@@ -212,14 +206,28 @@ class DetectorConfig:
 T = TypeVar("T")
 
 
-def _choice(key: str, value: Any, options: tuple) -> None:
+def check_choice(key: str, value: Any, options: tuple) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``value`` is one of ``options``."""
     if value not in options:
         raise ConfigError(f"{key}={value!r} is not one of {options}")
 
 
-def _unit(key: str, value: float) -> None:
+def check_unit(key: str, value: float) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``0 <= value <= 1``."""
     if not 0.0 <= float(value) <= 1.0:
         raise ConfigError(f"{key}={value} must be in [0, 1]")
+
+
+def check_min(key: str, value: float, minimum: float = 0, note: str = "") -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``value >= minimum``."""
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}{note}")
+
+
+def check_positive(key: str, value: float) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``value > 0``."""
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -26,6 +26,9 @@ from detector.config import (
     ConfigError,
     DetectorConfig,
     apply_overrides,
+    check_min,
+    check_positive,
+    check_unit,
     flatten,
     from_dict,
     merge_dicts,
@@ -67,16 +70,12 @@ class TrainConfig:
     log_every: int = 20
 
     def validate(self) -> None:
-        _positive("train.epochs", self.epochs)
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.base_lr", self.base_lr)
-        _positive("train.log_every", self.log_every)
+        for key in ("epochs", "batch_size", "base_lr", "log_every"):
+            check_positive(f"train.{key}", getattr(self, key))
         for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+            check_min(f"train.{key}", getattr(self, key))
         for key in ("momentum", "warmup_factor", "lr_gamma"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be in [0, 1]")
+            check_unit(f"train.{key}", getattr(self, key))
         if any(not 0.0 < s <= 1.0 for s in self.lr_steps) or list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"train.lr_steps={self.lr_steps} must be increasing fractions in (0, 1]")
 
@@ -98,13 +97,10 @@ class EvalConfig:
     test_dev_split: str = "test2017"
 
     def validate(self) -> None:
-        if self.every < 0:
-            raise ConfigError(f"eval.every={self.every} must be >= 0")
-        _positive("eval.batch_size", self.batch_size)
-        if self.num_samples < 0:
-            raise ConfigError(f"eval.num_samples={self.num_samples} must be >= 0")
-        if not 0.0 <= self.draw_score <= 1.0:
-            raise ConfigError(f"eval.draw_score={self.draw_score} must be in [0, 1]")
+        check_min("eval.every", self.every)
+        check_positive("eval.batch_size", self.batch_size)
+        check_min("eval.num_samples", self.num_samples)
+        check_unit("eval.draw_score", self.draw_score)
         if self.test_dev_ann is not None and not Path(self.test_dev_ann).is_file():
             raise ConfigError(f"eval.test_dev_ann={self.test_dev_ann!r}: no such file")
 
@@ -123,13 +119,10 @@ class ScalingOptions:
     max_failures: int = 0
 
     def validate(self) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"scaling.workers={self.workers} must be >= 0")
-        if self.gpus_per_worker < 0:
-            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker} must be >= 0")
-        _positive("scaling.cpus_per_worker", self.cpus_per_worker)
-        if self.max_failures < -1:
-            raise ConfigError(f"scaling.max_failures={self.max_failures} must be >= -1 (-1 = unlimited)")
+        check_min("scaling.workers", self.workers)
+        check_min("scaling.gpus_per_worker", self.gpus_per_worker)
+        check_positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        check_min("scaling.max_failures", self.max_failures, -1, note=" (-1 = unlimited)")
 
     @property
     def use_gpu(self) -> bool:
@@ -225,11 +218,6 @@ def config_from_dict(data: dict[str, Any]) -> LabConfig:
 def dump_config(cfg: LabConfig) -> str:
     """Resolved config as YAML (the ``config/resolved.yaml`` artifact)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}={value} must be > 0")
 
 
 __all__ = [
