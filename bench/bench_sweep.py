@@ -6,6 +6,8 @@
    ``ray.init``).
 2. The same N configs (read back from the trials' MLflow params) trained back to back with
    :func:`lab.train.fit_cell`, one worker each, on the same Ray cluster; each one timed alone.
+   Also, as a floor, each one in local mode inside this already-warm process (pure training and
+   evaluation: no process to start, nothing to import).
 
 *Ideal packing* = sum of the solo trial times / c, where c is the number of trials the cluster
 holds at once (cluster CPUs / CPUs per trial): a scheduler with no gaps and no cost of its own.
@@ -64,23 +66,32 @@ def main() -> int:
         from lab.train import fit_cell
         from detector.config import overrides_to_dict
 
-        solo: list[float] = []
+        solo: list[float] = []  # the issue's reference: back to back, one Train worker each
+        bare: list[float] = []  # the floor: the same loop in this (warm) process, nothing to start
         for i, run in enumerate(sorted(trials, key=lambda r: r.info.run_name)):
             values = {k: float(run.data.params[k]) for k in plan.space}
-            cfg = build_config(plan.base, overrides_to_dict(values), source="bench")
+            cfg = build_config(plan.base, overrides_to_dict({**values, "scaling.workers": 1}), source="bench")
             t = time.time()
             fit_cell(cfg, name=f"solo{i}", run_name=f"solo{i}", storage_path=root / "solo")
             solo.append(time.time() - t)
-            print(f"solo trial {i}: {solo[-1]:.1f}s", flush=True)
+            cfg = build_config(plan.base, overrides_to_dict({**values, "scaling.workers": 0}), source="bench")
+            t = time.time()
+            fit_cell(cfg, name=f"bare{i}", run_name=f"bare{i}", storage_path=root / "bare")
+            bare.append(time.time() - t)
+            print(f"trial {i}: one worker {solo[-1]:.1f}s, in this process {bare[-1]:.1f}s", flush=True)
     finally:
         ray.shutdown()
     ideal = sum(solo) / capacity
-    print(f"\nsweep rc {rc}: {len(trials)} trials, {capacity} at a time; statuses "
+    floor = sum(bare) / capacity
+    print(f"\nsweep rc {rc}: {len(trials)} trials, {capacity} at a time, scaling.workers="
+          f"{plan.cfg.scaling.workers}; statuses "
           f"{sorted(r.info.status for r in client.search_runs([parent.info.experiment_id]) if r.info.run_id != parent.info.run_id)}")
     print(f"sweep wall (Tuner.fit + MLflow)   {wall:7.1f}s   (run_sweep call {outer:.1f}s)")
     print(f"back to back, one worker each     {sum(solo):7.1f}s   ({', '.join(f'{s:.1f}' for s in solo)})")
     print(f"ideal packing = sum / {capacity}          {ideal:7.1f}s")
     print(f"ratio sweep / ideal packing       {wall / ideal:7.2f}   (goal <= 1.15)")
+    print(f"[floor] in-process, back to back  {sum(bare):7.1f}s   ({', '.join(f'{s:.1f}' for s in bare)}); "
+          f"sweep / (sum / {capacity}) = {wall / floor:.2f}")
     return 0
 
 

@@ -7,18 +7,21 @@
 What runs where (shared notes §2):
 
 * Each trial is a Tune *function trainable* that builds and fits a Ray Train ``TorchTrainer``
-  over :func:`lab.train.train_loop_per_worker` (Train V2 cannot be handed to a Tuner). The trial
-  process only waits on its worker group, so it reserves a custom resource
-  (:data:`TRIAL_RESOURCE`), not a CPU; the workers hold the CPUs/GPUs. Concurrency is what the
-  cluster's CPUs/GPUs hold (a worker group that waits longer than 60 s for resources fails), capped
-  by ``--max-concurrent``.
-* ``TuneReportCallback`` forwards rank 0's per-epoch report (``eval.every=1``: the val metric every
-  epoch) to Tune, where ASHA stops the weak trials early. Ray 2.60's local mode (``workers: 0``)
-  never calls Train callbacks, so a sweep trains with at least one worker.
+  over :func:`lab.train.train_loop_per_worker` (Train V2 cannot be handed to a Tuner).
+  - With workers (``scaling.workers >= 1``) the trial process only waits on its worker group, so
+    it reserves a custom resource (:data:`TRIAL_RESOURCE`), not a CPU; the workers hold the
+    CPUs/GPUs. ``TuneReportCallback`` forwards rank 0's per-epoch report to Tune.
+  - In local mode (``scaling.workers: 0``, the smoke profile) the loop runs in the trial process,
+    which therefore reserves the worker's CPUs/GPUs and reports each epoch to Tune itself (Ray 2.60's
+    local mode never calls Train callbacks). No controller or worker process starts, and trial
+    processes are reused, so a short trial costs its training, not three Python start-ups.
+  Concurrency is what the cluster's CPUs/GPUs hold, capped by ``--max-concurrent``. ``eval.every=1``:
+  the val metric reaches ASHA every epoch, and ASHA stops the weak trials early.
 * MLflow: the driver owns one parent run per sweep (``detlab.kind=sweep``); each trial opens its
   own child run (``mlflow.parentRunId``, ``detlab.kind=trial``) and rank 0 logs the epochs into it.
-  Tune kills the trial process of a stopped trial, so after ``fit()`` the driver closes every child
-  still RUNNING: FINISHED if it trained all epochs, FAILED on error, else KILLED (ASHA).
+  A stopped trial either ends in the trial itself (local mode: KILLED) or has its process killed, so
+  after ``fit()`` the driver closes every child still RUNNING: FINISHED if it trained all epochs,
+  FAILED on error, else KILLED (ASHA).
 * The sweep's Tune name is a hash of its options (never the time), so ``--resume`` finds it and
   ``Tuner.restore`` skips finished trials.
 
@@ -60,10 +63,13 @@ SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
 #: the sweep trains the full method unless --set/--config say otherwise.
 METHOD = {"assign.iac": True, "loss.dc": True, "nms.clb": True}
-#: custom Ray resource a trial's driver process reserves (its workers reserve the CPUs/GPUs).
+#: custom Ray resource a trial's driver process reserves when it has workers (they reserve the CPUs/GPUs).
 TRIAL_RESOURCE = "detlab_trial_driver"
 #: validation metric by dataset format (COCO-format data: AP; VOC-format: mAP), percent, maximised.
 METRIC_BY_DATASET = {"shapes": "AP", "coco": "AP", "trees": "mAP", "voc": "mAP"}
+#: per-epoch training metrics a trial reports besides the val metrics (``--metric`` may name one).
+TRAIN_METRICS = ("train_loss", "train_loss_cls", "train_loss_reg", "positives_per_image",
+                 "iac_score_positives_per_image", "misalign_spearman", "misalign_pearson")
 #: inference-only keys: ``--posthoc`` sweeps these over one trained model.
 POSTHOC_PREFIX = "nms."
 
@@ -306,7 +312,8 @@ class SweepPlan:
     space: Space
     dataset: str  #: detlab.dataset tag
     profile: str
-    metric: str
+    metric: str  #: what ASHA and the best-trial choice compare (reported every epoch)
+    mode: str  #: max | min
     name: str  #: stable sweep name (Tune experiment dir, detlab.sweep tag)
     experiment: str
     out: Path
@@ -369,13 +376,6 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
     if args.data_root:
         layer = merge_dicts(layer, data_root_overrides(args.data_root, [tag] if tag else []).get(tag, {}))
     cell = single_cell(profile, layer, tag, row="sweep")
-    if cell.cfg.scaling.workers == 0:
-        if args.workers == 0:
-            raise ConfigError("--workers 0 (Ray Train local mode) cannot run under Tune: Ray 2.60's local mode "
-                              "never calls Train callbacks, so no epoch would reach ASHA; use --workers 1 or more")
-        layer = merge_dicts(layer, {"scaling": {"workers": 1}})
-        cell = single_cell(profile, layer, tag, row="sweep")
-        notes.append("scaling.workers=0 (local mode) -> 1: Tune needs a Train worker group to receive epoch reports")
     cfg = cell.cfg
     if cfg.eval.every != 1:
         raise ConfigError(f"eval.every={cfg.eval.every}: a sweep evaluates every epoch (ASHA compares trials "
@@ -384,25 +384,40 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
 
     space = load_space(args.space)
     validate_space(space, base)
-    metric = METRIC_BY_DATASET[cfg.data.dataset]
+    metric, mode = _metric_and_mode(args.metric, args.mode, cfg.data.dataset)
     name = sweep_name(cell.dataset, cell.key, space, args.search, args.num_samples, args.seed,
-                      args.grace_period, args.reduction_factor)
+                      args.grace_period, args.reduction_factor, metric, mode)
     return SweepPlan(
-        base=base, cfg=cfg, space=space, dataset=cell.dataset, profile=profile.name, metric=metric, name=name,
+        base=base, cfg=cfg, space=space, dataset=cell.dataset, profile=profile.name, metric=metric, mode=mode,
+        name=name,
         experiment=experiment_name(cell.dataset), out=args.out.expanduser().resolve(),
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, search=args.search, seed=args.seed,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, resume=args.resume, notes=notes,
     )
 
 
+def _metric_and_mode(metric: str | None, mode: str | None, dataset: str) -> tuple[str, str]:
+    """``--metric`` (default: AP or mAP by the dataset's format) and ``--mode`` (default: min for a
+    loss, else max); the metric must be one every epoch reports."""
+    from lab.evaluation import COCO_METRICS
+
+    default = METRIC_BY_DATASET[dataset]
+    metric = metric or default
+    known = (*(COCO_METRICS if default == "AP" else ("mAP",)), *TRAIN_METRICS)
+    if metric not in known:
+        raise ConfigError(f"--metric {metric!r} is not reported every epoch for dataset {dataset!r}; "
+                          f"one of {', '.join(known)}")
+    return metric, mode or ("min" if "loss" in metric else "max")
+
+
 def sweep_name(dataset: str, base_key: str, space: Space, search: str, num_samples: int, seed: int,
-               grace: int, reduction: int) -> str:
+               grace: int, reduction: int, metric: str, mode: str) -> str:
     """``sweep-<dataset>-<hash>``: the same options always give the same name (``--resume`` finds it).
 
     Non-semantic options (--max-concurrent, --out, the tracking URI) are left out on purpose.
     """
     blob = json.dumps({"base": base_key, "space": space_text(space), "search": search, "n": num_samples,
-                       "seed": seed, "grace": grace, "rf": reduction}, sort_keys=True)
+                       "seed": seed, "grace": grace, "rf": reduction, "metric": metric, "mode": mode}, sort_keys=True)
     return f"sweep-{dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -443,9 +458,11 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     try:
         if cfg is None:
             raise error or ConfigError(f"trial {trial_id}: no config")
+        local = cfg.scaling.workers == 0  # the loop runs in this process and reports to Tune itself
         # the Ray run name is stable per trial: a restored trial resumes from its last checkpoint
         value = fit_cell(cfg, name=run_name, run_name=run_name, storage_path=train_storage, run_id=run_id,
-                         tracking_uri=ctx["uri"], callbacks=[TuneReportCallback()]) or {}
+                         tracking_uri=ctx["uri"], callbacks=None if local else [TuneReportCallback()],
+                         report_to_tune=local) or {}
         metrics = value.get("metrics", {})
         final = {"epochs_trained": float(cfg.train.epochs), "trial_wall_s": time.time() - t0}
         if ctx["metric"] in metrics:
@@ -453,6 +470,14 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, ts, cfg.train.epochs) for k, v in final.items()])
         status = "FINISHED"
+    except SystemExit:
+        # Tune ends a stopped (ASHA) trial's thread with sys.exit(0) at its next report (local mode)
+        history = client.get_metric_history(run_id, ctx["metric"])
+        last = max(history, key=lambda m: m.step) if history else None
+        _record_stop(client, run_id, last.step if last else 0, cfg.train.epochs if cfg else 0, ctx["metric"],
+                     last.value if last else float("nan"))
+        status = "KILLED"
+        raise
     except BaseException as e:
         client.set_tag(run_id, "detlab.error", f"{type(e).__name__}: {e}"[-4000:])
         raise
@@ -521,11 +546,11 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None) -> int:
     try:
         tuner, concurrency = _make_tuner(plan, uri, exp_id, parent_id)
         print(f"detlab sweep: {plan.name}: {plan.num_samples} trial(s), up to {concurrency} at a time, "
-              f"metric {plan.metric} (max), MLflow {uri} experiment {plan.experiment} parent run {parent_id}",
+              f"metric {plan.metric} ({plan.mode}), MLflow {uri} experiment {plan.experiment} parent run {parent_id}",
               flush=True)
         grid = tuner.fit()
         rows = _reconcile(client, uri, parent_id, plan, grid)
-        best = _best(rows)
+        best = _best(rows, plan.mode)
         _log_parent(client, parent_id, plan, rows, best, time.time() - t0)
         print(summarize(rows, plan.metric))
         if best is None:
@@ -615,7 +640,11 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple
                           f"{ {k: v for k, v in total.items() if k in ('CPU', 'GPU')} }; "
                           f"lower --workers/--cpus-per-worker/--gpus-per-worker")
     concurrency = min(capacity, plan.max_concurrent or capacity)
-    trial_res = {TRIAL_RESOURCE: 1} if total.get(TRIAL_RESOURCE, 0) >= 1 else None
+    local = plan.cfg.scaling.workers == 0
+    if local:  # the trial process trains: it holds what one worker would
+        trial_res: dict[str, float] | None = need
+    else:
+        trial_res = {TRIAL_RESOURCE: 1} if total.get(TRIAL_RESOURCE, 0) >= 1 else None
     if trial_res is None:
         # A cluster without the custom resource (a plain `ray start`): a sliver of the head node's
         # marker resource is the only zero-CPU reservation Tune accepts.
@@ -647,10 +676,12 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple
         trainable,
         param_space={p.name: p.tune_domain() for p in plan.space.values()},
         tune_config=tune.TuneConfig(
-            metric=plan.metric, mode="max", scheduler=scheduler, search_alg=_search_alg(plan, concurrency),
+            metric=plan.metric, mode=plan.mode, scheduler=scheduler, search_alg=_search_alg(plan, concurrency),
             num_samples=plan.num_samples,
             # random search caps itself (BasicVariantGenerator(max_concurrent)); Tune would ignore this
             max_concurrent_trials=concurrency if plan.search != "random" else None,
+            # local mode: a finished trial's process (torch, detlab imported) takes the next trial
+            reuse_actors=local,
             trial_name_creator=lambda t: f"trial_{t.trial_id}",
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",  # short paths (AF_UNIX limits)
         ),
@@ -701,7 +732,7 @@ def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
             **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})}
     run_id = client.create_run(exp_id, run_name=plan.name, tags=tags).info.run_id
     params = {"sweep.num_samples": plan.num_samples, "sweep.search": plan.search, "sweep.seed": plan.seed,
-              "sweep.metric": plan.metric, "sweep.grace_period": plan.grace_period,
+              "sweep.metric": plan.metric, "sweep.mode": plan.mode, "sweep.grace_period": plan.grace_period,
               "sweep.reduction_factor": plan.reduction_factor, "sweep.max_concurrent": plan.max_concurrent,
               **{f"space.{k}": p.spec for k, p in plan.space.items()}}
     client.log_batch(run_id, params=[MlParam(k, str(v)) for k, v in params.items()])
@@ -731,13 +762,14 @@ def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any
             status, error = ("FINISHED" if done >= epochs else "KILLED"), ""
         run = children.get(trial_id)
         if run is not None and run.info.status == "RUNNING":
-            ts = int(time.time() * 1000)
-            summary = {"epochs_trained": float(done)}
-            if not math.isnan(value):
-                summary[f"final_{plan.metric}"] = value
-            client.log_batch(run.info.run_id, metrics=[Metric(k, v, ts, max(done, 0)) for k, v in summary.items()])
             if status == "KILLED":
-                client.set_tag(run.info.run_id, "detlab.stopped_by", f"ASHA after epoch {done} of {epochs}")
+                _record_stop(client, run.info.run_id, done, epochs, plan.metric, value)
+            else:
+                summary = {"epochs_trained": float(done)}
+                if not math.isnan(value):
+                    summary[f"final_{plan.metric}"] = value
+                ts = int(time.time() * 1000)
+                client.log_batch(run.info.run_id, metrics=[Metric(k, v, ts, max(done, 0)) for k, v in summary.items()])
             client.set_terminated(run.info.run_id, status=status)
         elif run is not None and run.info.status != status and status == "FAILED":
             client.set_terminated(run.info.run_id, status=status)
@@ -751,12 +783,29 @@ def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any
     return rows
 
 
-def _best(rows: list[TrialRow]) -> TrialRow | None:
+def _record_stop(client: Any, run_id: str, done: int, epochs: int, metric: str, value: float) -> None:
+    """What an ASHA-stopped trial's run gets (from the trial itself, or the driver if Tune killed it).
+
+    ``done``/``value``: the last epoch and metric ASHA saw. A Train worker group does not wait for
+    Tune's decision, so it may have logged more epochs before its trial was killed:
+    ``epochs_trained`` counts what the run's history holds.
+    """
+    from mlflow.entities import Metric
+
+    trained = max([done, *(m.step for m in client.get_metric_history(run_id, "train_loss"))])
+    summary = {"epochs_trained": float(trained), **({} if math.isnan(value) else {f"final_{metric}": value})}
+    client.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), done) for k, v in summary.items()])
+    note = f"; its worker group had trained {trained} when it was killed" if trained > done else ""
+    client.set_tag(run_id, "detlab.stopped_by", f"ASHA after epoch {done} of {epochs}{note}")
+
+
+def _best(rows: list[TrialRow], mode: str = "max") -> TrialRow | None:
     """Best trial by metric, preferring trials that trained every epoch (ASHA's stopped ones did not)."""
     scored = [r for r in rows if not math.isnan(r.metric)]
     finished = [r for r in scored if r.status == "FINISHED"]
     pool = finished or scored
-    return max(pool, key=lambda r: r.metric) if pool else None
+    pick = min if mode == "min" else max
+    return pick(pool, key=lambda r: r.metric) if pool else None
 
 
 def best_config(plan: SweepPlan, best: TrialRow) -> dict[str, Any]:
@@ -953,7 +1002,7 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
             rows.append(TrialRow(f"point_{i:03d}", child_id, "FINISHED", 0, float(m.get(metric, float("nan"))), point))
             print(f"  {point}: {metric} {m.get(metric, float('nan')):.2f}", flush=True)
         fake = SweepPlan(base=base, cfg=cfg, space={k: space[k] for k in grid[0]}, dataset=tag, profile="",
-                         metric=metric, name=name, experiment=experiment, out=args.out.expanduser().resolve(),
+                         metric=metric, mode="max", name=name, experiment=experiment, out=args.out.expanduser().resolve(),
                          num_samples=len(grid), max_concurrent=None, search="grid", seed=0, grace_period=1,
                          reduction_factor=2, resume=False)
         best = _best(rows)
@@ -986,7 +1035,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="results dir: best_<dataset>.yaml, sweeps/<name> (Tune + Train storage) (default: results/)")
-    p.add_argument("--workers", type=int, help="Ray Train workers per trial (>= 1) [scaling.workers]")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial; 0 = local mode, the trial process trains "
+                   "(no worker group: fastest for small trials) [scaling.workers]")
     p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")
     p.add_argument("--cpus-per-worker", type=int, help="[scaling.cpus_per_worker]")
     p.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
@@ -999,6 +1049,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "KEY=SPEC, e.g. nms.beta='uniform(0, 2)', loss.eps='loguniform(1e-4, 1)', "
                         "nms.iou_threshold='choice(0.5, 0.6)', KEY=none drops it (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search algorithm (default 0)")
+    p.add_argument("--metric", default=None,
+                   help="what ASHA and the best trial compare (default: AP for COCO-format data, mAP for VOC-format); "
+                        "any val metric (AP50, APs, ...) or a per-epoch training one (train_loss, ...)")
+    p.add_argument("--mode", choices=("max", "min"), default=None,
+                   help="maximise or minimise --metric (default: min for a loss, else max)")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped (default 1)")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
     p.add_argument("--resume", action="store_true", help="continue the sweep with the same options; finished trials are kept")

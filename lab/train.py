@@ -36,6 +36,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray.train  # noqa: E402
+import ray.tune  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
@@ -208,18 +209,29 @@ class LoopArgs:
     tracking_uri: str | None = None
     #: fault injection for tests: the last rank raises once after this epoch's checkpoint.
     fail_after_epoch: int | None = None
+    #: local mode inside a Tune trial: report each epoch (and its checkpoint) to Tune directly, and
+    #: resume from Tune's checkpoint. Ray 2.60's local mode never calls Train callbacks, so
+    #: ``TuneReportCallback`` would see nothing.
+    report_to_tune: bool = False
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function. Returns (rank 0) the final metrics and resume bookkeeping."""
     cfg = config_from_dict(config["cfg"])
     args = LoopArgs(**config["args"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Local mode inside a Tune trial: ray.train's worker API refuses to run in a Tune session (it
+    # raises DeprecationWarning), and with one process there is nothing to prepare (no DDP, no sampler).
+    in_tune = args.report_to_tune
+    if in_tune:
+        rank, world = 0, 1
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = get_device()
     quiet_ray_train_logs()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     seed_everything(cfg.train.seed + rank)
-    device = get_device()
     use_amp = cfg.train.amp and device.type == "cuda"
     log = RunLog(args.tracking_uri, args.run_id) if rank == 0 else RunLog(None, None)
 
@@ -229,12 +241,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         train_set, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_fn,
         num_workers=cfg.data.loader_workers, persistent_workers=cfg.data.loader_workers > 0,
     )
-    loader = prepare_data_loader(loader)
+    loader = _DeviceLoader(loader, device) if in_tune else prepare_data_loader(loader)
     iters = len(loader) if not cfg.train.max_iters else min(len(loader), cfg.train.max_iters)
     if iters == 0:
         raise ValueError(f"{args.name}: the train split has {len(train_set)} images, fewer than one batch per worker")
 
-    model = prepare_model(build_detector(cfg))
+    model = build_detector(cfg).to(device) if in_tune else prepare_model(build_detector(cfg))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
     t = cfg.train
@@ -244,7 +256,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
     start_epoch, metrics = 0, {}
-    checkpoint = ray.train.get_checkpoint()
+    # a restored trial resumes from the last epoch Tune kept; a Train run from its latest checkpoint
+    checkpoint = ray.tune.get_checkpoint() if in_tune else ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -291,7 +304,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     Path(d) / STATE_FILE,
                 )
                 ckpt = Checkpoint.from_directory(d)
-            ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
+            if in_tune:
+                # copies the checkpoint into the trial's storage; ASHA may end this thread here
+                ray.tune.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
+            else:
+                ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
         if args.fail_after_epoch == epoch and rank == world - 1:
             time.sleep(_REGISTER_WAIT_S)
             raise RuntimeError(f"[{args.name}] injected failure after epoch {epoch + 1} (fault-injection test hook)")
@@ -307,6 +324,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "model_type": type(model).__name__, "weights": args.weights_path,
     }
+
+
+class _DeviceLoader:
+    """What ``prepare_data_loader`` does for one process: yields batches moved to ``device``."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type == "cpu":
+            yield from self.loader
+            return
+        for images, targets in self.loader:
+            yield ([im.to(self.device, non_blocking=True) for im in images],
+                   [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                    for t in targets])
 
 
 def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch, device, use_amp,
@@ -423,10 +459,13 @@ def fit_cell(
     tracking_uri: str | None = None,
     fail_after_epoch: int | None = None,
     callbacks: list[Any] | None = None,
+    report_to_tune: bool = False,
 ) -> dict[str, Any]:
     """Train one cell with a ``TorchTrainer``; returns the loop's return value (rank 0).
 
-    ``callbacks`` go to ``RunConfig`` (a Tune trial passes ``TuneReportCallback``).
+    ``callbacks`` go to ``RunConfig`` (a Tune trial with workers passes ``TuneReportCallback``).
+    ``report_to_tune`` is for a Tune trial in local mode (``scaling.workers == 0``): the loop runs in
+    the trial's own process and reports each epoch to Tune itself.
 
     ``name`` prefixes progress lines. ``(storage_path, run_name)`` identifies the Ray run: calling this again with the same pair
     resumes from its latest checkpoint. Raises ``ray.train.TrainingFailedError`` on failure.
@@ -437,10 +476,14 @@ def fit_cell(
     resources = {"CPU": float(s.cpus_per_worker)}
     if s.use_gpu:
         resources["GPU"] = float(s.gpus_per_worker)
+    if report_to_tune and s.workers != 0:
+        raise ValueError(f"{name}: report_to_tune is for local mode (scaling.workers=0); with "
+                         f"{s.workers} worker(s) pass callbacks=[TuneReportCallback()]")
     args = LoopArgs(
         name=name,
         weights_path=str(storage / run_name / WEIGHTS_FILE),
         run_id=run_id, tracking_uri=tracking_uri, fail_after_epoch=fail_after_epoch,
+        report_to_tune=report_to_tune,
     )
     if s.workers == 0:
         # local mode logs every report at INFO in this process; LoggingConfig only reaches workers
