@@ -46,7 +46,7 @@ def test_aws_config_passes_ray_schema() -> None:
     cfg = yaml.safe_load(AWS.read_text())
     full = util.prepare_config(copy.deepcopy(cfg))
     util.validate_config(full)  # raises on any schema error
-    assert full["available_node_types"]["ray.head.default"]["resources"] == {"CPU": 0}
+    assert full["available_node_types"]["ray.head.default"]["resources"]["CPU"] == 0
     assert full["head_node_type"] == "ray.head.default"
     # the image's Ray must be the Ray that submits to it
     assert f":{ray.__version__}-" in cfg["docker"]["image"]
@@ -100,3 +100,16 @@ def test_rayjob_entrypoint_parses_with_detlab_cli() -> None:
     argv = shlex.split(yaml.safe_load(RAYJOB.read_text())["spec"]["entrypoint"])[2:]
     args = cli.build_parser().parse_args(["table", "1", *argv])
     assert args.profile == "paper" and args.table == 1 and str(args.out).startswith("/mnt/")
+
+
+def test_heads_declare_the_sweep_trial_resource() -> None:
+    """Sweep trial drivers with Train workers reserve lab.sweep.TRIAL_RESOURCE, not a CPU: both
+    cluster configs put it on the CPU-less head (KubeRay's quoted string read by Ray's own parser)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
+    from lab.sweep import TRIAL_RESOURCE
+
+    head = yaml.safe_load(AWS.read_text())["available_node_types"]["ray.head.default"]
+    assert head["resources"]["CPU"] == 0 and head["resources"][TRIAL_RESOURCE] >= 100
+    params = yaml.safe_load(RAYJOB.read_text())["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert _get_custom_resources({}, params, "headgroup") == {TRIAL_RESOURCE: 1000}

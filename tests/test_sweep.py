@@ -10,6 +10,7 @@ trial, whose process Tune kills when ASHA stops it.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import math
 import time
@@ -148,8 +149,6 @@ def test_plan_defaults_name_and_errors(tmp_path: Path) -> None:
 
 
 def test_optuna_is_optional() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("optuna") is None:
         with pytest.raises(ConfigError, match="'optuna' package, which is not installed"):
             sweep.build_plan(_args("--search", "optuna"))
@@ -290,3 +289,29 @@ def test_sweep_with_train_workers_closes_stopped_trials(tmp_path: Path) -> None:
     history = MlflowClient(uri).get_metric_history(stopped.info.run_id, "train_loss")
     assert sorted(m.step for m in history)[0] == 1 and stopped.data.metrics["epochs_trained"] == len(history)
     assert by_status["FINISHED"].data.metrics["epochs_trained"] == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install optuna)")
+def test_optuna_search_sweep(tmp_path: Path) -> None:
+    """--search optuna: TPE proposes the trials (seeded), the bg < fg constraint still holds."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--profile", "smoke", "--dataset", "shapes", "--num-samples", "3", "--search", "optuna",
+            "--metric", "train_loss", "--grace-period", "2", "--out", str(tmp_path / "out"), "--tracking-uri", uri,
+            "--set", f"data.root={tmp_path / 'shapes'}"]
+    assert sweep.main(argv) == 0
+    runs = _runs(uri)
+    parent = next(r for r in runs if r.data.tags.get("detlab.kind") == "sweep")
+    assert parent.data.params["sweep.search"] == "optuna" and parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)  # grace = all epochs
+    space = load_space()
+    for r in children:
+        for key, p in space.items():
+            value = float(r.data.params[key])
+            if p.kind == "choice":
+                assert value in [float(v) for v in p.values]
+            elif p.scale_by is None:
+                assert p.low <= value <= p.high, (key, value)
+        assert float(r.data.params["assign.bg_threshold"]) < float(r.data.params["assign.fg_threshold"])
+    assert len({r.data.params["assign.alpha"] for r in children}) == 3  # three distinct proposals
+    assert (tmp_path / "out" / "best_shapes.yaml").is_file()
