@@ -1,9 +1,10 @@
 """Overhead of a Tune sweep over running the same trials by hand.
 
-1. A smoke sweep of N trials (profile ``smoke``, one Train worker per trial, ASHA's grace period =
-   all epochs, so no trial is stopped early) through :func:`lab.sweep.run_sweep`; its wall time is
-   the parent run's ``sweep_wall_s`` (Tuner.fit plus the driver's MLflow bookkeeping, without
-   ``ray.init``).
+1. A smoke sweep of N trials (profile ``smoke``: local mode, each trial trains in its reused Tune
+   process; ``--set scaling.workers=1`` for the cluster path, one Train worker per trial; ASHA's
+   grace period = all epochs, so no trial is stopped early) through :func:`lab.sweep.run_sweep`; its
+   wall time is the parent run's ``sweep_wall_s`` (Tuner.fit plus the driver's MLflow bookkeeping,
+   without ``ray.init``).
 2. The same N configs (read back from the trials' MLflow params) trained back to back with
    :func:`lab.train.fit_cell`, one worker each, on the same Ray cluster; each one timed alone.
    Also, as a floor, each one in local mode inside this already-warm process (pure training and
@@ -15,6 +16,7 @@ The ratio printed is sweep wall / ideal packing (goal: <= 1.15). Trials that sha
 each other down, which this ratio counts as overhead too.
 
 Usage: python bench/bench_sweep.py [--trials 4] [--keep DIR] [--set train.max_iters=40 --set data.num_train=80]
+                                   [--set scaling.workers=1]
 """
 
 from __future__ import annotations
