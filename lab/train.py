@@ -126,6 +126,22 @@ def lr_lambda(total_iters: int, warmup_iters: int, warmup_factor: float, steps: 
     return factor
 
 
+def reposition_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                        lr: float, iteration: int) -> None:
+    """Put a loaded optimizer + ``LambdaLR`` at ``iteration`` of a schedule whose base lr is ``lr``.
+
+    Resuming with another worker count changes both the iterations per epoch and the linearly
+    scaled lr, so the saved iteration count and base lr are wrong; the epoch is what carries over.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = iteration
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * lam(iteration)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -271,6 +287,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             set_rng_state(rngs[rank])
         else:  # different world size than when saved: a deterministic fresh stream per rank
             seed_everything(cfg.train.seed + rank + 1000 * start_epoch)
+            # iterations per epoch and the linearly scaled lr both changed with the world size
+            reposition_schedule(optimizer, scheduler, cfg.lr, start_epoch * iters)
+            if rank == 0:
+                print(f"[{args.name}] resumed with {world} worker(s) instead of {len(rngs)}: lr {cfg.lr:.3g}, "
+                      f"schedule at iteration {start_epoch * iters} of {t.epochs * iters}", flush=True)
         if rank == 0:
             print(f"[{args.name}] resumed from the epoch-{start_epoch} checkpoint", flush=True)
     elif rank == 0:

@@ -20,7 +20,7 @@ from detector.data import build_dataset
 from lab import tracking
 from lab.config import user_overrides
 from lab.experiments import load_profile, single_cell
-from lab.train import evaluate_weights, fit_cell, load_weights, lr_lambda
+from lab.train import evaluate_weights, fit_cell, load_weights, lr_lambda, reposition_schedule
 
 #: a few images, two epochs of two steps: seconds per fit in local mode
 TINY = ["data.dataset=shapes", "train.epochs=2", "train.max_iters=2", "train.warmup_iters=1", "eval.num_samples=2"]
@@ -50,6 +50,31 @@ def test_lr_schedule_warmup_and_1x_steps():
     assert f(800) == pytest.approx(0.1)  # epoch 8 of 12
     assert f(1099) == pytest.approx(0.1)
     assert f(1100) == pytest.approx(0.01)  # epoch 11 of 12
+
+
+def test_resume_with_another_world_size_repositions_the_schedule():
+    """2 workers (lr 0.02, 10 iters/epoch) saved after epoch 3 of 12; resumed on 1 worker (lr 0.01,
+    20 iters/epoch): the schedule continues at epoch 3 of the 1-worker schedule, not at iteration 30."""
+    def make(lr: float, iters: int):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(12 * iters, 5, 0.001, (8 / 12, 11 / 12), 0.1))
+        return opt, sched
+
+    opt, sched = make(0.02, 10)
+    for _ in range(3 * 10):
+        opt.step()
+        sched.step()
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    opt, sched = make(0.01, 20)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)  # the 2-worker lr: what the fix corrects
+    reposition_schedule(opt, sched, 0.01, 3 * 20)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01) and sched.get_last_lr() == [pytest.approx(0.01)]
+    for _ in range(8 * 20 - 3 * 20):  # on to epoch 8 of 12: the first decay
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
 
 
 def test_linear_scaling_rule():
