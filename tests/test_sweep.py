@@ -315,3 +315,52 @@ def test_optuna_search_sweep(tmp_path: Path) -> None:
         assert float(r.data.params["assign.bg_threshold"]) < float(r.data.params["assign.fg_threshold"])
     assert len({r.data.params["assign.alpha"] for r in children}) == 3  # three distinct proposals
     assert (tmp_path / "out" / "best_shapes.yaml").is_file()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
+    """Ctrl-C a sweep (SIGINT to `python jobs/sweep.py`) once its first trial has finished, then
+    --resume: that trial is kept as it was; the others run, each in a single MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--profile", "smoke", "--dataset", "shapes", "--num-samples", "3", "--max-concurrent", "1",
+            "--grace-period", "2", "--out", str(tmp_path / "out"), "--tracking-uri", uri,
+            "--set", f"data.root={tmp_path / 'shapes'}"]
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, str(root / "jobs" / "sweep.py"), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    try:
+        deadline = time.time() + 240
+        while first is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+            if (tmp_path / "mlflow.db").exists():
+                try:
+                    done = [r for r in _runs(uri) if r.data.tags.get("detlab.kind") == "trial"
+                            and r.info.status == "FINISHED"]
+                except Exception:  # the store is still being created
+                    done = []
+                first = done[0] if done else None
+        assert first is not None, f"no trial finished (sweep exit code {proc.poll()})"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    before = [r for r in _runs(uri) if r.data.tags.get("detlab.kind") == "trial"]
+    assert len(before) < 3, "the sweep finished before it was interrupted"
+
+    assert sweep.main([*argv, "--resume"]) == 0
+    runs = _runs(uri)
+    parents = [r for r in runs if r.data.tags.get("detlab.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the parent was reopened, not doubled
+    trials = [r for r in runs if r.data.tags.get("detlab.kind") == "trial"]
+    assert len(trials) == 3 and len({r.data.tags["detlab.trial_id"] for r in trials}) == 3
+    assert all(r.info.status == "FINISHED" for r in trials)
+    kept = next(r for r in trials if r.info.run_id == first.info.run_id)
+    assert kept.info.end_time == first.info.end_time  # not rerun, not reopened
