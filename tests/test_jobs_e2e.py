@@ -1,6 +1,8 @@
 """End to end: ``jobs/table2.py --profile smoke`` submitted with ``JobSubmissionClient`` to a real
 ``ray start --head`` on 127.0.0.1 (working_dir upload), logging to a real ``mlflow server``;
 then the 8 cell runs, their tags, metrics and artifacts are checked through the MLflow client.
+Then ``jobs/sweep.py`` goes to the same cluster and server: Tune trials that each drive a one-worker
+Ray Train run, their drivers on the head's ``detlab_trial_driver`` resource (as in ``cluster/``).
 
 Everything this test starts it stops itself, by process: the head's processes are found by
 its private --temp-dir (never ``ray stop``, which would also stop other people's clusters).
@@ -115,7 +117,8 @@ def ray_head(workdir):
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
-           "--object-store-memory", str(300 * 1024**2), "--temp-dir", str(temp), "--disable-usage-stats"]
+           "--object-store-memory", str(300 * 1024**2), "--temp-dir", str(temp), "--disable-usage-stats",
+           "--resources", '{"detlab_trial_driver": 1000}']  # as the cluster/ configs declare it
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
         address = f"http://127.0.0.1:{dash}"
@@ -132,16 +135,14 @@ def ray_head(workdir):
         kill_tree(mine)
 
 
-@pytest.fixture(scope="module")
-def submitted(workdir, mlflow_server, ray_head):
+def submit_and_wait(address: str, entrypoint: str, commit: str, timeout: float = 420) -> str:
+    """Submit ``entrypoint`` with the repo as working_dir; wait for SUCCEEDED; return the job's logs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    out = workdir / "results"
-    client = JobSubmissionClient(ray_head)
+    client = JobSubmissionClient(address)
     t0 = time.time()
     sid = client.submit_job(
-        entrypoint=f"{sys.executable} jobs/table2.py --profile smoke --out {out} --tracking-uri {mlflow_server}",
+        entrypoint=entrypoint,
         runtime_env={
             "working_dir": str(REPO),
             "excludes": [".git", ".venv", "results", "mlruns", "*.pt", "*.db", "__pycache__"],
@@ -151,13 +152,26 @@ def submitted(workdir, mlflow_server, ray_head):
     )
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     while (status := client.get_job_status(sid)) not in terminal:
-        if time.time() - t0 > 420:
+        if time.time() - t0 > timeout:
             client.stop_job(sid)
-            pytest.fail(f"job {sid} still {status} after 420 s:\n{client.get_job_logs(sid)[-5000:]}")
+            pytest.fail(f"job {sid} still {status} after {timeout:.0f} s:\n{client.get_job_logs(sid)[-5000:]}")
         time.sleep(2)
     logs = client.get_job_logs(sid)
     print(f"job {sid}: {status} in {time.time() - t0:.0f}s")
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    return logs
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def submitted(workdir, mlflow_server, ray_head):
+    out = workdir / "results"
+    commit = _commit()
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/table2.py --profile smoke --out {out} "
+                                     f"--tracking-uri {mlflow_server}", commit)
     return {"logs": logs, "uri": mlflow_server, "out": out, "commit": commit}
 
 
@@ -201,3 +215,23 @@ def test_eight_cells_finished_with_tags_metrics_and_artifacts(submitted):
 
     tables = client.search_runs([exp.experiment_id], "tags.`detlab.kind` = 'tables'")
     assert tables and tables[0].info.status == "FINISHED"
+
+
+def test_sweep_job_with_train_workers(workdir, mlflow_server, ray_head):
+    out = workdir / "sweep-results"
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/sweep.py --profile smoke --dataset shapes "
+                                     f"--num-samples 2 --workers 1 --grace-period 2 --out {out} "
+                                     f"--tracking-uri {mlflow_server}", _commit())
+    assert "trial drivers reserve" not in logs  # the head's detlab_trial_driver resource was found
+    assert "up to 2 at a time" in logs and (out / "best_shapes.yaml").is_file()
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("detlab-sweep-shapes")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("detlab.kind") == "sweep")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(trials) == 2
+    assert all(r.info.status == "FINISHED" and r.data.params["scaling.workers"] == "1" for r in trials)
+    for r in trials:  # rank 0 of each trial's worker group logged its epochs to the server
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "AP")) == [1, 2]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/trials.csv", "sweep/AP_vs_params.png"} <= arts  # uploaded through the server
