@@ -68,11 +68,15 @@ class TrainConfig:
     seed: int = 0
     #: print a progress line every this many iterations (rank 0).
     log_every: int = 20
+    #: MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) sampled every this
+    #: many seconds by one worker per node, as ``system/...`` (``system/node<k>/...`` on several
+    #: nodes); 0 = off.
+    system_metrics_s: float = 10.0
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "base_lr", "log_every"):
             check_positive(f"train.{key}", getattr(self, key))
-        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip"):
+        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip", "system_metrics_s"):
             check_min(f"train.{key}", getattr(self, key))
         for key in ("momentum", "warmup_factor", "lr_gamma"):
             check_unit(f"train.{key}", getattr(self, key))
@@ -162,7 +166,7 @@ class LabConfig(DetectorConfig):
 #: keys that change how a cell runs but not what it computes; left out of ``cell_key`` so that
 #: e.g. resubmitting with more CPUs or retries still finds (and resumes) the same cell.
 NON_SEMANTIC_KEYS = frozenset(
-    {"scaling.cpus_per_worker", "scaling.max_failures", "train.log_every", "data.loader_workers",
+    {"scaling.cpus_per_worker", "scaling.max_failures", "train.log_every", "train.system_metrics_s", "data.loader_workers",
      "eval.batch_size", "eval.num_samples", "eval.draw_score"}
 )
 

@@ -142,6 +142,22 @@ def reposition_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+def start_system_metrics(cfg: LabConfig, args: LoopArgs, node: str | None) -> Any:
+    """MLflow's system-metrics sampler on this worker's machine, logging into the cell's run (or None).
+
+    ``resume_logging``: a resumed run continues its ``system/...`` steps instead of restarting at 0.
+    """
+    if not (cfg.train.system_metrics_s > 0 and args.run_id and args.tracking_uri):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop INFO lines
+    monitor = SystemMetricsMonitor(args.run_id, sampling_interval=cfg.train.system_metrics_s, node_id=node,
+                                   resume_logging=True, tracking_uri=args.tracking_uri)
+    monitor.start()
+    return monitor
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -239,15 +255,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # raises DeprecationWarning), and with one process there is nothing to prepare (no DDP, no sampler).
     in_tune = args.report_to_tune
     if in_tune:
-        rank, world = 0, 1
+        rank, world, local_rank, node = 0, 1, 0, None
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     else:
         ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        node = f"node{ctx.get_node_rank()}" if world > ctx.get_local_world_size() else None
         device = get_device()
     quiet_ray_train_logs()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     seed_everything(cfg.train.seed + rank)
+    # one system-metrics sampler per node (every local worker would report the same machine)
+    monitor = start_system_metrics(cfg, args, node) if local_rank == 0 else None
+    try:
+        return _fit(cfg, args, rank, world, device, in_tune)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.device, in_tune: bool) -> dict[str, Any]:
+    """The body of :func:`train_loop_per_worker` on one placed worker."""
     use_amp = cfg.train.amp and device.type == "cuda"
     log = RunLog(args.tracking_uri, args.run_id) if rank == 0 else RunLog(None, None)
 

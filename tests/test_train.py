@@ -94,7 +94,8 @@ def trained(tmp_path_factory):
     val_ann = Path(build_dataset(tiny_cell().cfg.data, "val", train=False).ann_file)
     info = {k: v for k, v in json.loads(val_ann.read_text()).items() if k != "annotations"}
     (tmp / "image_info.json").write_text(json.dumps(info))
-    cell = tiny_cell(f"eval.test_dev_ann={tmp / 'image_info.json'}", "eval.test_dev_split=val")
+    cell = tiny_cell(f"eval.test_dev_ann={tmp / 'image_info.json'}", "eval.test_dev_split=val",
+                     "train.system_metrics_s=0.2")
     result = fit_cell(cell.cfg, name="local", run_name=cell.run_name, storage_path=tmp / "ray",
                       run_id=run_id, tracking_uri=uri)
     return {"uri": uri, "run_id": run_id, "result": result, "cell": cell, "tmp": tmp}
@@ -115,6 +116,10 @@ def test_local_mode_trains_evaluates_and_logs(trained):
     for key in ("lr", "images_per_s", "train_loss_cls", "train_loss_reg", "AP", "misalign_spearman",
                 "positives_per_image", "iac_score_positives_per_image"):
         assert key in run.data.metrics, key
+    # MLflow's sampler ran beside training: host CPU and memory, one value per 0.2 s
+    system = client.get_metric_history(trained["run_id"], "system/cpu_utilization_percentage")
+    assert len(system) >= 2 and all(0.0 <= m.value <= 100.0 for m in system)
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     assert {"config/resolved.yaml", "eval/detections.json", "eval/pr_curve.png", "eval/samples.png",
             "eval/metrics.json", "test-dev/detections_val_detlab_results.json"} <= artifact_paths(client, trained["run_id"])
 
