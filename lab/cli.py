@@ -30,30 +30,36 @@ from lab.config import PROFILES, user_overrides
 from lab.experiments import Cell, load_profile, single_cell, table_cells
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``table`` and ``train``."""
+def add_job_options(p: argparse.ArgumentParser, unit: str, out_help: str) -> None:
+    """Options every detlab job takes (``table``, ``train``, ``sweep``); ``unit`` names what one Ray
+    Train run is there (cell, trial)."""
     p.add_argument("--profile", choices=PROFILES, default="smoke", help="defaults to start from (default: smoke)")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML overrides (e.g. a sweep's best config); repeatable, later wins")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="dotted config override, e.g. --set train.epochs=4 (repeatable, validated)")
+                   help=f"dotted config override for every {unit}, e.g. --set train.epochs=4 (repeatable, validated)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
-    p.add_argument("--out", type=Path, default=Path("results"),
-                   help="results dir: tables, Ray checkpoints, weights (default: results/)")
-    p.add_argument("--workers", type=int, help="Ray Train workers per cell (0 = local mode) [scaling.workers]")
+    p.add_argument("--out", type=Path, default=Path("results"), help=f"{out_help} (default: results/)")
+    p.add_argument("--workers", type=int,
+                   help=f"Ray Train workers per {unit}; 0 = local mode, the {unit}'s own process trains [scaling.workers]")
     p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")
     p.add_argument("--cpus-per-worker", type=int, help="[scaling.cpus_per_worker]; also torch threads")
     p.add_argument("--max-failures", type=int, help="worker-group failures retried from a checkpoint [scaling.max_failures]")
-    p.add_argument("--force", action="store_true",
-                   help="rerun cells that already have a FINISHED run (a cell whose Ray checkpoint under --out is "
-                   "complete is only re-evaluated; delete <out>/ray/<run> to retrain it)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to use, e.g. auto or 10.0.0.1:6379 (default: $RAY_ADDRESS, the submitted job's "
                    "cluster, else a private local one)")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="cells at once (default: as many as the cluster's CPUs/GPUs hold); for autoscaling clusters")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved cells and exit (no Ray, no MLflow)")
+                   help=f"{unit}s at once (default: as many as the cluster's CPUs/GPUs hold); for autoscaling clusters")
+    p.add_argument("--dry-run", action="store_true", help=f"print the resolved {unit}s or plan and exit (no Ray, no MLflow)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``table`` and ``train``."""
+    add_job_options(p, "cell", "results dir: tables, Ray checkpoints, weights")
+    p.add_argument("--force", action="store_true",
+                   help="rerun cells that already have a FINISHED run (a cell whose Ray checkpoint under --out is "
+                   "complete is only re-evaluated; delete <out>/ray/<run> to retrain it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _user_layer(args: argparse.Namespace) -> dict[str, Any]:
+def user_layer(args: argparse.Namespace) -> dict[str, Any]:
     """--config files, then --set, then the scaling shorthands (all validated here)."""
     layer = user_overrides(args.config, args.sets)
     short = {"scaling.workers": args.workers, "scaling.gpus_per_worker": args.gpus_per_worker,
@@ -130,7 +136,7 @@ def _user_layer(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_table(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
-    cells = table_cells(args.table, profile, args.seeds, _user_layer(args), args.data_root)
+    cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root)
     return _run(cells, args, tracking.experiment_name(args.table), table=args.table)
 
 
@@ -138,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     if args.dataset and args.dataset not in profile.datasets:
         raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} ({', '.join(profile.datasets)})")
-    cell = single_cell(profile, _user_layer(args), args.dataset)
+    cell = single_cell(profile, user_layer(args), args.dataset)
     return _run([cell], args, args.experiment, table=None)
 
 

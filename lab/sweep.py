@@ -56,7 +56,7 @@ import yaml  # noqa: E402
 
 from detector.config import ConfigError, flatten, merge_dicts, overrides_to_dict, read_yaml_mapping, to_dict  # noqa: E402
 from lab import tracking  # noqa: E402
-from lab.config import PROFILES, LabConfig, build_config, cell_key, user_overrides  # noqa: E402
+from lab.config import LabConfig, build_config, cell_key  # noqa: E402
 from lab.experiments import data_root_overrides, load_profile, single_cell  # noqa: E402
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
@@ -347,6 +347,8 @@ def experiment_name(dataset: str) -> str:
 
 def build_plan(args: argparse.Namespace) -> SweepPlan:
     """Options -> plan; every error names the option or key (no Ray, no MLflow)."""
+    from lab.cli import user_layer
+
     profile = load_profile(args.profile)
     if args.dataset is not None and args.dataset not in profile.datasets:
         raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} "
@@ -365,14 +367,8 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
     tag = args.dataset or next(iter(profile.table2.datasets or profile.datasets), None)
     notes: list[str] = []
 
-    user = user_overrides(args.config, args.sets)
-    short = {"scaling.workers": args.workers, "scaling.gpus_per_worker": args.gpus_per_worker,
-             "scaling.cpus_per_worker": args.cpus_per_worker}
-    given = {k: v for k, v in short.items() if v is not None}
     # the method below the user's layers; eval every epoch (ASHA compares trials per epoch)
-    layer = merge_dicts(overrides_to_dict({**METHOD, "eval.every": 1}), user)
-    if given:
-        layer = merge_dicts(layer, overrides_to_dict(given))
+    layer = merge_dicts(overrides_to_dict({**METHOD, "eval.every": 1}), user_layer(args))
     if args.data_root:
         layer = merge_dicts(layer, data_root_overrides(args.data_root, [tag] if tag else []).get(tag, {}))
     cell = single_cell(profile, layer, tag, row="sweep")
@@ -1020,28 +1016,17 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lab.cli import add_job_options
+
     p = argparse.ArgumentParser(
         prog="detlab sweep",
         description="Ray Tune sweep (ASHA) over IAC/DC/CL-B parameters, tracked in MLflow "
                     "(experiment detlab-sweep-<dataset>); writes <out>/best_<dataset>.yaml for --config.",
     )
-    p.add_argument("--profile", choices=PROFILES, default="smoke", help="defaults to start from (default: smoke)")
+    add_job_options(p, "trial", "results dir: best_<dataset>.yaml, sweeps/<name> (Tune + Train storage)")
     p.add_argument("--dataset", default=None, help="the profile's dataset entry (e.g. shapes, trees)")
     p.add_argument("--data-root", action="append", default=[], metavar="[TAG=]PATH", help="dataset root")
-    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML overrides (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="config override for every trial, e.g. --set train.epochs=4 (repeatable)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
-    p.add_argument("--out", type=Path, default=Path("results"),
-                   help="results dir: best_<dataset>.yaml, sweeps/<name> (Tune + Train storage) (default: results/)")
-    p.add_argument("--workers", type=int, help="Ray Train workers per trial; 0 = local mode, the trial process trains "
-                   "(no worker group: fastest for small trials) [scaling.workers]")
-    p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")
-    p.add_argument("--cpus-per-worker", type=int, help="[scaling.cpus_per_worker]")
     p.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="cap on concurrent trials (default: as many as the cluster's CPUs/GPUs hold)")
     p.add_argument("--search", choices=("random", "optuna"), default="random",
                    help="random search (default) or Optuna TPE (needs the optuna package)")
     p.add_argument("--space", action="append", default=[], metavar="FILE|KEY=SPEC",
@@ -1061,8 +1046,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no training: evaluate one trained model (model.pt or an MLflow run id with a detlab.weights "
                         "tag) over a grid of the space's nms.* keys")
     p.add_argument("--points", type=int, default=5, help="--posthoc: grid points per continuous key (default 5)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, the job's, or a local one)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (config, space, name) and exit")
     return p
 
 

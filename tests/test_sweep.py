@@ -129,6 +129,7 @@ def test_plan_defaults_name_and_errors(tmp_path: Path) -> None:
     assert plan.cfg.scaling.workers == 0 and plan.cfg.eval.every == 1  # smoke: local mode; ASHA: metrics per epoch
     assert (plan.metric, plan.mode) == ("AP", "max")
     assert sweep.build_plan(_args("--workers", "1")).cfg.scaling.workers == 1
+    assert sweep.build_plan(_args("--max-failures", "3")).cfg.scaling.max_failures == 3  # the table jobs' options
     assert sweep.build_plan(_args("--out", str(tmp_path / "x"), "--max-concurrent", "1")).name == plan.name
     assert sweep.build_plan(_args("--space", "nms.beta=uniform(0, 1)")).name != plan.name
     assert not sweep.build_plan(_args("--set", "nms.clb=false")).cfg.nms.clb
