@@ -491,8 +491,11 @@ def _open_trial_run(client: Any, ctx: dict[str, Any], trial_id: str, run_name: s
         f"{tracking.tag_filter(TAG_PARENT, ctx['parent_run_id'])} and {tracking.tag_filter(TAG_TRIAL, trial_id)}",
         max_results=1,
     )
-    if found:
+    if found:  # a restored or retried trial
         run_id = found[0].info.run_id
+        if "detlab.error" in found[0].data.tags:  # the failure this retry recovers from: keep it on record
+            client.set_tag(run_id, "detlab.retried_after", found[0].data.tags["detlab.error"][-1000:])
+            client.delete_tag(run_id, "detlab.error")
         client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {**ctx["tags"], TAG_PARENT: ctx["parent_run_id"], tracking.TAG_KIND: "trial", TAG_TRIAL: trial_id,
@@ -659,7 +662,9 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple
                                     reduction_factor=plan.reduction_factor)
     run_config = tune.RunConfig(
         name=plan.name, storage_path=str(plan.storage), verbose=1,
-        failure_config=tune.FailureConfig(max_failures=0),
+        # with workers, Ray Train retries a failed worker group (scaling.max_failures); in local mode
+        # Tune does, restarting the trial from the last epoch it reported
+        failure_config=tune.FailureConfig(max_failures=plan.cfg.scaling.max_failures if local else 0),
     )
     if plan.resume and tune.Tuner.can_restore(str(plan.sweep_dir)):
         print(f"detlab sweep: resuming {plan.sweep_dir} (finished trials are kept)", flush=True)
