@@ -665,6 +665,8 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple
         # with workers, Ray Train retries a failed worker group (scaling.max_failures); in local mode
         # Tune does, restarting the trial from the last epoch it reported
         failure_config=tune.FailureConfig(max_failures=plan.cfg.scaling.max_failures if local else 0),
+        # local-mode trials hand Tune a checkpoint every epoch (~150 MB at R-18); only the last resumes
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     if plan.resume and tune.Tuner.can_restore(str(plan.sweep_dir)):
         print(f"detlab sweep: resuming {plan.sweep_dir} (finished trials are kept)", flush=True)

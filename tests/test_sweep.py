@@ -224,6 +224,11 @@ def test_smoke_sweep_mlflow_structure(smoke: dict) -> None:
     best = min(finished, key=lambda r: r.data.metrics["final_train_loss"])
     assert parent.data.tags["detlab.best_run"] == best.info.run_id
     assert parent.data.metrics["best_train_loss"] == pytest.approx(best.data.metrics["final_train_loss"])
+    # Tune keeps one checkpoint per trial (each local-mode epoch hands it one, ~150 MB at R-18)
+    trial_dirs = list((smoke["root"] / "out" / "sweeps").glob("sweep-*/trial_*"))
+    assert len(trial_dirs) == 4 and all(len(list(d.glob("checkpoint_*"))) <= 1 for d in trial_dirs)
+    finished_dirs = [d for d in trial_dirs if d.name == f"trial_{best.data.tags['detlab.trial_id']}"]
+    assert len(finished_dirs) == 1 and len(list(finished_dirs[0].glob("checkpoint_*"))) == 1
 
 
 def test_best_config_feeds_the_table_jobs(smoke: dict) -> None:
