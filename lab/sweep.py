@@ -458,7 +458,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         # the Ray run name is stable per trial: a restored trial resumes from its last checkpoint
         value = fit_cell(cfg, name=run_name, run_name=run_name, storage_path=train_storage, run_id=run_id,
                          tracking_uri=ctx["uri"], callbacks=None if local else [TuneReportCallback()],
-                         report_to_tune=local) or {}
+                         report_to_tune=local, fail_after_epoch=ctx.get("fail_after_epoch")) or {}
         metrics = value.get("metrics", {})
         final = {"epochs_trained": float(cfg.train.epochs), "trial_wall_s": time.time() - t0}
         if ctx["metric"] in metrics:
@@ -528,8 +528,11 @@ class TrialRow:
     error: str = ""
 
 
-def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None) -> int:
-    """Run (or resume) the sweep of ``plan``; write the best config; 0 if at least one trial finished."""
+def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail_after_epoch: int | None = None) -> int:
+    """Run (or resume) the sweep of ``plan``; write the best config; 0 if at least one trial finished.
+
+    ``fail_after_epoch``: fault injection for tests, passed to every trial's :func:`lab.train.fit_cell`.
+    """
     from mlflow import MlflowClient
 
     if plan.sweep_dir.exists() and not plan.resume:
@@ -543,7 +546,7 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None) -> int:
     parent_id = _open_parent_run(client, exp_id, plan)
     status = "FAILED"
     try:
-        tuner, concurrency = _make_tuner(plan, uri, exp_id, parent_id)
+        tuner, concurrency = _make_tuner(plan, uri, exp_id, parent_id, fail_after_epoch)
         print(f"detlab sweep: {plan.name}: {plan.num_samples} trial(s), up to {concurrency} at a time, "
               f"metric {plan.metric} ({plan.mode}), MLflow {uri} experiment {plan.experiment} parent run {parent_id}",
               flush=True)
@@ -626,7 +629,8 @@ def trial_capacity(total: dict[str, float], need: dict[str, float]) -> int:
     return max(min(fits), 0) if fits else 1
 
 
-def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple[Any, int]:
+def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
+                fail_after_epoch: int | None = None) -> tuple[Any, int]:
     """A new Tuner, or the restored one (``--resume`` with an existing sweep dir)."""
     import ray
     from ray import tune
@@ -652,7 +656,7 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple
               f"node:__internal_head__=0.001 instead (declare {TRIAL_RESOURCE} on the head to place them freely)")
     ctx = {
         "base": plan.base, "space": plan.space, "uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
-        "train_storage": str(plan.sweep_dir / "train"), "metric": plan.metric,
+        "train_storage": str(plan.sweep_dir / "train"), "metric": plan.metric, "fail_after_epoch": fail_after_epoch,
         "tags": {tracking.TAG_DATASET: plan.dataset, tracking.TAG_PROFILE: plan.profile, TAG_SWEEP: plan.name,
                  **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})},
     }

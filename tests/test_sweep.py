@@ -370,3 +370,22 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: P
     assert all(r.info.status == "FINISHED" for r in trials)
     kept = next(r for r in trials if r.info.run_id == first.info.run_id)
     assert kept.info.end_time == first.info.end_time  # not rerun, not reopened
+
+
+def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path) -> None:
+    """--max-failures 1 in local mode: Tune restarts a trial that failed after epoch 1 from the
+    checkpoint it reported, and the same MLflow run finishes, the failure kept on record."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = sweep.build_parser().parse_args([
+        "--profile", "smoke", "--dataset", "shapes", "--num-samples", "1", "--max-failures", "1",
+        "--grace-period", "2", "--out", str(tmp_path / "out"), "--set", f"data.root={tmp_path / 'shapes'}"])
+    plan = sweep.build_plan(args)
+    assert sweep.run_sweep(plan, uri, fail_after_epoch=0) == 0  # the loop raises once, after epoch 1's report
+    runs = _runs(uri)
+    (trial,) = [r for r in runs if r.data.tags.get("detlab.kind") == "trial"]
+    assert trial.info.status == "FINISHED" and trial.data.metrics["epochs_trained"] == 2
+    assert "injected failure after epoch 1" in trial.data.tags["detlab.retried_after"]
+    assert "detlab.error" not in trial.data.tags
+    # resumed, not retrained: epoch 1 was logged once, by the first attempt
+    history = MlflowClient(uri).get_metric_history(trial.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2]
