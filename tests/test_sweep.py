@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import math
 import time
 from pathlib import Path
 
