@@ -48,7 +48,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -324,7 +324,6 @@ class SweepPlan:
     grace_period: int
     reduction_factor: int
     resume: bool
-    notes: list[str] = field(default_factory=list)
 
     @property
     def storage(self) -> Path:
@@ -365,7 +364,6 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
         raise ConfigError("--search optuna needs the 'optuna' package, which is not installed "
                           "(pip install optuna), or use --search random")
     tag = args.dataset or next(iter(profile.table2.datasets or profile.datasets), None)
-    notes: list[str] = []
 
     # the method below the user's layers; eval every epoch (ASHA compares trials per epoch)
     layer = merge_dicts(overrides_to_dict({**METHOD, "eval.every": 1}), user_layer(args))
@@ -388,7 +386,7 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
         name=name,
         experiment=experiment_name(cell.dataset), out=args.out.expanduser().resolve(),
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, search=args.search, seed=args.seed,
-        grace_period=args.grace_period, reduction_factor=args.reduction_factor, resume=args.resume, notes=notes,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor, resume=args.resume,
     )
 
 
@@ -1071,8 +1069,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.posthoc:
             return run_posthoc(args, uri)
         plan = build_plan(args)
-        for note in plan.notes:
-            print(f"detlab sweep: note: {note}")
         if args.dry_run:
             print(f"sweep {plan.name} -> {plan.sweep_dir}\nmetric {plan.metric}, {plan.num_samples} trial(s), "
                   f"search {plan.search}\nspace:\n{space_text(plan.space)}base config:\n"
