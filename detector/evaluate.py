@@ -35,6 +35,7 @@ __all__ = [
     "write_coco_results",
     "voc_evaluate",
     "voc_ap",
+    "voc07_thresholds",
     "misalignment",
     "pr_curve",
 ]
@@ -537,20 +538,31 @@ def _match(flat: _Flat, iou_threshold: float, plus_one: bool) -> tuple[np.ndarra
     return order, tp, ignored, iou_s
 
 
-def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
-    """Average precision (fraction 0-1) from cumulative recall/precision arrays (score order).
+def voc07_thresholds(exact: bool = False) -> np.ndarray:
+    """The 11 recall thresholds ``[11]`` of VOC07 AP: the devkit's ``np.arange(0.0, 1.1, 0.1)``
+    (float error included, see :func:`voc_ap`) or, with ``exact``, exactly k/10."""
+    return np.arange(11) / 10.0 if exact else np.arange(0.0, 1.1, 0.1)
 
-    ``use_07_metric=True``: VOC2007 11-point, mean over t in {0, 0.1, ..., 1} of max precision at
-    recall >= t (0 if none); thresholds are exactly k/10 (the devkit's ``0:0.1:1`` loop has float
-    error, e.g. 0.30000000000000004, so a recall of exactly 0.3 would miss; only such ties differ).
-    ``False``: VOC2010+ area under the precision envelope (precision made monotone from the right,
-    summed over the points where recall changes).
+
+def voc_ap(
+    recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True, exact_thresholds: bool = False
+) -> float:
+    """Average precision (fraction 0-1) from cumulative recall/precision arrays ``[N]`` (score order).
+
+    ``use_07_metric=True``: VOC2007 11-point, mean over 11 recall thresholds t of the max precision
+    at recall >= t (0 if none). The thresholds are the devkit's ``np.arange(0.0, 1.1, 0.1)`` (default),
+    whose float values include 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001: a
+    recall of exactly 0.3, 0.6 or 0.7 does *not* reach that threshold. The official devkit,
+    mmdetection and detectron2 all do this, so published VOC07 numbers include it; keeping it makes
+    our mAP comparable. ``exact_thresholds=True`` uses exact k/10 instead (then such a recall counts).
+    ``use_07_metric=False``: VOC2010+ area under the precision envelope (precision made monotone
+    from the right, summed over the points where recall changes); ``exact_thresholds`` is unused.
     """
     recall = np.asarray(recall, dtype=np.float64)
     precision = np.asarray(precision, dtype=np.float64)
     if use_07_metric:
         ap = 0.0
-        for t in np.arange(11) / 10.0:
+        for t in voc07_thresholds(exact_thresholds):
             sel = precision[recall >= t]
             ap += (sel.max() if sel.size else 0.0) / 11.0
         return float(ap)
@@ -581,6 +593,7 @@ def voc_evaluate(
     class_names: Sequence[str] | None = None,
     return_pr: bool = False,
     legacy_plus_one: bool = False,
+    exact_thresholds: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]:
     """PASCAL VOC mean AP.
 
@@ -595,6 +608,8 @@ def voc_evaluate(
         return_pr: also return PR data (see below).
         legacy_plus_one: IoU with the devkit's +1 widths/heights. Default False: IoU in continuous
             pixel coordinates (no +1), consistent with torchvision and COCO.
+        exact_thresholds: VOC07 11-point only: exact k/10 recall thresholds instead of the devkit's
+            ``np.arange(0.0, 1.1, 0.1)`` (default, so our numbers equal published ones; see :func:`voc_ap`).
 
     Matching: see :func:`_match` (greedy by score over the whole set per class, argmax-IoU GT,
     duplicates are FP, difficult GTs neither TP nor FP nor counted).
@@ -631,7 +646,7 @@ def voc_evaluate(
             continue
         recall = tp_c / npos
         precision = tp_c / np.maximum(tp_c + fp_c, np.finfo(np.float64).eps)
-        ap_per_class[key] = voc_ap(recall, precision, use_07_metric) * 100.0
+        ap_per_class[key] = voc_ap(recall, precision, use_07_metric, exact_thresholds) * 100.0
         per_class_pr[key] = {"recall": recall, "precision": precision}
         curves.append(_interp_precision(recall, precision))
     valid = [v for v in ap_per_class.values() if not math.isnan(v)]

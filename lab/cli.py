@@ -5,6 +5,7 @@ Subcommands::
     detlab table 1|2 [--profile smoke|demo|cpu|paper] [--seeds N] [--set k=v] ...   run a paper table
     detlab train [--config FILE] [--set k=v] ...      one config -> one run (experiment detlab-train)
     detlab tables --table 1|2 [--out DIR]             rebuild a table from MLflow (lab.tables)
+    detlab compare A B [--metric AP]                  two runs' metric, Δ and its image-bootstrap CI
     detlab sweep --dataset shapes --num-samples 32    Ray Tune sweep (lab.sweep)
     detlab data shapes|trees                          prepare a built-in dataset, print where it is
     detlab predict IMAGE... --weights model.pt        boxes JSON + a drawn PNG per image
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tables", help="rebuild a table from MLflow (see detlab tables --help)", add_help=False)
     sub.add_parser("sweep", help="Ray Tune sweep over IAC/DC/CL-B parameters (see detlab sweep --help)", add_help=False)
 
+    from lab import compare
+
+    p = sub.add_parser("compare", help="two runs (ids or names): metric, delta, image-level paired bootstrap CI")
+    compare.add_arguments(p)
+
     p = sub.add_parser("data", help="prepare a built-in dataset and print where it is")
     p.add_argument("name", choices=("shapes", "trees"))
     p.add_argument("--profile", choices=PROFILES, default=None,
@@ -114,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tables.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"table": cmd_table, "train": cmd_train, "data": cmd_data, "predict": cmd_predict, "ui": cmd_ui}[
+        return {"table": cmd_table, "train": cmd_train, "data": cmd_data, "predict": cmd_predict, "ui": cmd_ui,
+                "compare": cmd_compare}[
             args.command
         ](args)
     except ConfigError as e:
@@ -198,6 +205,7 @@ def _warn_if_ephemeral(out: Path, uri: str) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from detector.anchors import anchor_fit, dataset_boxes, fit_anchor_sizes
     from detector.config import DetectorConfig, apply_overrides
     from detector.data import build_dataset, dataset_root
 
@@ -206,12 +214,19 @@ def cmd_data(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
         if args.name not in profile.datasets:
             raise ConfigError(f"profile {args.profile!r} has no {args.name!r} dataset ({', '.join(profile.datasets)})")
-        base.data = single_cell(profile, {}, args.name).cfg.data
-    data = apply_overrides(base, [f"data.dataset={args.name}", *args.sets]).data
+        resolved = single_cell(profile, {}, args.name).cfg
+        base.data, base.model = resolved.data, resolved.model
+    cfg = apply_overrides(base, [f"data.dataset={args.name}", *args.sets])
+    data, model = cfg.data, cfg.model
     data.validate()
     for split in ("train", "val"):
         ds = build_dataset(data, split, train=False)
         print(f"{args.name} {split}: {ds!r}")
+        if split == "train":
+            boxes = dataset_boxes(ds.records, model.min_size, model.max_size)
+            print(f"  anchor fit at {model.min_size}-{model.max_size} px: "
+                  f"{anchor_fit(boxes, model.anchor_sizes, cfg.assign.fg_threshold).summary()}")
+            print(f"  best base size: {fit_anchor_sizes(boxes)[1].summary()}")
     print(f"{args.name} is under {dataset_root(data)}")
     return 0
 
@@ -259,6 +274,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         plt.close(fig)
         print(f"{path}: {len(boxes)} detection(s) -> {args.out / path.stem}.json/.png")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lab import compare
+
+    return compare.run(args)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

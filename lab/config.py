@@ -26,6 +26,7 @@ from detector.config import (
     ConfigError,
     DetectorConfig,
     apply_overrides,
+    check_choice,
     check_min,
     check_positive,
     check_unit,
@@ -50,11 +51,18 @@ class TrainConfig:
     batch_size: int = 2
     #: learning rate for a global batch of 16 (linear scaling rule: lr = base_lr x global_batch / 16).
     base_lr: float = 0.01
+    #: "sgd" (momentum, the paper's) or "adamw" (betas (0.9, 0.999); converges faster from scratch).
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     #: linear warm-up from warmup_factor x lr to lr over the first warmup_iters iterations.
     warmup_iters: int = 500
     warmup_factor: float = 0.001
+    #: warm-up as a fraction of all iterations; when > 0 it replaces warmup_iters, so that a short
+    #: run still spends most of its steps at full lr.
+    warmup_frac: float = 0.0
+    #: "step" (x lr_gamma at lr_steps, the 1x shape) or "cosine" (to 0 after the warm-up).
+    lr_schedule: str = "step"
     #: step decay points as fractions of the total iterations (1x: epochs 8 and 11 of 12).
     lr_steps: tuple[float, ...] = (8 / 12, 11 / 12)
     lr_gamma: float = 0.1
@@ -78,8 +86,10 @@ class TrainConfig:
             check_positive(f"train.{key}", getattr(self, key))
         for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip", "system_metrics_s"):
             check_min(f"train.{key}", getattr(self, key))
-        for key in ("momentum", "warmup_factor", "lr_gamma"):
+        for key in ("momentum", "warmup_factor", "lr_gamma", "warmup_frac"):
             check_unit(f"train.{key}", getattr(self, key))
+        check_choice("train.lr_schedule", self.lr_schedule, ("step", "cosine"))
+        check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
         if any(not 0.0 < s <= 1.0 for s in self.lr_steps) or list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"train.lr_steps={self.lr_steps} must be increasing fractions in (0, 1]")
 
@@ -99,6 +109,9 @@ class EvalConfig:
     #: writes a results JSON for the evaluation server (images under data.root/test_dev_split).
     test_dev_ann: str | None = None
     test_dev_split: str = "test2017"
+    #: VOC07 11-point AP with exact k/10 recall thresholds; default False = the devkit's
+    #: np.arange(0, 1.1, 0.1) (0.30000000000000004, ...), as in published VOC numbers.
+    voc07_exact_thresholds: bool = False
 
     def validate(self) -> None:
         check_min("eval.every", self.every)

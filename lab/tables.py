@@ -23,7 +23,15 @@ Missing cells print "—", never 0. Numbers are percent.
 
 Statistics: mean over seeds; 95% CI half-width ``t(0.975, n-1) · s / sqrt(n)`` (blank for n = 1).
 Deltas between two cells: difference of means; CI paired over seeds when both cells have the same
-seeds (e.g. CL-B reuses the IAC+DC checkpoints), otherwise Welch; blank when either n < 2.
+seeds (e.g. CL-B reuses the IAC+DC checkpoints; :func:`lab.stats.seed_paired_ci`), otherwise Welch;
+blank when either n < 2. ``*`` marks a delta whose seed CI excludes 0.
+
+Table 2 deltas also get an image-level paired bootstrap CI (:mod:`lab.stats`): the val images are
+resampled with replacement (1000 resamples, seed 0) and both rows are re-scored on the same
+resample. It is **pooled over seeds**: for every seed both rows have (with detections logged), the
+two runs of that seed form a pair; per resample the pairs' deltas are averaged, so the interval is
+that of the seed-mean delta under image sampling (seed noise is the other CI's job). ``†`` marks a
+bootstrap CI that excludes 0; "—" means no seed pair had its detections artifact (older runs).
 """
 
 from __future__ import annotations
@@ -35,22 +43,27 @@ import logging
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from scipy import stats as sstats
 
-from lab import paper, tracking
+from lab import paper, stats, tracking
+from lab.stats import BootstrapCI, Stat, summarize
 from lab.tracking import TAG_DATASET, TAG_GIT, TAG_KEY, TAG_KIND, TAG_PROFILE, TAG_ROW, TAG_SEED
 
 log = logging.getLogger(__name__)
 
 MISSING = "—"
+#: markers of a delta whose 95% CI excludes 0: over seeds / image-level bootstrap
+SEED_MARK = "*"
+BOOT_MARK = "†"
 #: profile shown for cell runs without a ``detlab.profile`` tag
 NO_PROFILE = "default"
 #: metric names cell runs log (percent), in display order; ``misalign_*`` are correlations
@@ -110,27 +123,6 @@ DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
 # statistics
 
 
-@dataclass(frozen=True)
-class Stat:
-    """Mean and 95% CI half-width of one metric over seeds (``ci95`` None when n < 2)."""
-
-    mean: float
-    ci95: float | None
-    n: int
-
-
-def summarize(values: Sequence[float]) -> Stat | None:
-    """Mean ± Student-t 95% CI (n−1 dof) of ``values``; None for no values."""
-    n = len(values)
-    if n == 0:
-        return None
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Stat(mean, None, 1)
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return Stat(mean, float(sstats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n), n)
-
-
 def delta_stat(a: dict[int, float], b: dict[int, float]) -> tuple[Stat, str] | None:
     """``mean(a) − mean(b)`` over per-seed values, with its 95% CI and the CI method.
 
@@ -140,7 +132,7 @@ def delta_stat(a: dict[int, float], b: dict[int, float]) -> tuple[Stat, str] | N
     if not a or not b:
         return None
     if a.keys() == b.keys() and len(a) >= 2:
-        paired = summarize([a[s] - b[s] for s in sorted(a)])
+        paired = stats.seed_paired_ci(b, a)  # mean of a[s] − b[s]
         assert paired is not None
         return paired, "paired"
     sa, sb = summarize(list(a.values())), summarize(list(b.values()))
@@ -213,6 +205,8 @@ class Row:
     delta: Stat | None = None
     delta_method: str | None = None
     paper_delta: float | None = None
+    #: Table 2: image-level paired bootstrap CI of the delta, pooled over seed pairs (None: no detections)
+    boot: BootstrapCI | None = None
 
     @property
     def n(self) -> int:
@@ -283,9 +277,22 @@ def _record(run: Run) -> RunRecord | None:
     )
 
 
-def aggregate(uri: str, table: int, profile: str | None = None) -> list[Row]:
-    """Cells of Table ``table`` from the MLflow store at ``uri`` (missing expected cells have n = 0)."""
-    return aggregate_records(fetch_cell_runs(uri, table, profile), table)
+def aggregate(uri: str, table: int, profile: str | None = None, bootstrap: bool = True) -> list[Row]:
+    """Cells of Table ``table`` from the MLflow store at ``uri`` (missing expected cells have n = 0).
+
+    ``bootstrap`` (Table 2): also the image-level bootstrap CIs of the deltas (:func:`add_bootstrap`),
+    from each run's detections and config artifacts.
+    """
+    return _aggregate(uri, fetch_cell_runs(uri, table, profile), table, bootstrap)
+
+
+def _aggregate(uri: str, records: Sequence[RunRecord], table: int, bootstrap: bool) -> list[Row]:
+    rows = aggregate_records(records, table)
+    if bootstrap and table == 2:
+        from lab.compare import RunMatchesLoader  # rebuilds val datasets: only when asked
+
+        add_bootstrap(rows, records, RunMatchesLoader(MlflowClient(uri)).get)
+    return rows
 
 
 def aggregate_records(records: Sequence[RunRecord], table: int) -> list[Row]:
@@ -396,6 +403,58 @@ def _add_deltas(rows: list[Row], table: int) -> None:
         r.paper_delta = None if mine is None or theirs is None else round(mine - theirs, 6)
 
 
+def add_bootstrap(
+    rows: Sequence[Row],
+    records: Sequence[RunRecord],
+    load: Callable[[str], stats.Matches | None],
+    n_resamples: int = stats.N_RESAMPLES,
+    seed: int = stats.BOOTSTRAP_SEED,
+) -> None:
+    """Set ``row.boot`` for every row with a delta: the image-level paired bootstrap CI of
+    ``headline(row) − headline(delta_ref)``, pooled over the seeds both rows have.
+
+    ``load(run_id)`` gives a run's matched detections (None: not available; that seed pair is left
+    out). One resample matrix per (dataset, profile) section, shared by all its rows and seeds, and
+    one resampled metric per run (cached), so a run used twice (as row and as reference) costs once.
+    """
+    run_of = {(r.row, r.dataset, r.profile, r.seed): r.run_id for r in records if r.used}
+    by_key = {(r.dataset, r.profile, r.row): r for r in rows}
+    counts: dict[tuple[str, str], np.ndarray] = {}
+    per_run: dict[str, tuple[float, np.ndarray] | None] = {}
+
+    def resampled(run_id: str, section: tuple[str, str], metric: str) -> tuple[float, np.ndarray] | None:
+        if run_id not in per_run:
+            m = load(run_id)
+            if m is None:
+                per_run[run_id] = None
+            else:
+                m = stats.for_metric(m, metric)
+                if section not in counts:
+                    counts[section] = stats.resample_counts(m.image_ids.size, n_resamples, seed)
+                if counts[section].shape[1] != m.image_ids.size:
+                    log.warning("run %s has %d val images, others of %s/%s have %d: no bootstrap for it",
+                                run_id, m.image_ids.size, *section, counts[section].shape[1])
+                    per_run[run_id] = None
+                else:
+                    per_run[run_id] = (stats.full_metric(m), stats.resampled_metric(m, counts[section]))
+        return per_run[run_id]
+
+    for r in rows:
+        base = by_key.get((r.dataset, r.profile, r.delta_ref)) if r.delta_ref else None
+        if base is None or not r.n or not base.n:
+            continue
+        metric, section = r.view.headline, (r.dataset, r.profile)
+        full, boot = [], []
+        for s in sorted(set(r.seeds) & set(base.seeds)):
+            mine = resampled(run_of[(r.row, r.dataset, r.profile, s)], section, metric)
+            ref = resampled(run_of[(base.row, r.dataset, r.profile, s)], section, metric)
+            if mine is not None and ref is not None:
+                full.append(mine[0] - ref[0])
+                boot.append(mine[1] - ref[1])
+        if full:
+            r.boot = stats.pooled_bootstrap_ci(full, boot)
+
+
 # --------------------------------------------------------------------------------------------
 # rendering: rows → sections (header + formatted body) → md / tex / html
 
@@ -412,12 +471,22 @@ def fmt_value(value: float | None, digits: int = 1) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
-def fmt_stat(stat: Stat | None, digits: int = 1, signed: bool = False) -> str:
-    """``"37.2 ± 0.4"``; ``"37.2"`` for n = 1; "—" when missing."""
+def fmt_stat(stat: Stat | None, digits: int = 1, signed: bool = False, mark: bool = False) -> str:
+    """``"37.2 ± 0.4"``; ``"37.2"`` for n = 1; "—" when missing; with ``mark`` a trailing ``*``
+    when the CI excludes 0."""
     if stat is None:
         return MISSING
     mean = f"{stat.mean:+.{digits}f}" if signed else f"{stat.mean:.{digits}f}"
-    return mean if stat.ci95 is None else f"{mean} ± {stat.ci95:.{digits}f}"
+    text = mean if stat.ci95 is None else f"{mean} ± {stat.ci95:.{digits}f}"
+    return f"{text} {SEED_MARK}" if mark and stat.excludes_zero else text
+
+
+def fmt_boot(ci: BootstrapCI | None, digits: int = 1) -> str:
+    """``"[+0.3, +2.1] †"`` (``†`` when the interval excludes 0); "—" when there is none."""
+    if ci is None or not (math.isfinite(ci.lo) and math.isfinite(ci.hi)):
+        return MISSING
+    text = f"[{ci.lo:+.{digits}f}, {ci.hi:+.{digits}f}]"
+    return f"{text} {BOOT_MARK}" if ci.excludes_zero else text
 
 
 def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Section]:
@@ -439,7 +508,10 @@ def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Sec
         header = (["IAC", "DC", "CL-B"] if table == 2 else ["Method", "Backbone"]) + ["n"]
         for m in view.metrics:
             header += [f"{m} ours", f"{view.paper_metric[m]} paper"]
-        header += [f"Δ{view.headline} ours", f"Δ{view.paper_metric[view.headline]} paper"]
+        header += [f"Δ{view.headline} ours"]
+        if table == 2:
+            header += [f"Δ{view.headline} image-bootstrap 95% CI"]
+        header += [f"Δ{view.paper_metric[view.headline]} paper"]
         body = []
         for r in cells:
             body.append(
@@ -447,8 +519,10 @@ def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Sec
                 + [str(r.n)]
                 + [c for m in view.metrics for c in (fmt_stat(r.stats.get(m) if r.n else None, digits),
                                                       fmt_value(r.paper.get(m), digits))]
-                + ([fmt_stat(r.delta, digits, signed=True), _fmt_signed(r.paper_delta, digits)]
-                   if r.delta_ref is not None else ["", ""])
+                + ([fmt_stat(r.delta, digits, signed=True, mark=True)]
+                   + ([fmt_boot(r.boot, digits)] if table == 2 else [])
+                   + [_fmt_signed(r.paper_delta, digits)]
+                   if r.delta_ref is not None else [""] * (3 if table == 2 else 2))
             )
         sections.append(Section(f"{dataset} — profile {profile}", note, header, body))
     sections.append(_reported_section(table, digits))
@@ -492,12 +566,22 @@ _TITLES = {
 }
 _LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no CI for n = 1); n = seeds; "
            f"{MISSING} = no finished run (or no paper value); Δ = headline-metric gain over the previous "
-           "row (Table 2) or over RetinaNet (Table 1), CI paired over seeds when seeds match. Percent.")
+           "row (Table 2) or over RetinaNet (Table 1), CI paired over seeds when seeds match (else Welch); "
+           f"{SEED_MARK} = that CI excludes 0. Percent.")
+#: Table 2's footnote on the bootstrap column
+_BOOT_LEGEND = (f"Image-bootstrap CI: 95% percentile interval of Δ over {stats.N_RESAMPLES} resamples of the val "
+                "images (with replacement, seed 0), both rows re-scored on the same resample; pooled over seeds "
+                "(per resample, the mean of the seed pairs' deltas), so it reflects image sampling, not seed noise; "
+                f"{BOOT_MARK} = it excludes 0; {MISSING} = no detections logged for any seed pair.")
+
+
+def _legend(table: int) -> str:
+    return f"{_LEGEND} {_BOOT_LEGEND}" if table == 2 else _LEGEND
 
 
 def render_markdown(rows: Sequence[Row], table: int, digits: int = 1) -> str:
     """The table as Markdown (what ``detlab tables`` prints)."""
-    out = [f"# {_TITLES[table]}", "", _LEGEND, ""]
+    out = [f"# {_TITLES[table]}", "", _legend(table), ""]
     if not rows:
         out += [f"_No finished cell runs in experiment `{tracking.experiment_name(table)}`._", ""]
     for s in build_sections(rows, table, digits):
@@ -516,6 +600,7 @@ def tex_escape(text: str) -> str:
     """Escape LaTeX specials; ✓, ±, Δ, — become math/text commands."""
     out = "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
     return (out.replace("✓", r"\checkmark{}").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+            .replace(BOOT_MARK, r"\dag{}")
             .replace("−", "-").replace(MISSING, "---"))
 
 
@@ -523,7 +608,7 @@ def render_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
     """booktabs tables (needs ``\\usepackage{booktabs,amssymb,graphicx}``), one tabular per section."""
     out = [r"% generated by lab.tables; needs \usepackage{booktabs,amssymb,graphicx}",
            r"\begin{table}[t]", r"\centering",
-           rf"\caption{{{tex_escape(_TITLES[table])}. {tex_escape(_LEGEND)}}}"]
+           rf"\caption{{{tex_escape(_TITLES[table])}. {tex_escape(_legend(table))}}}"]
     for s in build_sections(rows, table, digits):
         out += [rf"\par\smallskip\textbf{{{tex_escape(s.title)}}}\\ {{\footnotesize {tex_escape(s.note)}}}\par",
                 r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{'l' * len(s.header)}}}", r"\toprule",
@@ -540,7 +625,7 @@ def render_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
     out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{e(_TITLES[table])}</title>",
            "<style>table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;"
            "padding:2px 6px;text-align:right}</style></head><body>", f"<h1>{e(_TITLES[table])}</h1>",
-           f"<p>{e(_LEGEND)}</p>"]
+           f"<p>{e(_legend(table))}</p>"]
     for s in build_sections(rows, table, digits):
         out += [f"<h2>{e(s.title)}</h2>", f"<p>{e(s.note)}</p>", "<table>",
                 "<tr>" + "".join(f"<th>{e(h)}</th>" for h in s.header) + "</tr>"]
@@ -574,6 +659,9 @@ def csv_records(rows: Sequence[Row], table: int) -> list[dict[str, object]]:
             "delta_metric": r.view.headline if r.delta_ref else None, "delta_ref": r.delta_ref,
             "delta_mean": r.delta.mean if r.delta else None, "delta_ci95": r.delta.ci95 if r.delta else None,
             "delta_ci_method": r.delta_method, "paper_delta": r.paper_delta,
+            "delta_ci_excludes_0": r.delta.excludes_zero if r.delta else None,
+            "boot_delta": r.boot.delta if r.boot else None, "boot_lo": r.boot.lo if r.boot else None,
+            "boot_hi": r.boot.hi if r.boot else None, "boot_seed_pairs": r.boot.n_pairs if r.boot else None,
         })
         out.append(rec)
     if table == 1:
@@ -683,12 +771,14 @@ def write_tables(
     profile: str | None = None,
     digits: int = 1,
     log_to_mlflow: bool = True,
+    bootstrap: bool = True,
 ) -> dict[str, Path]:
     """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png``.
 
     Returns ``{"md", "tex", "csv", "html", "parquet", "png"}`` → absolute paths. With
     ``log_to_mlflow`` the files are also logged (under ``tables/``) to a new FINISHED run tagged
-    ``detlab.kind=tables`` in experiment ``detlab-table{N}``.
+    ``detlab.kind=tables`` in experiment ``detlab-table{N}``. ``bootstrap``: Table 2's image-level
+    bootstrap CIs (see :func:`add_bootstrap`; needs the runs' detections and their val data).
     """
     experiment = tracking.experiment_name(table)
     if digits < 0:
@@ -696,7 +786,7 @@ def write_tables(
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     records = fetch_cell_runs(uri, table, profile)
-    rows = aggregate_records(records, table)
+    rows = _aggregate(uri, records, table, bootstrap)
     stem = f"table{table}"
     paths = {
         "md": out / f"{stem}.md", "tex": out / f"{stem}.tex", "csv": out / f"{stem}.csv",
@@ -748,6 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only runs of this detlab.profile (default: all, one section each)")
     parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, like the paper)")
     parser.add_argument("--no-log", action="store_true", help="do not log the files as an MLflow 'tables' run")
+    parser.add_argument("--no-bootstrap", action="store_true",
+                        help="skip Table 2's image-level bootstrap CIs (they download each run's detections)")
     return parser
 
 
@@ -756,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     paths = write_tables(uri, args.table, args.out, profile=args.profile, digits=args.digits,
-                         log_to_mlflow=not args.no_log)
+                         log_to_mlflow=not args.no_log, bootstrap=not args.no_bootstrap)
     print(paths["md"].read_text())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}", file=sys.stderr)

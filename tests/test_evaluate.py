@@ -306,8 +306,8 @@ def _reference_voc_ap(gts, dets, cls, thr, use_07):
         return float("nan")
     tp, fp = np.cumsum(tp), np.cumsum(fp)
     rec, prec = tp / npos, tp / np.maximum(tp + fp, np.finfo(float).eps)
-    if use_07:
-        return 100 * sum(max([p for p, q in zip(prec, rec) if q >= k / 10] or [0.0]) for k in range(11)) / 11
+    if use_07:  # the devkit's thresholds, float error included (0.30000000000000004, ...)
+        return 100 * sum(max([p for p, q in zip(prec, rec) if q >= t] or [0.0]) for t in np.arange(0.0, 1.1, 0.1)) / 11
     ap, r_prev = 0.0, 0.0
     for k in range(len(rec)):  # area under the right-max envelope, step by step
         if rec[k] > r_prev:
@@ -347,8 +347,40 @@ def test_voc_ap_formulas_directly():
     prec = np.array([1, 1, 2 / 3, 1 / 2, 3 / 5])
     assert voc_ap(rec, prec, True) == pytest.approx(9.4 / 11)
     assert voc_ap(rec, prec, False) == pytest.approx(13 / 15)
-    # recall exactly 0.3 counts for the 0.3 threshold (k/10 thresholds, not 0.1 * k)
-    assert voc_ap(np.array([0.3]), np.array([1.0]), True) == pytest.approx(4 / 11)
+    # recall exactly 0.3 misses the devkit's 0.30000000000000004 threshold (default) but meets an
+    # exact 0.3 (opt-in)
+    assert voc_ap(np.array([0.3]), np.array([1.0]), True) == pytest.approx(3 / 11)
+    assert voc_ap(np.array([0.3]), np.array([1.0]), True, exact_thresholds=True) == pytest.approx(4 / 11)
+
+
+def _devkit_voc07_ap(rec: np.ndarray, prec: np.ndarray) -> float:
+    """The VOC devkit's / mmdetection's / detectron2's 11-point loop, literally."""
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        p = 0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+        ap = ap + p / 11.0
+    return ap
+
+
+@pytest.mark.parametrize("n_tp", [3, 6, 7])
+def test_voc07_default_thresholds_equal_devkit_at_recall_ties(n_tp):
+    # 10 GTs on 10 images; n_tp TPs ranked first, then 5 FPs: the top recall is exactly n_tp/10.
+    gts = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "labels": [0]} for i in range(10)]
+    dets = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "scores": [1.0 - 0.01 * i], "labels": [0]}
+            for i in range(n_tp)]
+    dets += [{"image_id": i, "boxes": [[50, 50, 60, 60]], "scores": [0.5 - 0.01 * i], "labels": [0]}
+             for i in range(5)]
+    tp = np.array([1.0] * n_tp + [0.0] * 5)
+    rec = np.cumsum(tp) / 10
+    prec = np.cumsum(tp) / np.arange(1, tp.size + 1)
+    assert rec.max() == n_tp / 10  # the tie the devkit's float thresholds miss
+    devkit = _devkit_voc07_ap(rec, prec)
+    exact = sum(np.max(prec[rec >= k / 10], initial=0.0) for k in range(11)) / 11
+    assert devkit != pytest.approx(exact)  # the case really distinguishes the two
+    assert voc_ap(rec, prec) == pytest.approx(devkit, abs=1e-15)
+    assert voc_ap(rec, prec, exact_thresholds=True) == pytest.approx(exact, abs=1e-15)
+    assert voc_evaluate(gts, dets)["mAP"] == pytest.approx(100 * devkit, abs=1e-12)
+    assert voc_evaluate(gts, dets, exact_thresholds=True)["mAP"] == pytest.approx(100 * exact, abs=1e-12)
 
 
 def test_voc_difficult_is_ignored():

@@ -334,3 +334,64 @@ def test_paper_data() -> None:
     assert [r.voc07_mAP for r in paper.TABLE2] == [78.2, 78.6, 79.2, 79.7]
     for ours, base in paper.TABLE1_BASELINE_OF.items():
         assert paper.table1_row(ours) is not None and paper.table1_row(base) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 2: seed-CI marker and image-level bootstrap CI column (records and matches built here)
+
+
+def _voc_run(n_found: int, n_images: int = 20):
+    """VOC matches of a run that finds the first ``n_found`` of ``n_images`` one-GT images."""
+    from lab import stats as lab_stats
+
+    gts = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "labels": [0]} for i in range(n_images)]
+    dets = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "scores": [1.0 - 0.01 * i], "labels": [0]}
+            for i in range(n_found)]
+    return lab_stats.voc_matches(gts, dets, ["tree"])
+
+
+def test_table2_bootstrap_ci_column_and_markers() -> None:
+    from lab import stats as lab_stats
+
+    found = {"baseline": 4, "iac": 9, "iac_dc": 9, "iac_dc_clb": 10}  # + seed
+    matches, records = {}, []
+    for row, n in found.items():
+        for seed in (0, 1, 2):
+            m = _voc_run(n + seed)
+            run_id = f"{row}-{seed}"
+            matches[run_id] = None if row == "iac_dc_clb" else m  # CL-B: an old run without detections
+            records.append(tables.RunRecord(run_id, run_id, None, None, row, "trees", seed, "small", None, None,
+                                            {"mAP": lab_stats.full_metric(m)}, {}))
+    rows = tables.aggregate_records(records, 2)
+    tables.add_bootstrap(rows, records, matches.get, n_resamples=300)
+
+    iac = _row(rows, "iac", "trees")
+    full = [lab_stats.full_metric(matches[f"iac-{s}"]) - lab_stats.full_metric(matches[f"baseline-{s}"]) for s in range(3)]
+    assert iac.boot.n_pairs == 3 and iac.boot.n_resamples == 300
+    assert iac.boot.delta == pytest.approx(np.mean(full)) == pytest.approx(iac.delta.mean)
+    assert iac.boot.lo > 0 and iac.boot.excludes_zero  # iac finds a superset of baseline's images
+    dc = _row(rows, "iac_dc", "trees")  # same detections as iac: Δ 0, CI [0, 0]
+    assert (dc.boot.delta, dc.boot.lo, dc.boot.hi) == (0.0, 0.0, 0.0) and not dc.boot.excludes_zero
+    assert _row(rows, "iac_dc_clb", "trees").boot is None and _row(rows, "baseline", "trees").boot is None
+
+    md = tables.render_markdown(rows, 2)
+    header = next(ln for ln in md.splitlines() if ln.startswith("| IAC |"))
+    assert "ΔmAP image-bootstrap 95% CI" in header
+    ours = md.split("## Paper")[0]  # our section, not the paper's table as reported
+    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in ours.splitlines() if ln.startswith("| ✓ |")]
+    line_iac = next(c for c in lines if c[:3] == ["✓", "", ""])
+    assert line_iac[6].endswith(f" {tables.SEED_MARK}")  # 3 seeds, consistent gain: seed CI excludes 0
+    assert line_iac[7] == f"[{iac.boot.lo:+.1f}, {iac.boot.hi:+.1f}] {tables.BOOT_MARK}"
+    assert line_iac[8] == "+0.4"  # the paper's ΔmAP, beside ours
+    line_dc = next(c for c in lines if c[:3] == ["✓", "✓", ""])
+    assert line_dc[7] == "[+0.0, +0.0]" and not line_dc[6].endswith(tables.SEED_MARK)
+    line_clb = next(c for c in lines if c[:3] == ["✓", "✓", "✓"])
+    assert line_clb[7] == tables.MISSING and line_clb[6] != tables.MISSING  # seed CI only
+    assert "pooled over seeds" in md and tables.BOOT_MARK in md
+
+    tex = tables.render_tex(rows, 2)
+    assert r"\dag{}" in tex and tables.BOOT_MARK not in tex and "image-bootstrap 95" in tex
+    html_text = tables.render_html(rows, 2)
+    assert f"{tables.BOOT_MARK}</td>" in html_text and "image-bootstrap 95% CI</th>" in html_text
+    rec = next(r for r in tables.csv_records(rows, 2) if r.get("row") == "iac" and r["source"] == "ours")
+    assert rec["boot_lo"] == iac.boot.lo and rec["boot_seed_pairs"] == 3 and rec["delta_ci_excludes_0"] is True
