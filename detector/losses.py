@@ -164,6 +164,28 @@ def dc_weights_for_batch(
     return list(flat.split([c.numel() for c in coeffs]))
 
 
+#: the lambda' percentiles :func:`dc_lambda_spread` reports, as (name, quantile).
+DC_LAMBDA_QUANTILES = (("dc_lambda_p5", 0.05), ("dc_lambda_p50", 0.50), ("dc_lambda_p95", 0.95))
+
+
+@torch.no_grad()
+def dc_lambda_spread(weights: Tensor) -> dict[str, float]:
+    """p5 / p50 / p95 of the lambda' values of a step's positives (eq. 2's output): how much DC
+    reweights. All ones (1, 1, 1) means DC does nothing; a wide spread means it redistributes.
+
+    Args:
+        weights: Tensor[P], lambda' of every positive of the batch (any ``loss.scope``).
+    Returns:
+        ``{"dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95"}`` (linear interpolation between
+        order statistics, ``torch.quantile``'s default); ``{}`` when there is no positive.
+    """
+    if weights.numel() == 0:
+        return {}
+    q = torch.tensor([v for _, v in DC_LAMBDA_QUANTILES], dtype=torch.float64, device=weights.device)
+    values = torch.quantile(weights.detach().double().flatten(), q).tolist()
+    return {name: float(v) for (name, _), v in zip(DC_LAMBDA_QUANTILES, values)}
+
+
 def box_regression_loss(
     kind: str,
     box_coder: det_utils.BoxCoder,

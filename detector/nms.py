@@ -9,11 +9,15 @@ Readings of the paper that it leaves open (ours; config keys in ``NmsConfig``):
 * eq. 7's ``dis`` must fall with distance (a raw distance would reward outliers), so it is the
   bounded similarity ``dis_j = max(0, 1 - |c_j - c0|^2 / (w_j^2 + h_j^2))`` normalised by box j's
   own diagonal, and weighted: ``s_j = score_j + beta * dis_j``.
-* One box per cluster is kept: the member with the largest ``s`` (the leader on ties). The reported
-  detection score stays ``score_j``: COCO AP ranks by it, and ``s`` is a selection criterion.
+* One box per cluster is kept: the member with the largest ``s`` (the leader on ties).
+* The score a kept box reports (what COCO AP ranks by) is ``nms.clb_score``: ``"own"`` (default)
+  keeps its own ``score_j`` (``s`` is a selection criterion only); ``"cluster_max"`` gives it the
+  highest score of its cluster, as IoU-Net's IoU-guided NMS does.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -135,14 +139,57 @@ def clb_selection_score(boxes: Tensor, scores: Tensor, center0: Tensor, beta: fl
     return scores + beta * dis
 
 
+#: ``score_mode`` values of :func:`clb_nms` (the config key ``nms.clb_score``).
+SCORE_MODES = ("own", "cluster_max")
+
+
+@dataclass(frozen=True)
+class NmsResult:
+    """What NMS keeps: one box per cluster, in the order of the reported scores (descending).
+
+    Attributes:
+        keep: LongTensor[L], indices into the candidates.
+        scores: Tensor[L], the score each kept box reports (see ``score_mode`` of :func:`clb_nms`).
+        not_top: BoolTensor[L], True where the kept box's own score is strictly below the highest
+            score of its cluster (CL-B chose a better-centred, lower-scored member; ties with the
+            top count as top). Always False for greedy NMS, which keeps each cluster's top box.
+    """
+
+    keep: Tensor
+    scores: Tensor
+    not_top: Tensor
+
+    def __getitem__(self, index: slice) -> "NmsResult":
+        """The first kept boxes (``result[:100]``): the same slice of every field."""
+        return NmsResult(self.keep[index], self.scores[index], self.not_top[index])
+
+
+def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> NmsResult:
+    """``torchvision.ops.batched_nms`` as an :class:`NmsResult` (own scores, ``not_top`` all False)."""
+    keep = batched_nms(boxes, scores, labels, iou_threshold)
+    return NmsResult(keep, scores[keep], torch.zeros(keep.shape, dtype=torch.bool, device=keep.device))
+
+
 def clb_nms(
-    boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor, iou_threshold: float, beta: float = 1.0
-) -> Tensor:
+    boxes: Tensor,
+    scores: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    iou_threshold: float,
+    beta: float = 1.0,
+    score_mode: str = "own",
+) -> NmsResult:
     """Classification-Localization balanced NMS, paper eq. 6-7.
 
     Clusters are those of class-wise greedy NMS (see :func:`nms_clusters`); in each cluster the
     member with the largest ``score + beta * dis`` is kept (the leader on ties). With ``beta=0``
-    the result equals ``torchvision.ops.batched_nms`` exactly.
+    the kept indices and their order equal ``torchvision.ops.batched_nms`` exactly (either mode).
+
+    The score a kept box reports is an open reading (config key ``nms.clb_score``):
+
+    * ``"own"`` (default): its own ``scores[j]``; eq. 7's ``s`` selects, it is not reported.
+    * ``"cluster_max"``: the highest ``scores`` over its cluster's members (IoU-Net's IoU-guided
+      NMS): the cluster keeps its confidence and gains the better-centred box.
 
     Args:
         boxes: Tensor[K, 4], ``x1, y1, x2, y2`` in pixels.
@@ -151,15 +198,34 @@ def clb_nms(
         labels: LongTensor[K], class of each box; clusters never mix classes.
         iou_threshold: boxes with IoU > this merge into a leader's cluster.
         beta: weight of the centre-distance term (>= 0).
+        score_mode: ``"own"`` or ``"cluster_max"``.
     Returns:
-        LongTensor[L]: indices of the kept boxes, one per cluster, sorted by ``scores`` descending.
+        :class:`NmsResult`: ``keep`` (LongTensor[L], one per cluster), the reported ``scores``
+        [L] and ``not_top`` [L], sorted by the reported scores descending (stable).
     """
     if beta < 0:
         raise ValueError(f"beta={beta} must be >= 0")
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode={score_mode!r} is not one of {SCORE_MODES} (config key nms.clb_score)")
     leaders, cluster = nms_clusters(boxes, scores, labels, iou_threshold)
     num_clusters = leaders.numel()
     if num_clusters == 0 or beta == 0:
-        return leaders
+        kept = leaders
+    else:
+        kept = _clb_select(boxes, scores, logits, leaders, cluster, beta)
+    # kept[k] is cluster k's choice; its cluster's top score and whether the choice falls short of it
+    top = torch.full((num_clusters,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    top.scatter_reduce_(0, cluster, scores, reduce="amax")
+    own = scores[kept]
+    reported = top if score_mode == "cluster_max" else own
+    # Stable sort from the leaders' order: with beta=0 this is batched_nms's order exactly.
+    order = torch.sort(reported, descending=True, stable=True).indices
+    return NmsResult(kept[order], reported[order], (own < top)[order])
+
+
+def _clb_select(boxes: Tensor, scores: Tensor, logits: Tensor, leaders: Tensor, cluster: Tensor, beta: float) -> Tensor:
+    """Per cluster, in ``leaders`` order, the member with the largest eq. 7 ``s`` (leader on ties)."""
+    num_clusters = leaders.numel()
     work = boxes.float()
     w = work[:, 2:] - work[:, :2]
     centers = work[:, :2] + 0.5 * w
@@ -176,6 +242,4 @@ def clb_nms(
     cand = torch.where(s >= best[cluster], priority, torch.full_like(priority, big))
     chosen = torch.full((num_clusters,), big, dtype=torch.int64, device=s.device)
     chosen.scatter_reduce_(0, cluster, cand, reduce="amin")
-    kept = torch.where(chosen == 0, leaders, chosen - 1)
-    # Stable sort from the leaders' order: with beta=0 this is batched_nms's order exactly.
-    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+    return torch.where(chosen == 0, leaders, chosen - 1)

@@ -63,8 +63,13 @@ def predict(
     return out
 
 
-def score(dataset: Any, predictions: list[dict[str, Any]]) -> EvalResult:
-    """Standard metrics for the dataset's format, the misalignment diagnostic, and PR data."""
+def score(dataset: Any, predictions: list[dict[str, Any]], voc07_exact: bool = False) -> EvalResult:
+    """Standard metrics for the dataset's format, the misalignment diagnostic, and PR data.
+
+    ``voc07_exact`` (``eval.voc07_exact_thresholds``): VOC-format data only, exact k/10 recall
+    thresholds instead of the devkit's float ones (default False, comparable with published VOC07
+    numbers; see :func:`detector.evaluate.voc_ap`).
+    """
     gts = dataset.eval_targets()
     if dataset.format == "coco":
         results = det_eval.predictions_to_coco(predictions, dataset.label_to_cat_id)
@@ -72,7 +77,8 @@ def score(dataset: Any, predictions: list[dict[str, Any]]) -> EvalResult:
         metrics = {k: float(stats[k]) for k in COCO_METRICS if k in stats}
     else:
         stats, pr = det_eval.voc_evaluate(gts, predictions, iou_threshold=0.5, use_07_metric=True,
-                                          class_names=list(dataset.class_names), return_pr=True)
+                                          class_names=list(dataset.class_names), return_pr=True,
+                                          exact_thresholds=voc07_exact)
         metrics = {"mAP": float(stats["mAP"])}
     mis = det_eval.misalignment(gts, predictions, iou_threshold=0.5)
     metrics["misalign_spearman"] = float(mis["spearman"])
@@ -81,9 +87,30 @@ def score(dataset: Any, predictions: list[dict[str, Any]]) -> EvalResult:
     return EvalResult(metrics, predictions, pr)
 
 
-def evaluate(model: torch.nn.Module, dataset: Any, device: torch.device, batch_size: int = 4) -> EvalResult:
-    """Predict over the whole split and score it."""
-    return score(dataset, predict(model, dataset, device, batch_size))
+def evaluate(
+    model: torch.nn.Module, dataset: Any, device: torch.device, batch_size: int = 4, voc07_exact: bool = False
+) -> EvalResult:
+    """Predict over the whole split and score it (``voc07_exact``: see :func:`score`).
+
+    With CL-B NMS on (``model.postprocess.clb``) the metrics also hold ``clb_kept_not_top_frac``:
+    the share of the reported detections whose own score is below the top score of their NMS
+    cluster (CL-B kept a better-centred, lower-scored box; 0 would mean CL-B changed nothing).
+    It comes from the model's ``nms_stats``, counted over this pass.
+    """
+    net = getattr(model, "module", model)  # DDP
+    reset = getattr(net, "reset_nms_stats", None)
+    if reset is not None:
+        reset()
+    result = score(dataset, predict(model, dataset, device, batch_size), voc07_exact=voc07_exact)
+    if reset is not None and getattr(net.postprocess, "clb", False):
+        result.metrics["clb_kept_not_top_frac"] = clb_kept_not_top_frac(net.nms_stats)
+    return result
+
+
+def clb_kept_not_top_frac(nms_stats: dict[str, int]) -> float:
+    """``kept_not_top / clusters`` from a model's ``nms_stats`` (0 when nothing was detected)."""
+    clusters = int(nms_stats.get("clusters", 0))
+    return float(nms_stats.get("kept_not_top", 0)) / clusters if clusters else 0.0
 
 
 def write_artifacts(

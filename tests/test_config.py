@@ -61,3 +61,37 @@ def test_bad_yaml_file_named(tmp_path):
     typo.write_text("assign:\n  alhpa: 0.2\n")
     with pytest.raises(ConfigError, match="typo.yaml.*assign.alhpa"):
         load_yaml(DetectorConfig, typo)
+
+
+@pytest.mark.parametrize(
+    "alpha, tau, why",
+    [
+        (0.2, 0.6, r"1 - assign\.alpha"),  # tau <= 1 - alpha: every anchor inside a GT is positive from step 0
+        (0.5, 0.5, r"1 - assign\.alpha"),  # the boundary is degenerate too
+        (0.8, 0.55, r"does not overlap"),  # tau <= alpha: anchors with no overlap turn positive
+        (0.7, 0.7, r"does not overlap"),
+    ],
+)
+def test_degenerate_iac_score_rule_is_rejected_naming_both_keys(alpha, tau, why):
+    cfg = apply_overrides(DetectorConfig(), {"assign.iac": True, "assign.alpha": alpha, "assign.score_threshold": tau})
+    with pytest.raises(ConfigError, match=why) as e:
+        cfg.validate()
+    message = str(e.value)
+    assert f"assign.score_threshold={tau:g}" in message and f"assign.alpha={alpha:g}" in message
+    # the same values are harmless when IAC is off or its score rule is disabled (> 1)
+    apply_overrides(cfg, {"assign.iac": False}).validate()
+    apply_overrides(cfg, {"assign.score_threshold": 1.01}).validate()
+
+
+@pytest.mark.parametrize("alpha, tau", [(0.5, 0.7), (0.5, 0.51), (0.2, 0.81), (0.8, 0.81), (0.3, 1.0)])
+def test_valid_iac_score_rule_settings(alpha, tau):
+    apply_overrides(DetectorConfig(), {"assign.iac": True, "assign.alpha": alpha, "assign.score_threshold": tau}).validate()
+    assert DetectorConfig().assign.alpha == 0.5 and DetectorConfig().assign.score_threshold == 0.7  # the defaults
+    apply_overrides(DetectorConfig(), {"assign.iac": True}).validate()
+
+
+def test_nms_clb_score_is_checked():
+    assert DetectorConfig().nms.clb_score == "own"
+    apply_overrides(DetectorConfig(), {"nms.clb_score": "cluster_max"}).validate()
+    with pytest.raises(ConfigError, match=r"nms\.clb_score='mean'"):
+        apply_overrides(DetectorConfig(), {"nms.clb_score": "mean"}).validate()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from detector.losses import dc_coefficient, dc_focal_loss, dc_normalize, dc_weights_for_batch
+from detector.losses import dc_coefficient, dc_focal_loss, dc_lambda_spread, dc_normalize, dc_weights_for_batch
 
 GT = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # w=10, h=20, centre (5, 10), aspect 0.5
 
@@ -105,3 +105,13 @@ def test_dc_scope_batch_vs_image():
     assert total.item() == pytest.approx(3.0)
     with pytest.raises(ValueError, match="scope"):
         dc_weights_for_batch(pred, gt, cls, 1e-6, "epoch")
+
+
+def test_dc_lambda_spread_percentiles():
+    # 0, 1, ..., 100: p5 = 5, p50 = 50, p95 = 95 (linear interpolation hits the order statistics)
+    spread = dc_lambda_spread(torch.arange(101, dtype=torch.float32).flip(0))
+    assert spread == {"dc_lambda_p5": pytest.approx(5.0), "dc_lambda_p50": pytest.approx(50.0),
+                      "dc_lambda_p95": pytest.approx(95.0)}
+    assert dc_lambda_spread(torch.tensor([1.0, 3.0]))["dc_lambda_p50"] == pytest.approx(2.0)
+    assert dc_lambda_spread(torch.ones(7)) == {"dc_lambda_p5": 1.0, "dc_lambda_p50": 1.0, "dc_lambda_p95": 1.0}
+    assert dc_lambda_spread(torch.zeros(0)) == {}  # no positive: nothing to report

@@ -88,10 +88,13 @@ def test_iac_and_dc_change_the_loss():
     images, targets = batch()
     base.train()
     ref = copy.deepcopy(base)(images, targets)
-    # score_threshold 0 makes every anchor overlapping the GT score-positive: more positives
-    iac = copy.deepcopy(base)
-    iac.matcher = build_detector(tiny_cfg(**{"assign.iac": True, "assign.score_threshold": 0.0})).matcher
-    assert not torch.allclose(iac(images, targets)["classification"], ref["classification"])
+    # IAC at its defaults (alpha 0.5, tau 0.7) needs p >= 0.4 on an anchor inside a GT; the 0.01
+    # prior never gets there, so raise every p to about 0.5 (zero bias): the score rule adds positives.
+    hot = _hot(base)
+    iac = copy.deepcopy(hot)
+    iac.matcher = build_detector(tiny_cfg(**{"assign.iac": True})).matcher
+    assert not torch.allclose(iac(images, targets)["classification"], copy.deepcopy(hot)(images, targets)["classification"])
+    assert iac.assign_stats["iac_score_positives_per_image"] > 0
     dc = copy.deepcopy(base)
     dc.loss = build_detector(tiny_cfg(**{"loss.dc": True})).loss
     out = dc(images, targets)
@@ -107,14 +110,24 @@ def test_iac_and_dc_change_the_loss():
     assert not torch.allclose(g_dc, g_plain, rtol=1e-3, atol=1e-7)
 
 
+def _hot(model):
+    """A copy whose classification bias is 0 (p ~ 0.5 instead of the 0.01 prior): IAC's score
+    rule at its default alpha 0.5, tau 0.7 then fires on anchors inside a GT (it needs p >= 0.4)."""
+    hot = copy.deepcopy(model)
+    torch.nn.init.zeros_(hot.head.classification_head.cls_logits.bias)
+    return hot
+
+
 def test_iac_warmup_uses_plain_iou_matching():
     torch.manual_seed(0)
-    model = build_detector(tiny_cfg(**{"assign.iac": True, "assign.score_threshold": 0.0, "assign.warmup_iters": 1}))
+    model = _hot(build_detector(tiny_cfg(**{"assign.iac": True, "assign.warmup_iters": 1})))
     plain = build_detector(tiny_cfg())
     plain.load_state_dict(model.state_dict())
     images, targets = batch()
     model.train(), plain.train()
     torch.testing.assert_close(copy.deepcopy(model)(images, targets), copy.deepcopy(plain)(images, targets))
+    model(images, targets)
+    assert model.assign_stats["iac_active"] == 0.0 and model.assign_stats["iac_score_positives_per_image"] == 0
     model.num_iters.fill_(1)  # warm-up over: the score rule is on
     assert not torch.allclose(model(images, targets)["classification"], plain(images, targets)["classification"])
 
@@ -194,6 +207,58 @@ def test_assign_stats_report_iac_score_positives():
     plain(images, targets)
     assert plain.assign_stats["iac_score_positives_per_image"] == 0
     assert plain.assign_stats["positives_per_image"] > 0
-    iac = build_detector(tiny_cfg(**{"assign.iac": True, "assign.score_threshold": 0.5})).train()
-    iac(images, targets)  # score 0.5 * p + 0.5 * iom >= 0.5 holds for every anchor inside a GT
-    assert iac.assign_stats["iac_score_positives_per_image"] > 0
+    assert plain.assign_stats["iac_active"] == 0.0
+    iac = _hot(build_detector(tiny_cfg(**{"assign.iac": True}))).train()
+    iac(images, targets)  # p ~ 0.5: 0.5 * p + 0.5 * iom >= 0.7 holds on anchors inside a GT
+    assert iac.assign_stats["iac_score_positives_per_image"] > 0 and iac.assign_stats["iac_active"] == 1.0
+    cold = build_detector(tiny_cfg(**{"assign.iac": True})).train()
+    cold(images, targets)  # at the 0.01 prior the rule runs but adds nothing
+    assert cold.assign_stats["iac_active"] == 1.0 and cold.assign_stats["iac_score_positives_per_image"] == 0
+
+
+def test_dc_stats_give_lambda_percentiles():
+    torch.manual_seed(0)
+    images, targets = batch()
+    plain = build_detector(tiny_cfg()).train()
+    plain(images, targets)
+    assert plain.dc_stats == {}  # only with loss.dc
+    dc = build_detector(tiny_cfg(**{"loss.dc": True})).train()
+    dc(images, targets)
+    s = dc.dc_stats
+    assert set(s) == {"dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95"}
+    assert 0 < s["dc_lambda_p5"] <= s["dc_lambda_p50"] <= s["dc_lambda_p95"]
+    assert s["dc_lambda_p5"] < s["dc_lambda_p95"]  # positives differ in localisation: lambda' spreads
+
+
+@pytest.mark.parametrize("clb", [False, True])
+def test_nms_stats_count_clusters_and_kept_not_top(clb):
+    torch.manual_seed(0)
+    model = build_detector(tiny_cfg(**{"model.score_thresh": 0.0, "nms.clb": clb, "nms.beta": 4.0})).eval()
+    images, _ = batch()
+    with torch.no_grad():
+        out = model(images)
+    stats = dict(model.nms_stats)
+    assert stats["clusters"] == sum(len(d["boxes"]) for d in out) > 0
+    if clb:
+        assert 0 < stats["kept_not_top"] <= stats["clusters"]  # beta 4 moves some clusters off their top box
+    else:
+        assert stats["kept_not_top"] == 0  # greedy NMS keeps each cluster's top box
+    with torch.no_grad():
+        model(images)
+    assert model.nms_stats["clusters"] == 2 * stats["clusters"]  # accumulates over forwards ...
+    model.reset_nms_stats()
+    assert model.nms_stats == {"clusters": 0, "kept_not_top": 0}  # ... until reset
+
+
+def test_clb_cluster_max_reports_cluster_top_score():
+    torch.manual_seed(0)
+    images, _ = batch()
+    model = build_detector(tiny_cfg(**{"model.score_thresh": 0.0, "nms.clb": True, "nms.beta": 4.0})).eval()
+    with torch.no_grad():
+        own = model(images)
+        model.configure_nms(NmsConfig(clb=True, beta=4.0, clb_score="cluster_max"))
+        top = model(images)
+    for a, b in zip(own, top):
+        assert bool((b["scores"][:-1] >= b["scores"][1:]).all())
+        # each kept box now reports its cluster's top score, never less than its own
+        assert float(b["scores"].sum()) > float(a["scores"].sum())

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-from detector.nms import clb_nms, cluster_center, nms_clusters
+from detector.nms import clb_nms, cluster_center, greedy_nms, nms_clusters
 
 
 def _clustered(n: int, seed: int, num_classes: int = 80, objects: int = 40, tie_scores: bool = False):
@@ -58,9 +58,12 @@ def test_beta_zero_equals_batched_nms(n):
     for seed in range(3):
         boxes, scores, logits, labels = _clustered(n, seed, tie_scores=seed == 2)
         expected = batched_nms(boxes, scores, labels, 0.5)
-        assert torch.equal(clb_nms(boxes, scores, logits, labels, 0.5, beta=0.0), expected)
+        for mode in ("own", "cluster_max"):
+            out = clb_nms(boxes, scores, logits, labels, 0.5, beta=0.0, score_mode=mode)
+            assert torch.equal(out.keep, expected)
+            assert torch.equal(out.scores, scores[expected]) and not out.not_top.any()
         # beta > 0 never changes how many boxes survive: one per cluster
-        assert clb_nms(boxes, scores, logits, labels, 0.5, beta=2.0).numel() == expected.numel()
+        assert clb_nms(boxes, scores, logits, labels, 0.5, beta=2.0).keep.numel() == expected.numel()
 
 
 def test_matches_loop_reference():
@@ -68,7 +71,7 @@ def test_matches_loop_reference():
         boxes, scores, logits, labels = _clustered(400, seed, num_classes=5, objects=12)
         for beta in (0.5, 1.0, 3.0):
             ref, members = _reference_clb(boxes, scores, logits, labels, 0.5, beta)
-            got = clb_nms(boxes, scores, logits, labels, 0.5, beta)
+            got = clb_nms(boxes, scores, logits, labels, 0.5, beta).keep
             assert set(got.tolist()) == set(ref), (seed, beta)
             assert got.numel() == len(members)
         leaders, cluster = nms_clusters(boxes, scores, labels, 0.5)
@@ -94,18 +97,24 @@ def test_hand_made_cluster_prefers_centred_box():
     dis1 = 1 - (50 - c0x) ** 2 / 3200
     assert (dis0, dis1) == (pytest.approx(0.97365, abs=1e-5), pytest.approx(0.99752, abs=1e-5))
     # beta = 1: s0 = 0.6 + 0.97365 = 1.5737 > s1 = 0.55 + 0.99752 = 1.5475 -> the leader stays
-    assert clb_nms(boxes, scores, logits, labels, 0.5, beta=1.0).tolist() == [0, 5]
+    assert clb_nms(boxes, scores, logits, labels, 0.5, beta=1.0).keep.tolist() == [0, 5]
     # beta = 3: s0 = 3.5210 < s1 = 3.5426 -> a centred box (the first of the tied four) replaces it
-    assert clb_nms(boxes, scores, logits, labels, 0.5, beta=3.0).tolist() == [1, 5]
-    assert clb_nms(boxes, scores, logits, labels, 0.5, beta=0.0).tolist() == [0, 5]
+    out = clb_nms(boxes, scores, logits, labels, 0.5, beta=3.0)
+    assert out.keep.tolist() == [1, 5] and out.not_top.tolist() == [True, False]
+    torch.testing.assert_close(out.scores, torch.tensor([0.55, 0.5]))  # "own": the kept box's p
+    top = clb_nms(boxes, scores, logits, labels, 0.5, beta=3.0, score_mode="cluster_max")
+    assert top.keep.tolist() == [1, 5] and top.not_top.tolist() == [True, False]
+    torch.testing.assert_close(top.scores, torch.tensor([0.6, 0.5]))  # the cluster's top p (box 0's)
+    assert clb_nms(boxes, scores, logits, labels, 0.5, beta=0.0).keep.tolist() == [0, 5]
 
 
 def test_clusters_never_mix_classes_and_output_sorted():
     boxes, scores, logits, labels = _clustered(2000, 7, num_classes=3, objects=10)
     leaders, cluster = nms_clusters(boxes, scores, labels, 0.5)
     assert torch.equal(labels, labels[leaders][cluster])
-    kept = clb_nms(boxes, scores, logits, labels, 0.5, beta=1.0)
-    assert bool((scores[kept][:-1] >= scores[kept][1:]).all())
+    out = clb_nms(boxes, scores, logits, labels, 0.5, beta=1.0)
+    assert torch.equal(out.scores, scores[out.keep])
+    assert bool((out.scores[:-1] >= out.scores[1:]).all())
 
 
 def test_degenerate_boxes_and_negative_beta():
@@ -113,6 +122,40 @@ def test_degenerate_boxes_and_negative_beta():
     scores = torch.tensor([0.9, 0.8, 0.7])
     labels = torch.zeros(3, dtype=torch.int64)
     out = clb_nms(boxes, scores, torch.logit(scores), labels, 0.5, beta=1.0)
-    assert torch.equal(out, batched_nms(boxes, scores, labels, 0.5))
+    assert torch.equal(out.keep, batched_nms(boxes, scores, labels, 0.5))
     with pytest.raises(ValueError, match="beta"):
         clb_nms(boxes, scores, scores, labels, 0.5, beta=-1.0)
+    with pytest.raises(ValueError, match="nms.clb_score"):
+        clb_nms(boxes, scores, scores, labels, 0.5, score_mode="mean")
+
+
+def _members(cluster: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
+    """For each kept box, the indices of its cluster's members (a box is in exactly one cluster)."""
+    return [torch.where(cluster == cluster[j])[0].tolist() for j in kept.tolist()]
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 4.0])
+def test_cluster_max_reports_the_top_score_of_each_cluster(beta):
+    for seed in range(3):
+        boxes, scores, logits, labels = _clustered(1500, seed, num_classes=5, objects=20)
+        _, cluster = nms_clusters(boxes, scores, labels, 0.5)
+        own = clb_nms(boxes, scores, logits, labels, 0.5, beta)
+        top = clb_nms(boxes, scores, logits, labels, 0.5, beta, score_mode="cluster_max")
+        assert set(top.keep.tolist()) == set(own.keep.tolist())  # the mode changes scores, not the choice
+        assert torch.equal(own.scores, scores[own.keep])  # "own" reports each kept box's own p
+        for j, s, members in zip(top.keep.tolist(), top.scores.tolist(), _members(cluster, top.keep)):
+            assert s == float(scores[members].max())
+        assert bool((top.scores[:-1] >= top.scores[1:]).all())
+        # not_top: the kept box's own p is below its cluster's top; and CL-B with beta > 0 does move some
+        for j, flag, members in zip(own.keep.tolist(), own.not_top.tolist(), _members(cluster, own.keep)):
+            assert flag == bool(scores[j] < scores[members].max())
+        if seed > 0 or beta > 1:  # measured: every such case moves at least one cluster off its top box
+            assert own.not_top.any()
+
+
+def test_greedy_nms_result():
+    boxes, scores, logits, labels = _clustered(300, 1)
+    out = greedy_nms(boxes, scores, labels, 0.5)
+    assert torch.equal(out.keep, batched_nms(boxes, scores, labels, 0.5))
+    assert torch.equal(out.scores, scores[out.keep]) and not out.not_top.any()
+    assert torch.equal(out[:3].keep, out.keep[:3]) and out[:3].scores.numel() == 3

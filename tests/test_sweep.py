@@ -99,7 +99,7 @@ def test_invalid_spaces_are_rejected_naming_the_key(item: str, message: str) -> 
 
 def test_bg_is_a_fraction_of_fg() -> None:
     space = load_space()
-    sample = {"assign.alpha": 0.3, "assign.score_threshold": 0.8, "assign.fg_threshold": 0.5,
+    sample = {"assign.alpha": 0.3, "assign.score_threshold_frac": 0.5, "assign.fg_threshold": 0.5,
               "assign.bg_threshold_frac": 0.8, "loss.eps": 1e-3, "nms.beta": 1.0, "nms.iou_threshold": 0.5}
     values = resolve_sample(space, sample, BASE)
     assert values["assign.bg_threshold"] == pytest.approx(0.4) and "assign.bg_threshold_frac" not in values
