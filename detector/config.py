@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 BACKBONES = (
+    "resnet10",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -42,6 +43,13 @@ class ModelConfig:
     backbone: str = "resnet50"
     #: number of foreground classes; 0 means "take it from the dataset".
     num_classes: int = 0
+    #: first-stage channels of a basic-block body (resnet10/18/34; stages double it). 64 is
+    #: torchvision's; narrower bodies are what train from scratch in CPU minutes.
+    backbone_width: int = 64
+    #: FPN and head channels (256 in RetinaNet).
+    fpn_channels: int = 256
+    #: 3x3 convs in each head tower before the predictor (4 in RetinaNet).
+    head_convs: int = 4
     #: local path to a backbone state_dict (e.g. ImageNet weights), or None for random init.
     weights_backbone: str | None = None
     #: local path to a whole-detector state_dict (``model.state_dict()``), or None.
@@ -74,6 +82,15 @@ class ModelConfig:
         check_choice("model.head_norm", self.head_norm, ("none", "gn"))
         check_choice("model.reg_loss", self.reg_loss, ("l1", "smooth_l1", "giou"))
         check_min("model.num_classes", self.num_classes)
+        check_positive("model.backbone_width", self.backbone_width)
+        check_positive("model.fpn_channels", self.fpn_channels)
+        if not 0 <= self.head_convs <= 4:
+            raise ConfigError(f"model.head_convs={self.head_convs} must be in [0, 4] (RetinaNet's tower has 4)")
+        if self.backbone_width != 64 and self.backbone not in ("resnet10", "resnet18", "resnet34"):
+            raise ConfigError(
+                f"model.backbone_width={self.backbone_width} needs a basic-block backbone "
+                f"(resnet10, resnet18, resnet34), not model.backbone={self.backbone!r}"
+            )
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ConfigError(f"model.trainable_backbone_layers={self.trainable_backbone_layers} must be in [0, 5]")
         if self.min_size <= 0 or self.max_size < self.min_size:
@@ -97,8 +114,12 @@ class AssignConfig:
     alpha: float = 0.5
     fg_threshold: float = 0.5
     bg_threshold: float = 0.4
-    #: eq. 5 score threshold. Keep it above 1 - alpha, or every anchor inside a large GT
-    #: (inter/min-area = 1) is positive from step 0, when cls_prob is ~0.01.
+    #: eq. 5 score threshold; > 1 disables the score rule (then IAC is torchvision's Matcher).
+    #: With ``iac`` and the rule on it must exceed both ``1 - alpha`` (else every anchor inside a
+    #: GT, inter/min-area = 1, is positive whatever its probability, from step 0) and ``alpha``
+    #: (else an anchor with no overlap at all turns positive once its probability reaches
+    #: ``score_threshold / alpha``): :meth:`validate` rejects both. The rule starts to fire on
+    #: anchors inside a GT at probability ``(score_threshold - (1 - alpha)) / alpha``.
     score_threshold: float = 0.7
     allow_low_quality_matches: bool = True
     #: training iterations before IAC is switched on (plain IoU matching until then).
@@ -114,6 +135,34 @@ class AssignConfig:
             )
         check_min("assign.score_threshold", self.score_threshold, note=" (> 1 disables the score rule)")
         check_min("assign.warmup_iters", self.warmup_iters)
+        if self.iac and self.score_threshold <= 1.0:
+            self._check_score_rule()
+
+    def _check_score_rule(self) -> None:
+        """Reject the two degenerate (alpha, score_threshold) regions of eq. 4-5 (IAC on, rule on).
+
+        ``s = alpha * p + (1 - alpha) * iom`` with ``p, iom`` in [0, 1]:
+
+        * ``score_threshold <= 1 - alpha``: ``iom = 1`` gives ``s >= score_threshold`` for any
+          ``p``: every anchor inside a GT is positive from step 0 (measured: 1546 score positives
+          per image against 90 IoU positives at alpha 0.2, score_threshold 0.6);
+        * ``score_threshold <= alpha``: ``iom = 0`` with ``p >= score_threshold / alpha`` gives a
+          positive with no overlap at all (alpha 0.8, score_threshold 0.55, p 0.7 made all 4842
+          anchors of an image positive).
+        """
+        tau, alpha = self.score_threshold, self.alpha
+        fix = "raise assign.score_threshold above max(assign.alpha, 1 - assign.alpha), or > 1 to disable the score rule"
+        if tau <= 1.0 - alpha:
+            raise ConfigError(
+                f"assign.score_threshold={tau:g} <= 1 - assign.alpha = {1.0 - alpha:g} (assign.alpha={alpha:g}): "
+                f"with assign.iac=true every anchor inside a GT is positive whatever its probability; {fix}"
+            )
+        if tau <= alpha:
+            raise ConfigError(
+                f"assign.score_threshold={tau:g} <= assign.alpha={alpha:g}: with assign.iac=true an anchor that "
+                f"does not overlap any GT becomes positive once its probability reaches "
+                f"{tau / alpha if alpha > 0 else float('inf'):.3g}; {fix}"
+            )
 
 
 @dataclass
@@ -133,6 +182,10 @@ class LossConfig:
         check_choice("loss.scope", self.scope, ("batch", "image"))
 
 
+#: ``nms.clb_score`` values (see ``NmsConfig``).
+CLB_SCORES = ("own", "cluster_max")
+
+
 @dataclass
 class NmsConfig:
     """Post-processing NMS: class-wise greedy NMS, or CL-B NMS (eq. 6-7) when ``clb`` is true."""
@@ -141,10 +194,15 @@ class NmsConfig:
     iou_threshold: float = 0.5
     #: eq. 7 weight of the centre-distance term: s = score + beta * dis.
     beta: float = 1.0
+    #: CL-B only: the score a kept box reports (what AP ranks by). "own": its own probability
+    #: (our reading of eq. 7, where s only selects); "cluster_max": the highest probability in its
+    #: eq. 6 cluster (what IoU-Net's IoU-guided NMS reports). See ``detector.nms.clb_nms``.
+    clb_score: str = "own"
 
     def validate(self) -> None:
         check_unit("nms.iou_threshold", self.iou_threshold)
         check_min("nms.beta", self.beta)
+        check_choice("nms.clb_score", self.clb_score, CLB_SCORES)
 
 
 @dataclass
@@ -161,6 +219,9 @@ class DataConfig:
     train_ann: str | None = None
     val_ann: str | None = None
     hflip_prob: float = 0.5
+    #: vertical flip and 90-degree turn probabilities: for imagery with no "up" (trees).
+    vflip_prob: float = 0.0
+    rot90_prob: float = 0.0
     #: shapes generator: images per split and image side.
     num_train: int = 200
     num_val: int = 50
@@ -179,7 +240,8 @@ class DataConfig:
             raise ConfigError(f"data.root is required for data.dataset={self.dataset!r}")
         if self.root and self.dataset in ("coco", "voc") and not Path(self.root).exists():
             raise ConfigError(f"data.root={self.root!r}: no such directory")
-        check_unit("data.hflip_prob", self.hflip_prob)
+        for key in ("hflip_prob", "vflip_prob", "rot90_prob"):
+            check_unit(f"data.{key}", getattr(self, key))
         for key in ("num_train", "num_val", "image_size", "tile_size"):
             check_positive(f"data.{key}", getattr(self, key))
 

@@ -21,13 +21,13 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
-from torchvision.ops import batched_nms, box_iou, boxes as box_ops
+from torchvision.ops import box_iou, boxes as box_ops
 
 from detector.assign import iac_assign_with_stats
-from detector.backbones import build_backbone
+from detector.backbones import build_backbone, gn_layer
 from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
-from detector.losses import box_regression_loss, dc_reduce, dc_weights_for_batch, focal_loss_per_anchor
-from detector.nms import clb_nms
+from detector.losses import box_regression_loss, dc_lambda_spread, dc_reduce, dc_weights_for_batch, focal_loss_per_anchor
+from detector.nms import NmsResult, clb_nms, greedy_nms
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,6 +47,10 @@ class IoUMatcher:
 
     needs_cls_prob = False
     last_score_positives = 0  # the score rule is IAC's
+
+    def score_rule_active(self, iteration: int) -> bool:
+        """Whether eq. 5's score rule runs at ``iteration``: never for plain IoU matching."""
+        return False
 
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, cls_prob: Tensor | None, iteration: int) -> Tensor:
         if gt_boxes.numel() == 0:
@@ -68,9 +72,13 @@ class IACMatcher:
     needs_cls_prob = True
     last_score_positives = 0  # set by each call: anchors positive by the score rule alone
 
+    def score_rule_active(self, iteration: int) -> bool:
+        """Whether eq. 5's score rule runs at ``iteration``: after warm-up, with a threshold <= 1."""
+        return iteration >= self.warmup_iters and self.score_threshold <= 1.0
+
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, cls_prob: Tensor | None, iteration: int) -> Tensor:
         # Before warm-up ends cls_prob is ~the 0.01 prior: disable the score rule (threshold > 1).
-        score_threshold = self.score_threshold if iteration >= self.warmup_iters else 2.0
+        score_threshold = self.score_threshold if self.score_rule_active(iteration) else 2.0
         assert cls_prob is not None
         matches, self.last_score_positives = iac_assign_with_stats(
             anchors,
@@ -119,6 +127,9 @@ class RetinaNetLoss(nn.Module):
         self.dc, self.eps, self.scope = dc, eps, scope
         self.reg_loss, self.focal_alpha, self.focal_gamma = reg_loss, focal_alpha, focal_gamma
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        #: statistics of the last forward: with ``dc`` and at least one positive, the lambda'
+        #: percentiles ``dc_lambda_p5``, ``dc_lambda_p50``, ``dc_lambda_p95`` over the batch's positives.
+        self.last_stats: dict[str, float] = {}
 
     def forward(
         self,
@@ -138,11 +149,13 @@ class RetinaNetLoss(nn.Module):
         # One focal-loss evaluation: eq. 2 reads its detached values, eq. 3 reduces it.
         per_anchor = focal_loss_per_anchor(cls_logits, matched_idxs, labels, self.focal_alpha, self.focal_gamma)
         dc_weights = None
+        self.last_stats = {}
         if self.dc:
             with torch.no_grad():
                 pred = [self.box_coder.decode_single(r.detach().float(), a) for r, a in zip(reg, anc)]
             pos_loss = [per_anchor[b, p].detach() for b, p in enumerate(pos)]
             lam = dc_weights_for_batch(pred, gt, pos_loss, self.eps, self.scope)
+            self.last_stats = dc_lambda_spread(torch.cat(lam))
             dc_weights = torch.ones_like(per_anchor)
             for b, p in enumerate(pos):
                 dc_weights[b, p] = lam[b]
@@ -165,25 +178,27 @@ def build_loss(cfg: DetectorConfig) -> RetinaNetLoss:
 
 
 # ------------------------------------------------------------------------------------------------
-# Post-processing NMS: (boxes[K,4], scores[K], logits[K], labels[K]) -> kept indices, score order
+# Post-processing NMS: (boxes[K,4], scores[K], logits[K], labels[K]) -> NmsResult (kept, reported
+# scores, kept-not-top flags), in reported-score order
 
 
 @dataclass
 class NmsPostprocess:
-    """Greedy class-wise NMS, or CL-B NMS (eq. 6-7) when ``clb``."""
+    """Greedy class-wise NMS, or CL-B NMS (eq. 6-7) when ``clb`` (``score``: ``nms.clb_score``)."""
 
     clb: bool = False
     iou_threshold: float = 0.5
     beta: float = 1.0
+    score: str = "own"
 
-    def __call__(self, boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor) -> NmsResult:
         if self.clb:
-            return clb_nms(boxes, scores, logits, labels, self.iou_threshold, self.beta)
-        return batched_nms(boxes, scores, labels, self.iou_threshold)
+            return clb_nms(boxes, scores, logits, labels, self.iou_threshold, self.beta, self.score)
+        return greedy_nms(boxes, scores, labels, self.iou_threshold)
 
 
 def build_postprocess(cfg: NmsConfig) -> NmsPostprocess:
-    return NmsPostprocess(cfg.clb, cfg.iou_threshold, cfg.beta)
+    return NmsPostprocess(cfg.clb, cfg.iou_threshold, cfg.beta, cfg.clb_score)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,6 +248,18 @@ class DetLabRetinaNet(RetinaNet):
         self.register_buffer("num_iters", torch.zeros((), dtype=torch.int64))
         #: assignment statistics of the last training step (see compute_loss)
         self.assign_stats: dict[str, float] = {}
+        #: DC statistics of the last training step: lambda' percentiles of the positives
+        #: (``dc_lambda_p5/p50/p95``); empty when ``loss.dc`` is off or the batch has no positive.
+        self.dc_stats: dict[str, float] = {}
+        #: NMS counts summed over the eval forwards since :meth:`reset_nms_stats` (see postprocess_detections)
+        self.nms_stats: dict[str, int] = {}
+        self.reset_nms_stats()
+
+    def reset_nms_stats(self) -> None:
+        """Zero ``nms_stats``: ``clusters`` (detections reported, one per NMS cluster, after the
+        ``detections_per_img`` cap) and ``kept_not_top`` (those whose own score is below their
+        cluster's top score: CL-B moved the detection off the top-scored box)."""
+        self.nms_stats = {"clusters": 0, "kept_not_top": 0}
 
     def configure_nms(self, cfg: NmsConfig) -> None:
         """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
@@ -250,11 +277,16 @@ class DetLabRetinaNet(RetinaNet):
             score_pos += self.matcher.last_score_positives
         matched_t = torch.stack(matched)
         # Per-image means for the training log: whether IAC's score rule is doing anything.
+        # ``iac_active`` is 1.0 on steps where the score rule ran (IAC on, warm-up over): the
+        # training loop averages the score-rule count over those steps only.
         self.assign_stats = {
             "positives_per_image": float((matched_t >= 0).sum()) / len(targets),
             "iac_score_positives_per_image": score_pos / len(targets),
+            "iac_active": float(self.matcher.score_rule_active(iteration)),
         }
-        return self.loss(targets, cls_logits, head_outputs["bbox_regression"], anchors, matched_t)
+        losses = self.loss(targets, cls_logits, head_outputs["bbox_regression"], anchors, matched_t)
+        self.dc_stats = dict(self.loss.last_stats)
+        return losses
 
     def postprocess_detections(self, head_outputs, anchors, image_shapes):  # type: ignore[override]
         """torchvision's per-level top-k + decoding, then the injected NMS (which needs logits)."""
@@ -281,8 +313,11 @@ class DetLabRetinaNet(RetinaNet):
                 labels_all.append(keep % num_classes)
             boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
             logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-            kept = self.postprocess(boxes, scores, logits, labels)[: self.detections_per_img]
-            detections.append({"boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept]})
+            result = self.postprocess(boxes, scores, logits, labels)[: self.detections_per_img]
+            kept = result.keep
+            self.nms_stats["clusters"] += int(kept.numel())
+            self.nms_stats["kept_not_top"] += int(result.not_top.sum())
+            detections.append({"boxes": boxes[kept], "scores": result.scores, "labels": labels[kept]})
         return detections
 
 
@@ -292,6 +327,19 @@ def build_anchor_generator(base_sizes: tuple[int, ...]) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
+def build_head(channels: int, num_anchors: int, num_classes: int, convs: int, norm: str) -> RetinaNetHead:
+    """torchvision's ``RetinaNetHead`` with ``convs`` (of its 4) 3x3 convs per tower.
+
+    Every tower conv maps ``channels`` to ``channels``, so a shallower tower is the stock one cut
+    short (same init); ``convs=4`` is the stock head exactly.
+    """
+    head = RetinaNetHead(channels, num_anchors, num_classes, norm_layer=gn_layer if norm == "gn" else None)
+    if convs < 4:
+        for tower in (head.classification_head, head.regression_head):
+            tower.conv = nn.Sequential(*list(tower.conv)[:convs])
+    return head
+
+
 def build_detector(cfg: DetectorConfig) -> DetLabRetinaNet:
     """The detector for a resolved config (``cfg.model.num_classes`` must be set, > 0)."""
     cfg.validate()
@@ -299,13 +347,12 @@ def build_detector(cfg: DetectorConfig) -> DetLabRetinaNet:
     if m.num_classes <= 0:
         raise ConfigError("model.num_classes must be > 0 (set it from the dataset before building the model)")
     backbone = build_backbone(
-        m.backbone, norm=m.norm, weights_backbone=m.weights_backbone, trainable_layers=m.trainable_backbone_layers
+        m.backbone, norm=m.norm, weights_backbone=m.weights_backbone, trainable_layers=m.trainable_backbone_layers,
+        width=m.backbone_width, fpn_channels=m.fpn_channels,
     )
     anchor_generator = build_anchor_generator(m.anchor_sizes)
-    norm_layer = (lambda c: nn.GroupNorm(32, c)) if m.head_norm == "gn" else None
-    head = RetinaNetHead(
-        backbone.out_channels, anchor_generator.num_anchors_per_location()[0], m.num_classes, norm_layer=norm_layer
-    )
+    head = build_head(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], m.num_classes,
+                      m.head_convs, m.head_norm)
     model = DetLabRetinaNet(
         backbone,
         m.num_classes,

@@ -27,6 +27,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -45,6 +46,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_data_loader, prepare_model  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from detector.anchors import anchor_fit, dataset_boxes  # noqa: E402
 from detector.config import to_dict  # noqa: E402
 from detector.data import build_dataset, collate_fn  # noqa: E402
 from detector.model import build_detector  # noqa: E402
@@ -113,17 +115,36 @@ class Progress:
         )
 
 
-def lr_lambda(total_iters: int, warmup_iters: int, warmup_factor: float, steps: tuple[float, ...], gamma: float):
-    """Multiplier of the base lr at iteration ``it``: linear warm-up times step decay at ``steps`` x total."""
+def lr_lambda(total_iters: int, warmup_iters: int, warmup_factor: float, steps: tuple[float, ...], gamma: float,
+              schedule: str = "step"):
+    """Multiplier of the base lr at iteration ``it``: linear warm-up, then step decay at ``steps`` x
+    total (``schedule="step"``) or a cosine from 1 at the end of the warm-up to 0 at ``total_iters``."""
     milestones = [int(s * total_iters) for s in steps]
 
     def factor(it: int) -> float:
         warm = 1.0
         if it < warmup_iters:
             warm = warmup_factor + (1.0 - warmup_factor) * it / warmup_iters
+        if schedule == "cosine":
+            span = max(total_iters - warmup_iters, 1)
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(max(it - warmup_iters, 0) / span, 1.0)))
         return warm * gamma ** sum(it >= m for m in milestones)
 
     return factor
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: LabConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: SGD with momentum (the paper's) or AdamW, at the linearly scaled lr."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def warmup_iters_for(cfg: LabConfig, total_iters: int) -> int:
+    """``train.warmup_frac`` of the run when set, else ``train.warmup_iters``."""
+    t = cfg.train
+    return max(1, round(t.warmup_frac * total_iters)) if t.warmup_frac > 0 else t.warmup_iters
 
 
 def reposition_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -292,10 +313,12 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
 
     model = build_detector(cfg).to(device) if in_tune else prepare_model(build_detector(cfg))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(params, cfg)
     t = cfg.train
+    total = t.epochs * iters
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.epochs * iters, t.warmup_iters, t.warmup_factor, t.lr_steps, t.lr_gamma)
+        optimizer,
+        lr_lambda(total, warmup_iters_for(cfg, total), t.warmup_factor, t.lr_steps, t.lr_gamma, t.lr_schedule),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -324,6 +347,10 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
             print(f"[{args.name}] resumed from the epoch-{start_epoch} checkpoint", flush=True)
     elif rank == 0:
         log.text(dump_config(cfg), "config/resolved.yaml")
+        fit = anchor_fit(dataset_boxes(train_set.records, cfg.model.min_size, cfg.model.max_size),
+                         cfg.model.anchor_sizes, cfg.assign.fg_threshold)
+        log.metrics(fit.metrics(), 0)
+        print(f"[{args.name}] {fit.summary()}", flush=True)
         print(
             f"[{args.name}] training {t.epochs} epochs x {iters} iters, {world} worker(s) x batch {t.batch_size}, "
             f"lr {cfg.lr:.3g}, device {device.type}{', amp' if use_amp else ''}", flush=True,
@@ -394,17 +421,44 @@ class _DeviceLoader:
                     for t in targets])
 
 
+#: per-epoch sums of :func:`_train_one_epoch`, in the order they are all-reduced over ranks.
+_EPOCH_SUMS = (
+    "loss", "cls", "reg", "positives",
+    "iac_score_positives", "iac_steps",  # score-rule positives/image summed over the steps where the rule ran
+    "dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95", "dc_steps",  # per-step lambda' percentiles (DC on)
+    "data_wait_s", "compute_s", "steps", "images",
+)
+
+
 def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch, device, use_amp,
                      progress, log, world) -> dict[str, float]:
-    """One epoch (at most ``iters`` steps); returns epoch means reduced over ranks."""
+    """One epoch (at most ``iters`` steps); returns epoch metrics reduced over ranks.
+
+    Besides the losses, lr and throughput it logs:
+
+    * ``positives_per_image``: mean over all steps; ``iac_score_positives_per_image``: mean over
+      the steps where IAC's score rule ran (``assign.iac`` on and ``assign.warmup_iters`` over), so
+      warm-up steps do not dilute it; ``iac_active_frac``: the share of steps where it ran.
+    * ``dc_lambda_p5/p50/p95`` (``loss.dc`` only): the mean over steps of each step's percentile
+      of the positives' lambda' (eq. 2), not the percentile over the epoch's pooled positives.
+    * ``data_wait_s`` (time blocked on the next batch), ``compute_s`` (forward, backward, optimizer
+      and scheduler step; on CUDA up to a device synchronise, so queued kernels are not billed to
+      the data wait) and ``data_wait_frac = data_wait_s / (data_wait_s + compute_s)``: seconds per
+      epoch, the mean over ranks. Progress printing and step logging count in neither.
+    """
     model.train()
-    # loss, classification, bbox_regression, positives/image, IAC score-rule positives/image
-    sums = torch.zeros(5, dtype=torch.float64)
-    steps, images_seen, t0 = 0, 0, time.perf_counter()
-    for it, (images, targets) in enumerate(loader):
-        if it >= iters:
+    net = _unwrap(model)
+    acc = dict.fromkeys(_EPOCH_SUMS, 0.0)
+    t0 = time.perf_counter()
+    batches = iter(loader)
+    for it in range(iters):
+        t_wait = time.perf_counter()
+        try:
+            images, targets = next(batches)
+        except StopIteration:
             break
-        steps += 1
+        t_step = time.perf_counter()
+        acc["data_wait_s"] += t_step - t_wait
         with torch.autocast(device.type, enabled=use_amp):
             parts = model(images, targets)
         loss = sum(parts.values())
@@ -423,29 +477,54 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         vals = {k: float(v.detach()) for k, v in parts.items()}
-        stats = getattr(_unwrap(model), "assign_stats", {})
-        sums += torch.tensor([float(loss.detach()), vals.get("classification", 0.0), vals.get("bbox_regression", 0.0),
-                              stats.get("positives_per_image", 0.0), stats.get("iac_score_positives_per_image", 0.0)],
-                             dtype=torch.float64)
-        images_seen += len(images)
-        img_per_s = images_seen * world / (time.perf_counter() - t0)  # ranks run in lock-step under DDP
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        acc["compute_s"] += time.perf_counter() - t_step
+
+        loss_value = float(loss.detach())
+        stats = getattr(net, "assign_stats", {})
+        acc["steps"] += 1
+        acc["images"] += len(images)
+        acc["loss"] += loss_value
+        acc["cls"] += vals.get("classification", 0.0)
+        acc["reg"] += vals.get("bbox_regression", 0.0)
+        acc["positives"] += stats.get("positives_per_image", 0.0)
+        if stats.get("iac_active", 0.0):
+            acc["iac_steps"] += 1
+            acc["iac_score_positives"] += stats.get("iac_score_positives_per_image", 0.0)
+        dc = getattr(net, "dc_stats", {})
+        if dc:
+            acc["dc_steps"] += 1
+            for key in ("dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95"):
+                acc[key] += dc[key]
+        img_per_s = acc["images"] * world / (time.perf_counter() - t0)  # ranks run in lock-step under DDP
         short = {"cls": vals.get("classification", 0.0), "reg": vals.get("bbox_regression", 0.0)}
-        progress.step(epoch, it, float(loss.detach()), short, lr, img_per_s)
+        progress.step(epoch, it, loss_value, short, lr, img_per_s)
         step = epoch * iters + it + 1
         if (it + 1) % cfg.train.log_every == 0:
-            log.metrics({"step_loss": float(loss.detach()), "step_lr": lr}, step)
+            log.metrics({"step_loss": loss_value, "step_lr": lr}, step)
     seconds = time.perf_counter() - t0
-    counts = torch.tensor([float(steps), float(images_seen)], dtype=torch.float64)
+    sums = torch.tensor([acc[k] for k in _EPOCH_SUMS], dtype=torch.float64)
+    ranks = 1
     if world > 1 and dist.is_initialized():
-        both = torch.cat([sums, counts]).to(device)
-        dist.all_reduce(both)
-        sums, counts = both[:5].cpu(), both[5:].cpu()
-    mean = sums / counts[0]
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums, ranks = sums.cpu(), world
+    total = dict(zip(_EPOCH_SUMS, sums.tolist()))
+    steps = max(total["steps"], 1.0)
+    busy = total["data_wait_s"] + total["compute_s"]
     metrics = {
-        "train_loss": float(mean[0]), "train_loss_cls": float(mean[1]), "train_loss_reg": float(mean[2]),
-        "lr": optimizer.param_groups[0]["lr"], "images_per_s": float(counts[1]) / seconds, "epoch_time_s": seconds,
-        "positives_per_image": float(mean[3]), "iac_score_positives_per_image": float(mean[4]),
+        "train_loss": total["loss"] / steps, "train_loss_cls": total["cls"] / steps, "train_loss_reg": total["reg"] / steps,
+        "lr": optimizer.param_groups[0]["lr"], "images_per_s": total["images"] / seconds, "epoch_time_s": seconds,
+        "positives_per_image": total["positives"] / steps,
+        "iac_score_positives_per_image": total["iac_score_positives"] / max(total["iac_steps"], 1.0),
+        "iac_active_frac": total["iac_steps"] / steps,
+        "data_wait_s": total["data_wait_s"] / ranks, "compute_s": total["compute_s"] / ranks,
+        "data_wait_frac": total["data_wait_s"] / busy if busy > 0 else 0.0,
     }
+    if cfg.loss.dc and total["dc_steps"] > 0:
+        for key in ("dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95"):
+            metrics[key] = total[key] / total["dc_steps"]
     log.metrics(metrics, epoch + 1)
     return metrics
 
@@ -454,7 +533,7 @@ def _evaluate(model, val_set, cfg: LabConfig, device, log: RunLog, epoch: int, a
     """Rank 0: val metrics (logged at step epoch+1); on the last epoch also artifacts and final weights."""
     t0 = time.perf_counter()
     net = _unwrap(model)
-    result = evaluation.evaluate(net, val_set, device, cfg.eval.batch_size)
+    result = evaluation.evaluate(net, val_set, device, cfg.eval.batch_size, voc07_exact=cfg.eval.voc07_exact_thresholds)
     metrics = {**result.metrics, "eval_time_s": time.perf_counter() - t0}
     log.metrics(metrics, epoch + 1)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if k in ("AP", "AP50", "mAP", "misalign_spearman"))
@@ -581,7 +660,8 @@ def evaluate_weights(
     log.text(dump_config(cfg), "config/resolved.yaml")
     print(f"[{name}] evaluating {weights_path} with nms {cfg.nms}", flush=True)
     t0 = time.perf_counter()
-    result = evaluation.evaluate(model, val_set, device, cfg.eval.batch_size)
+    result = evaluation.evaluate(model, val_set, device, cfg.eval.batch_size,
+                                 voc07_exact=cfg.eval.voc07_exact_thresholds)
     metrics = {**result.metrics, "eval_time_s": time.perf_counter() - t0}
     log.metrics(metrics, cfg.train.epochs)
     _log_eval_artifacts(log, val_set, result, cfg, name)

@@ -16,6 +16,8 @@ from detector.data.shapes import SHAPE_CLASSES, generate_shapes
 from detector.data.transforms import (
     Compose,
     RandomHorizontalFlip,
+    RandomRot90,
+    RandomVerticalFlip,
     Resize,
     ToTensor,
     collate_fn,
@@ -31,6 +33,8 @@ __all__ = [
     "DetectionDataset",
     "ImageRecord",
     "RandomHorizontalFlip",
+    "RandomRot90",
+    "RandomVerticalFlip",
     "Resize",
     "SHAPE_CLASSES",
     "ToTensor",
@@ -75,7 +79,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> DetectionDataset:
     name = cfg.train_split if split == "train" else cfg.val_split
     ann = cfg.train_ann if split == "train" else cfg.val_ann
     root = dataset_root(cfg)
-    transforms = default_transforms(train, cfg.hflip_prob)
+    transforms = default_transforms(train, cfg.hflip_prob, cfg.vflip_prob, cfg.rot90_prob)
     common = {"train": train, "transforms": transforms, "max_images": cfg.max_images}
 
     if cfg.dataset in ("shapes", "coco"):

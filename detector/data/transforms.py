@@ -82,6 +82,59 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomVerticalFlip:
+    """With probability ``p`` flip the image (PIL or [C, H, W] tensor) upside down, and its boxes."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomVerticalFlip p={p} must be in [0, 1]")
+        self.p = p
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        if self.p <= 0 or torch.rand(()).item() >= self.p:
+            return image, target
+        _, height = _size(image)
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM) if isinstance(image, Image.Image) else image.flip(-2)
+        boxes = target["boxes"].clone()
+        boxes[:, 1], boxes[:, 3] = height - target["boxes"][:, 3], height - target["boxes"][:, 1]
+        return image, {**target, "boxes": boxes}
+
+    def __repr__(self) -> str:
+        return f"RandomVerticalFlip(p={self.p})"
+
+
+def rot90_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """xyxy ``boxes`` [N, 4] of a ``width``-wide image after a 90-degree counter-clockwise turn
+    (``torch.rot90(img, 1, (-2, -1))``): a point (x, y) goes to (y, W - x)."""
+    return torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
+
+
+class RandomRot90:
+    """With probability ``p`` turn the [C, H, W] image by 90 degrees counter-clockwise, and its boxes.
+
+    For imagery with no "up" (aerial, microscopy); with horizontal and vertical flips it gives all
+    8 symmetries of the square.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomRot90 p={p} must be in [0, 1]")
+        self.p = p
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        if self.p <= 0 or torch.rand(()).item() >= self.p:
+            return image, target
+        width, _ = _size(image)
+        if isinstance(image, Image.Image):
+            image = image.transpose(Image.Transpose.ROTATE_90)
+        else:
+            image = torch.rot90(image, 1, (-2, -1))
+        return image, {**target, "boxes": rot90_boxes(target["boxes"], width)}
+
+    def __repr__(self) -> str:
+        return f"RandomRot90(p={self.p})"
+
+
 class Resize:
     """Scale so the shorter side is ``min_size`` unless the longer would exceed ``max_size``.
 
@@ -122,9 +175,11 @@ def collate_fn(batch: Sequence[tuple[Any, Target]]) -> tuple[list[Any], list[Tar
     return images, targets
 
 
-def default_transforms(train: bool, hflip_prob: float = 0.5) -> Compose:
-    """ToTensor, plus random h-flip when training."""
+def default_transforms(train: bool, hflip_prob: float = 0.5, vflip_prob: float = 0.0, rot90_prob: float = 0.0) -> Compose:
+    """ToTensor, plus the random flips and 90-degree turns asked for when training."""
     steps: list[Transform] = [ToTensor()]
-    if train and hflip_prob > 0:
-        steps.append(RandomHorizontalFlip(hflip_prob))
+    if train:
+        for transform, p in ((RandomHorizontalFlip, hflip_prob), (RandomVerticalFlip, vflip_prob), (RandomRot90, rot90_prob)):
+            if p > 0:
+                steps.append(transform(p))
     return Compose(steps)

@@ -1,0 +1,103 @@
+"""Time-to-accuracy: AP (or mAP) reached against CPU-seconds of training, for one profile cell.
+
+Trains one cell of a profile in this process (no Ray: the same dataset, model, optimiser,
+schedule and evaluation code that a Ray Train worker runs) and evaluates on the val split at
+fractions of the run, printing one line per point: CPU-seconds of training (process time, so a
+busy machine does not inflate it), images seen, and the metrics. This is how the profiles'
+recipes were chosen; see the closing note of "Detectors that learn".
+
+Usage:
+  python bench/time_to_accuracy.py --profile demo --dataset shapes [--row baseline] [--points 4]
+      [--set train.epochs=8 ...] [--threads 1] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from detector.data import build_dataset, collate_fn  # noqa: E402
+from detector.model import build_detector  # noqa: E402
+from lab import evaluation  # noqa: E402
+from lab.config import user_overrides  # noqa: E402
+from lab.experiments import TABLE2_ROWS, load_profile, table_cells  # noqa: E402
+from lab.train import build_optimizer, lr_lambda, resolve_num_classes, seed_everything, warmup_iters_for  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="demo")
+    p.add_argument("--dataset", default="shapes")
+    p.add_argument("--row", default="baseline", choices=tuple(TABLE2_ROWS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--points", type=int, default=4, help="evaluations, evenly spaced over the run")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    profile = load_profile(a.profile)
+    cells = table_cells(2, profile, seeds=a.seed + 1, user=user_overrides(None, a.set))
+    cell = next(c for c in cells if c.row == a.row and c.seed == a.seed and c.dataset == a.dataset)
+    cfg = cell.cfg
+    seed_everything(cfg.train.seed)
+    train_set = build_dataset(cfg.data, "train", train=True)
+    val_set = build_dataset(cfg.data, "val", train=False)
+    cfg = resolve_num_classes(cfg, train_set)
+    loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_fn,
+                        num_workers=cfg.data.loader_workers, persistent_workers=cfg.data.loader_workers > 0)
+    iters = len(loader) if not cfg.train.max_iters else min(len(loader), cfg.train.max_iters)
+    total = cfg.train.epochs * iters
+    model = build_detector(cfg)
+    optimizer = build_optimizer([q for q in model.parameters() if q.requires_grad], cfg)
+    t = cfg.train
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total, warmup_iters_for(cfg, total), t.warmup_factor, t.lr_steps, t.lr_gamma, t.lr_schedule))
+    marks = {round(total * (k + 1) / a.points) for k in range(a.points)}
+    metric = "AP" if val_set.format == "coco" else "mAP"
+    print(f"# {a.profile}/{a.dataset}/{a.row} seed {a.seed}: {len(train_set)} train / {len(val_set)} val images, "
+          f"{total} iterations x batch {t.batch_size}, {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params, "
+          f"{a.threads} thread(s)", flush=True)
+    print(f"{'iter':>6} {'cpu_s':>8} {'wall_s':>8} {'images':>7} {'loss':>7} {metric:>6} {'AP50':>6} "
+          f"{'APs':>6} {'APm':>6} {'APl':>6}", flush=True)
+    cpu = wall = 0.0
+    step = images = 0
+    loss_sum, loss_n = 0.0, 0
+    model.train()
+    while step < total:
+        for it, (imgs, targets) in enumerate(loader):
+            if it >= iters or step >= total:
+                break
+            c0, w0 = time.process_time(), time.perf_counter()
+            parts = model(imgs, targets)
+            loss = sum(parts.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            sched.step()
+            cpu += time.process_time() - c0
+            wall += time.perf_counter() - w0
+            step += 1
+            images += len(imgs)
+            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            if step in marks:
+                m = evaluation.evaluate(model, val_set, torch.device("cpu"), cfg.eval.batch_size).metrics
+                model.train()
+                print(f"{step:>6} {cpu:>8.1f} {wall:>8.1f} {images:>7} {loss_sum / loss_n:>7.3f} "
+                      f"{m[metric]:>6.1f} " + " ".join(f"{m.get(k, float('nan')):>6.1f}" for k in ("AP50", "APs", "APm", "APl")),
+                      flush=True)
+                loss_sum, loss_n = 0.0, 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
