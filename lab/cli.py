@@ -29,6 +29,7 @@ from detector.config import ConfigError, merge_dicts, overrides_to_dict
 from lab import tracking
 from lab.config import PROFILES, user_overrides
 from lab.experiments import Cell, load_profile, single_cell, table_cells
+from lab.pretrain import PretrainConfig
 
 
 def add_job_options(p: argparse.ArgumentParser, unit: str, out_help: str) -> None:
@@ -144,7 +145,7 @@ def user_layer(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_table(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root)
-    return _run(cells, args, tracking.experiment_name(args.table), table=args.table)
+    return _run(cells, args, tracking.experiment_name(args.table), table=args.table, pretrain=profile.pretrain)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -152,13 +153,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dataset and args.dataset not in profile.datasets:
         raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} ({', '.join(profile.datasets)})")
     cell = single_cell(profile, user_layer(args), args.dataset)
-    return _run([cell], args, args.experiment, table=None)
+    return _run([cell], args, args.experiment, table=None, pretrain=profile.pretrain)
 
 
-def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: int | None) -> int:
-    """Shared tail of ``table`` and ``train``: resolve where things go, run, report."""
+def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: int | None,
+         pretrain: PretrainConfig | None = None) -> int:
+    """Shared tail of ``table`` and ``train``: resolve where things go, pretrain, run, report."""
     out = args.out.expanduser().resolve()
     if args.dry_run:
+        if pretrain is not None and pretrain.steps:
+            print(f"(keys before the pretraining stage: {pretrain.steps} steps; cells with a backbone file keep theirs)")
         for c in cells:
             extra = f" (evaluates {c.reuse}'s weights)" if c.reuse else ""
             print(f"{c.name:42} key {c.key}{extra}")
@@ -170,6 +174,10 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
     except ValueError as e:
         raise ConfigError(f"--tracking-uri: {e}") from None
     _warn_if_ephemeral(out, uri)
+    if pretrain is not None and pretrain.steps:
+        from lab.pretrain import attach_pretrained
+
+        cells = attach_pretrained(cells, pretrain, out, uri)
     from lab import runner  # imports Ray: only once the config is known to be good
 
     print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {uri} (experiment {experiment}), results {out}")

@@ -184,11 +184,36 @@ NON_SEMANTIC_KEYS = frozenset(
 )
 
 
+#: weight files enter a cell's key by their content, not their path (a pretrained backbone cached
+#: under another --out, or the same ImageNet file on another machine, is the same cell).
+WEIGHT_KEYS = ("model.weights_backbone", "model.weights")
+
+
 def cell_key(cfg: LabConfig) -> str:
     """Stable 12-hex-digit hash of the resolved config (the ``detlab.key`` tag, the Ray run name)."""
     items = {k: v for k, v in flatten(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    for k in WEIGHT_KEYS:
+        if items.get(k) and Path(items[k]).is_file():
+            items[k] = "sha256:" + file_sha256(items[k])
     blob = json.dumps(items, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised by path, size and mtime: cell keys ask for it often)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    memo = (str(p), st.st_size, st.st_mtime_ns)
+    if memo not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[memo] = h.hexdigest()
+    return _SHA_CACHE[memo]
 
 
 def build_config(*layers: dict[str, Any], source: str = "config") -> LabConfig:

@@ -21,6 +21,7 @@ from typing import Any
 
 from detector.config import ConfigError, flatten, from_dict, merge_dicts, overrides_to_dict
 from lab.config import PROFILES, PROFILES_DIR, LabConfig, build_config, cell_key, read_yaml_mapping
+from lab.pretrain import PretrainConfig
 from lab.tracking import DATASETS, dataset_tag
 
 #: Table 2 rows: the components switched on (IAC assignment, DC loss, CL-B NMS).
@@ -64,6 +65,8 @@ class Profile:
     table2: TableSpec = field(default_factory=TableSpec)
     #: dotted keys the user must set (e.g. data.root for real datasets).
     required: list[str] = field(default_factory=list)
+    #: backbone pretraining before the cells train (``steps: 0`` = none; see :mod:`lab.pretrain`).
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def table(self, table: int) -> TableSpec:
         return {1: self.table1, 2: self.table2}[table]
@@ -107,6 +110,10 @@ def load_profile(name: str) -> Profile:
     for tag in prof.datasets:
         if tag not in DATASETS:
             raise ConfigError(f"{path}: datasets.{tag}: unknown dataset tag; known: {DATASETS}")
+    try:
+        prof.pretrain.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     for t in (1, 2):
         for tag in prof.table(t).datasets:
             if tag not in prof.datasets:
