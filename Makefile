@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_nms.py
 	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_recipe.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_scaling.py
 	$(PY) bench/bench_sweep.py

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     iters = len(loader) if not cfg.train.max_iters else min(len(loader), cfg.train.max_iters)
     total = cfg.train.epochs * iters
     model = build_detector(cfg)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer([q for q in model.parameters() if q.requires_grad], cfg)
     t = cfg.train
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -66,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{total} iterations x batch {t.batch_size}, {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M params, "
           f"{a.threads} thread(s)", flush=True)
     print(f"{'iter':>6} {'cpu_s':>8} {'wall_s':>8} {'images':>7} {'loss':>7} {metric:>6} {'AP50':>6} "
-          f"{'APs':>6} {'APm':>6} {'APl':>6}", flush=True)
+          f"{'APs':>6} {'APm':>6} {'APl':>6} {'pos/img':>7} {'iac/img':>7}", flush=True)
     cpu = wall = 0.0
     step = images = 0
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n, pos_sum, iac_sum = 0.0, 0, 0.0, 0.0
     model.train()
     while step < total:
         for it, (imgs, targets) in enumerate(loader):
@@ -89,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             images += len(imgs)
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            pos_sum += model.assign_stats["positives_per_image"]
+            iac_sum += model.assign_stats["iac_score_positives_per_image"]
             if step in marks:
                 m = evaluation.evaluate(model, val_set, torch.device("cpu"), cfg.eval.batch_size).metrics
                 model.train()
                 print(f"{step:>6} {cpu:>8.1f} {wall:>8.1f} {images:>7} {loss_sum / loss_n:>7.3f} "
-                      f"{m[metric]:>6.1f} " + " ".join(f"{m.get(k, float('nan')):>6.1f}" for k in ("AP50", "APs", "APm", "APl")),
-                      flush=True)
-                loss_sum, loss_n = 0.0, 0
+                      f"{m[metric]:>6.1f} " + " ".join(f"{m.get(k, float('nan')):>6.1f}" for k in ("AP50", "APs", "APm", "APl"))
+                      + f" {pos_sum / loss_n:>7.1f} {iac_sum / loss_n:>7.2f}", flush=True)
+                loss_sum, loss_n, pos_sum, iac_sum = 0.0, 0, 0.0, 0.0
     return 0
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
     lr_gamma: float = 0.1
     #: max gradient norm; 0 disables clipping.
     grad_clip: float = 0.0
+    #: keep conv weights (and so activations) channels-last (NHWC); see bench/bench_recipe.py.
+    channels_last: bool = False
     #: mixed precision (torch.autocast + GradScaler); only takes effect on GPU workers.
     amp: bool = True
     #: cap on iterations per epoch (0 = the whole epoch); for smoke runs.

@@ -311,7 +311,10 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
     if iters == 0:
         raise ValueError(f"{args.name}: the train split has {len(train_set)} images, fewer than one batch per worker")
 
-    model = build_detector(cfg).to(device) if in_tune else prepare_model(build_detector(cfg))
+    net = build_detector(cfg)
+    if cfg.train.channels_last:  # NHWC weights: the convs run NHWC (bench/bench_recipe.py: faster on CPU)
+        net = net.to(memory_format=torch.channels_last)
+    model = net.to(device) if in_tune else prepare_model(net)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     t = cfg.train

@@ -143,3 +143,38 @@ def test_a_tiny_detector_overfits_a_few_shapes_images(tmp_path):
         opt.step()
     ap50 = evaluation.evaluate(model, seen, torch.device("cpu"), 4).metrics["AP50"]
     assert ap50 >= 90, f"AP50 {ap50:.1f} on the 4 training images after 300 steps (loss {float(loss):.3f})"
+
+
+def test_iac_score_rule_fires_after_its_warm_up_and_stays_below_the_iou_positives(tmp_path):
+    """On a model that has learned something, eq. 5's score rule adds positives, but only after
+    ``assign.warmup_iters`` and fewer than the IoU rule gives (the profiles' alpha/tau are chosen so)."""
+    from detector.data import build_dataset, collate_fn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = apply_overrides(DetectorConfig(), {
+        "data.dataset": "shapes", "data.root": str(tmp_path / "shapes"), "data.num_train": 4, "data.num_val": 4,
+        "data.image_size": 128, "data.hflip_prob": 0.0,
+        "model.backbone": "resnet10", "model.backbone_width": 32, "model.fpn_channels": 64, "model.head_convs": 2,
+        "model.norm": "bn", "model.head_norm": "gn", "model.min_size": 128, "model.max_size": 128,
+        "model.anchor_sizes": [16, 32, 64, 128, 256], "model.num_classes": 6,
+        "assign.iac": True, "assign.alpha": 0.5, "assign.score_threshold": 0.7, "assign.warmup_iters": 150})
+    train_set = build_dataset(cfg.data, "train", train=True)
+    model = build_detector(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    images, targets = collate_fn([train_set[i] for i in range(len(train_set))])
+    model.train()
+    stats = []
+    for _ in range(250):
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        stats.append(dict(model.assign_stats))
+    before, after = stats[:150], stats[150:]
+    assert all(s["iac_score_positives_per_image"] == 0 and s["iac_active"] == 0 for s in before)
+    assert all(s["iac_active"] == 1 for s in after)
+    fired = [s["iac_score_positives_per_image"] for s in after]
+    assert sum(fired) / len(fired) > 0, "the score rule never fired after warm-up"
+    assert all(s["iac_score_positives_per_image"] < s["positives_per_image"] - s["iac_score_positives_per_image"]
+               for s in after)

@@ -315,9 +315,11 @@ def test_optuna_search_sweep(tmp_path: Path) -> None:
             value = float(r.data.params[key])
             if p.kind == "choice":
                 assert value in [float(v) for v in p.values]
-            elif p.scale_by is None:
+            elif not p.relative:
                 assert p.low <= value <= p.high, (key, value)
         assert float(r.data.params["assign.bg_threshold"]) < float(r.data.params["assign.fg_threshold"])
+        alpha, tau = float(r.data.params["assign.alpha"]), float(r.data.params["assign.score_threshold"])
+        assert max(alpha, 1 - alpha) < tau <= 1, (alpha, tau)  # never a degenerate IAC setting
     assert len({r.data.params["assign.alpha"] for r in children}) == 3  # three distinct proposals
     assert (tmp_path / "out" / "best_shapes.yaml").is_file()
 
