@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+# one tqdm bar per downloaded artifact would flood a table job's output
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
