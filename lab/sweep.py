@@ -50,6 +50,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+import dataclasses  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -60,6 +61,7 @@ from detector.config import ConfigError, flatten, merge_dicts, overrides_to_dict
 from lab import tracking  # noqa: E402
 from lab.config import LabConfig, build_config, cell_key  # noqa: E402
 from lab.experiments import data_root_overrides, load_profile, single_cell  # noqa: E402
+from lab.pretrain import PretrainConfig  # noqa: E402
 
 SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
@@ -613,6 +615,32 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, search=args.search, seed=args.seed,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, resume=args.resume,
     )
+
+
+def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str,
+                             pretrain: PretrainConfig | None = None) -> SweepPlan:
+    """Start every trial from the backbone the profile's Table 2 job pretrains (the same file when
+    ``--out`` is the same), so a sweep's winner transfers to the tables. No-op without a
+    ``pretrain:`` section (``pretrain`` overrides the profile's) or when the config names weights."""
+    from lab.cli import user_layer
+    from lab.experiments import table_cells
+    from lab.pretrain import Body, ensure_pretrained
+
+    pcfg = pretrain or load_profile(args.profile).pretrain
+    m = plan.cfg.model
+    if not pcfg.steps or m.weights_backbone or m.weights:
+        return plan
+    try:  # the table's datasets, as its job resolves them (so the pretraining key is the same)
+        cells = table_cells(2, load_profile(args.profile), 1, user_layer(args))
+        data = {c.dataset: c.cfg.data for c in cells if c.row == "baseline"}
+    except ConfigError:  # e.g. a dataset of the table that needs a --data-root this sweep did not give
+        data = {}
+    data[plan.dataset] = plan.cfg.data
+    path = ensure_pretrained(pcfg, Body(m.backbone, m.backbone_width, m.norm), [data[t] for t in sorted(data)],
+                             plan.out, uri)
+    layer = {"model": {"weights_backbone": str(path), "trainable_backbone_layers": 5}}
+    return dataclasses.replace(plan, base=merge_dicts(plan.base, layer),
+                               cfg=build_config(merge_dicts(to_dict(plan.cfg), layer), source="sweep base"))
 
 
 def _metric_and_mode(metric: str | None, mode: str | None, dataset: str) -> tuple[str, str]:
@@ -1300,7 +1328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"search {plan.search}\nspace:\n{space_text(plan.space)}base config:\n"
                   f"{yaml.safe_dump(to_dict(plan.cfg), sort_keys=False)}")
             return 0
-        return run_sweep(plan, uri, args.ray_address)
+        return run_sweep(with_pretrained_backbone(plan, args, uri), uri, args.ray_address)
     except ConfigError as e:
         print(f"detlab sweep: config error: {e}", file=sys.stderr)
         return 2

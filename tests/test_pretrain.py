@@ -92,3 +92,22 @@ def test_table_stage_pretrains_once_per_body_and_reuses_the_file(tmp_path, monke
 def test_pretrain_settings_are_checked():
     with pytest.raises(Exception, match="pretrain.crop_size=0 must be > 0"):
         PretrainConfig(crop_size=0).validate()
+
+
+def test_a_sweep_starts_from_the_tables_pretrained_backbone(tmp_path, monkeypatch):
+    """No Ray: the plan only. The sweep's base names the file the Table 2 job of the profile makes."""
+    from lab.sweep import build_parser, build_plan, with_pretrained_backbone
+
+    monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
+    sets = ["--set", "model.backbone=resnet10", "--set", "model.backbone_width=16", "--set", "model.norm=bn"]
+    args = build_parser().parse_args(["--profile", "smoke", "--dataset", "shapes", "--out", str(tmp_path / "out"), *sets])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pcfg = PretrainConfig(steps=2, batch_size=4, crop_size=32)
+    plan = with_pretrained_backbone(build_plan(args), args, uri, pretrain=pcfg)
+    table = attach_pretrained(table_cells(2, load_profile("smoke"), 1, {"model": {
+        "backbone": "resnet10", "backbone_width": 16, "norm": "bn"}}), pcfg, tmp_path / "out", uri)
+    assert plan.cfg.model.weights_backbone == table[0].cfg.model.weights_backbone
+    assert plan.base["model"]["weights_backbone"] == plan.cfg.model.weights_backbone
+    assert plan.cfg.model.trainable_backbone_layers == 5
+    client = MlflowClient(uri)
+    assert len(client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])) == 1  # made once

@@ -57,17 +57,25 @@ def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     return flipped
 
 
+def _probability(transform: str, p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{transform} p={p} must be in [0, 1]")
+    return p
+
+
+def _fires(p: float) -> bool:
+    """A draw with probability ``p``; torch RNG: seeded by torch.manual_seed and per DataLoader worker."""
+    return p > 0 and torch.rand(()).item() < p
+
+
 class RandomHorizontalFlip:
     """With probability ``p`` mirror the image (PIL or [C, H, W] tensor) and its boxes."""
 
     def __init__(self, p: float = 0.5) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomHorizontalFlip p={p} must be in [0, 1]")
-        self.p = p
+        self.p = _probability("RandomHorizontalFlip", p)
 
     def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
-        # torch RNG: seeded by torch.manual_seed and per DataLoader worker.
-        if self.p <= 0 or torch.rand(()).item() >= self.p:
+        if not _fires(self.p):
             return image, target
         width, _ = _size(image)
         if isinstance(image, Image.Image):
@@ -86,12 +94,10 @@ class RandomVerticalFlip:
     """With probability ``p`` flip the image (PIL or [C, H, W] tensor) upside down, and its boxes."""
 
     def __init__(self, p: float = 0.5) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomVerticalFlip p={p} must be in [0, 1]")
-        self.p = p
+        self.p = _probability("RandomVerticalFlip", p)
 
     def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
-        if self.p <= 0 or torch.rand(()).item() >= self.p:
+        if not _fires(self.p):
             return image, target
         _, height = _size(image)
         image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM) if isinstance(image, Image.Image) else image.flip(-2)
@@ -117,12 +123,10 @@ class RandomRot90:
     """
 
     def __init__(self, p: float = 0.5) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomRot90 p={p} must be in [0, 1]")
-        self.p = p
+        self.p = _probability("RandomRot90", p)
 
     def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
-        if self.p <= 0 or torch.rand(()).item() >= self.p:
+        if not _fires(self.p):
             return image, target
         width, _ = _size(image)
         if isinstance(image, Image.Image):
