@@ -172,3 +172,15 @@ def test_iac_score_rule_fires_after_its_warm_up_and_stays_below_the_iou_positive
     assert sum(fired) / len(fired) > 0, "the score rule never fired after warm-up"
     assert all(s["iac_score_positives_per_image"] < s["positives_per_image"] - s["iac_score_positives_per_image"]
                for s in after)
+
+
+def test_a_degenerate_iac_setting_is_refused_before_ray_starts(capsys):
+    import ray
+
+    from lab.cli import main
+
+    code = main(["table", "2", "--profile", "smoke", "--set", "assign.alpha=0.2",
+                 "--set", "assign.score_threshold=0.6"])
+    err = capsys.readouterr().err
+    assert code == 2 and "assign.score_threshold=0.6" in err and "assign.alpha=0.2" in err, err
+    assert not ray.is_initialized()
