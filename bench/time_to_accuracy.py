@@ -24,11 +24,10 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from detector.data import build_dataset, collate_fn  # noqa: E402
-from detector.model import build_detector  # noqa: E402
 from lab import evaluation  # noqa: E402
 from lab.config import user_overrides  # noqa: E402
 from lab.experiments import TABLE2_ROWS, load_profile, table_cells  # noqa: E402
-from lab.train import build_optimizer, lr_lambda, resolve_num_classes, seed_everything, warmup_iters_for  # noqa: E402
+from lab.train import build_optimizer, build_scheduler, build_train_model, resolve_num_classes, seed_everything  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,13 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                         num_workers=cfg.data.loader_workers, persistent_workers=cfg.data.loader_workers > 0)
     iters = len(loader) if not cfg.train.max_iters else min(len(loader), cfg.train.max_iters)
     total = cfg.train.epochs * iters
-    model = build_detector(cfg)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_train_model(cfg)
     optimizer = build_optimizer([q for q in model.parameters() if q.requires_grad], cfg)
+    sched = build_scheduler(optimizer, cfg, iters)
     t = cfg.train
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, warmup_iters_for(cfg, total), t.warmup_factor, t.lr_steps, t.lr_gamma, t.lr_schedule))
     marks = {round(total * (k + 1) / a.points) for k in range(a.points)}
     metric = "AP" if val_set.format == "coco" else "mAP"
     print(f"# {a.profile}/{a.dataset}/{a.row} seed {a.seed}: {len(train_set)} train / {len(val_set)} val images, "

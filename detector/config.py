@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+#: basic-block bodies: the ones whose width ``model.backbone_width`` can set.
+BASIC_BACKBONES = ("resnet10", "resnet18", "resnet34")
 BACKBONES = (
     "resnet10",
     "resnet18",
@@ -86,10 +88,10 @@ class ModelConfig:
         check_positive("model.fpn_channels", self.fpn_channels)
         if not 0 <= self.head_convs <= 4:
             raise ConfigError(f"model.head_convs={self.head_convs} must be in [0, 4] (RetinaNet's tower has 4)")
-        if self.backbone_width != 64 and self.backbone not in ("resnet10", "resnet18", "resnet34"):
+        if self.backbone_width != 64 and self.backbone not in BASIC_BACKBONES:
             raise ConfigError(
                 f"model.backbone_width={self.backbone_width} needs a basic-block backbone "
-                f"(resnet10, resnet18, resnet34), not model.backbone={self.backbone!r}"
+                f"{BASIC_BACKBONES}, not model.backbone={self.backbone!r}"
             )
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ConfigError(f"model.trainable_backbone_layers={self.trainable_backbone_layers} must be in [0, 5]")

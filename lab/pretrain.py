@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from detector.config import ConfigError, check_min, check_positive, flatten, to_dict
-from lab.config import cell_key, file_sha256
+from lab.config import NON_SEMANTIC_KEYS, cell_key, file_sha256
 
 if TYPE_CHECKING:
     from lab.experiments import Cell
@@ -86,7 +86,7 @@ def ensure_pretrained(
     from detector.data import build_dataset
     from detector.pretrain import crop_source, pretrain_backbone
 
-    sections = [{k: v for k, v in flatten(d).items() if k != "loader_workers"} for d in data_cfgs]
+    sections = [{k: v for k, v in flatten(d).items() if f"data.{k}" not in NON_SEMANTIC_KEYS} for d in data_cfgs]
     key = pretrain_key(pcfg, body, sections)
     path = weights_path(out, key)
     if path.is_file():

@@ -475,7 +475,7 @@ def _scale_values(space: Space, p: Param, base: dict[str, Any]) -> list[Any]:
         return [None]
     if p.scale_by in space:
         return list(space[p.scale_by].extremes())
-    return [flatten(build_config(base, source="sweep base config"))[p.scale_by]]
+    return [_base_values(base)[p.scale_by]]
 
 
 def _check_own(base: dict[str, Any], overrides: dict[str, Any], key: str, message: str) -> None:
@@ -626,12 +626,13 @@ def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str
     from lab.experiments import table_cells
     from lab.pretrain import Body, ensure_pretrained
 
-    pcfg = pretrain or load_profile(args.profile).pretrain
+    profile = load_profile(args.profile)
+    pcfg = pretrain or profile.pretrain
     m = plan.cfg.model
     if not pcfg.steps or m.weights_backbone or m.weights:
         return plan
     try:  # the table's datasets, as its job resolves them (so the pretraining key is the same)
-        cells = table_cells(2, load_profile(args.profile), 1, user_layer(args))
+        cells = table_cells(2, profile, 1, user_layer(args))
         data = {c.dataset: c.cfg.data for c in cells if c.row == "baseline"}
     except ConfigError:  # e.g. a dataset of the table that needs a --data-root this sweep did not give
         data = {}

@@ -147,6 +147,22 @@ def warmup_iters_for(cfg: LabConfig, total_iters: int) -> int:
     return max(1, round(t.warmup_frac * total_iters)) if t.warmup_frac > 0 else t.warmup_iters
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LabConfig, iters_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's lr schedule over ``train.epochs x iters_per_epoch`` iterations (see :func:`lr_lambda`)."""
+    t = cfg.train
+    total = t.epochs * iters_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total, warmup_iters_for(cfg, total), t.warmup_factor, t.lr_steps, t.lr_gamma, t.lr_schedule))
+
+
+def build_train_model(cfg: LabConfig) -> torch.nn.Module:
+    """The detector as it trains: channels-last weights with ``train.channels_last`` (the convs then
+    run NHWC; bench/bench_recipe.py measures it on CPU)."""
+    net = build_detector(cfg)
+    return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
+
+
 def reposition_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                         lr: float, iteration: int) -> None:
     """Put a loaded optimizer + ``LambdaLR`` at ``iteration`` of a schedule whose base lr is ``lr``.
@@ -311,18 +327,11 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
     if iters == 0:
         raise ValueError(f"{args.name}: the train split has {len(train_set)} images, fewer than one batch per worker")
 
-    net = build_detector(cfg)
-    if cfg.train.channels_last:  # NHWC weights: the convs run NHWC (bench/bench_recipe.py: faster on CPU)
-        net = net.to(memory_format=torch.channels_last)
+    net = build_train_model(cfg)
     model = net.to(device) if in_tune else prepare_model(net)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scheduler = build_scheduler(optimizer, cfg, iters)
     t = cfg.train
-    total = t.epochs * iters
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(total, warmup_iters_for(cfg, total), t.warmup_factor, t.lr_steps, t.lr_gamma, t.lr_schedule),
-    )
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
     start_epoch, metrics = 0, {}
