@@ -18,6 +18,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from detector.dcn import add_dcn
+
 
 def resnet_basic(layers: list[int], width: int, norm_layer: Callable[..., nn.Module] | None = None) -> resnet.ResNet:
     """A basic-block ResNet (the R-18/34 layout) whose stages have ``width x (1, 2, 4, 8)`` channels.
@@ -98,7 +100,8 @@ def load_backbone_weights(body: resnet.ResNet, path: str | Path) -> None:
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     own = {k: v for k, v in body.state_dict().items() if not k.startswith("fc.")}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    # DCN offset/mask convs are not in ImageNet checkpoints: they start at zero (detector.dcn)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked") and ".conv_offset." not in k]
     bad_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or bad_shape:
         raise ValueError(
@@ -116,6 +119,8 @@ def build_backbone(
     trainable_layers: int = 3,
     width: int = 64,
     fpn_channels: int = 256,
+    dcn_stages: tuple[int, ...] = (),
+    dcn_mask: bool = True,
 ) -> BackboneWithFPN:
     """ResNet/ResNeXt body + FPN over C3-C5 with P6, P7 from P5 (RetinaNet v1 layout).
 
@@ -130,6 +135,9 @@ def build_backbone(
             ``weights_backbone``: a random body must be trained entirely.
         width: first-stage channels of a basic-block body (resnet10/18/34; 64 is torchvision's).
         fpn_channels: FPN (and so head) channels; 256 is RetinaNet's.
+        dcn_stages: ResNet stages (2..5 = c2..c5) whose 3x3 convs become DCNv2
+            (:mod:`detector.dcn`); GFL's published X-101-32x4d-DCN uses (4, 5).
+        dcn_mask: DCNv2 (modulated) when true, DCNv1 (GFL's published model) when false.
     """
     if name not in _CONSTRUCTORS:
         raise ValueError(f"model.backbone={name!r} is not one of {tuple(_CONSTRUCTORS)}")
@@ -137,6 +145,8 @@ def build_backbone(
         raise ValueError(f"model.backbone_width={width} needs a basic-block backbone {tuple(BASIC_LAYERS)}, not {name!r}")
     layer = norm_layer_for(norm)
     body = resnet_basic(BASIC_LAYERS[name], width, layer) if width != 64 else _CONSTRUCTORS[name](norm_layer=layer)
+    if dcn_stages:
+        add_dcn(body, tuple(dcn_stages), dcn_mask)  # before loading: the weights keep their conv2 keys
     if weights_backbone is not None:
         load_backbone_weights(body, weights_backbone)
     else:

@@ -34,15 +34,28 @@ BACKBONES = (
 )
 
 
+#: ``model.detector`` values: the paper's RetinaNet, GFL (its best Table 1 row), and two
+#: torchvision detectors for retrained comparison rows (plain NMS, no paper components).
+DETECTORS = ("retinanet", "gfl", "fcos", "faster_rcnn")
+
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key (``section.key``) and the value."""
 
 
 @dataclass
 class ModelConfig:
-    """RetinaNet architecture and inference settings."""
+    """Detector architecture and inference settings (RetinaNet's unless a key says otherwise)."""
 
+    #: which detector: "retinanet" (detector.model), "gfl" (detector.gfl: ATSS + QFL/DFL/GIoU),
+    #: "fcos" or "faster_rcnn" (torchvision's, detector.tv_detectors; no IAC/DC/CL-B).
+    detector: str = "retinanet"
     backbone: str = "resnet50"
+    #: ResNet stages (2..5 = c2..c5) whose 3x3 convs are DCNv2 (detector.dcn); () = none.
+    dcn_stages: tuple[int, ...] = ()
+    #: DCN kind: true = DCNv2 (modulated: offsets and a mask); false = DCNv1 (offsets only), which
+    #: is what GFL's published X-101-32x4d-DCN config uses (mmcv "DCN" in c4-c5).
+    dcn_mask: bool = True
     #: number of foreground classes; 0 means "take it from the dataset".
     num_classes: int = 0
     #: first-stage channels of a basic-block body (resnet10/18/34; stages double it). 64 is
@@ -66,18 +79,29 @@ class ModelConfig:
     #: input resize (GeneralizedRCNNTransform): shorter side / cap on the longer side.
     min_size: int = 800
     max_size: int = 1333
+    #: multi-scale training: shorter sides drawn uniformly per batch in training; () = min_size
+    #: only. Evaluation always uses min_size.
+    train_min_sizes: tuple[int, ...] = ()
     #: base anchor size of P3..P7; each gets 3 octave scales and 3 aspect ratios.
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     #: regression loss: "l1" (RetinaNet v1), "smooth_l1", "giou".
     reg_loss: str = "l1"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    #: GFL (model.detector=gfl): bins of the box distribution (0..reg_max, in strides), ATSS
+    #: candidates per level, QFL's beta, and the loss weights of QFL, DFL, GIoU (GFL's 1, 0.25, 2).
+    #: GFL uses one square anchor per location of side anchor_sizes[level] (GFL: 8 x stride).
+    gfl_reg_max: int = 16
+    gfl_atss_topk: int = 9
+    gfl_qfl_beta: float = 2.0
+    gfl_loss_weights: tuple[float, ...] = (1.0, 0.25, 2.0)
     #: inference: candidates below this score are dropped before NMS.
     score_thresh: float = 0.05
     topk_candidates: int = 1000
     detections_per_img: int = 100
 
     def validate(self) -> None:
+        check_choice("model.detector", self.detector, DETECTORS)
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is not one of {BACKBONES}")
         check_choice("model.norm", self.norm, ("frozen_bn", "bn", "gn"))
@@ -97,6 +121,17 @@ class ModelConfig:
             raise ConfigError(f"model.trainable_backbone_layers={self.trainable_backbone_layers} must be in [0, 5]")
         if self.min_size <= 0 or self.max_size < self.min_size:
             raise ConfigError(f"model.min_size={self.min_size}, model.max_size={self.max_size}: need 0 < min_size <= max_size")
+        for stage in self.dcn_stages:
+            if stage not in (2, 3, 4, 5):
+                raise ConfigError(f"model.dcn_stages={list(self.dcn_stages)}: stages are 2..5 (c2..c5)")
+        for size in self.train_min_sizes:
+            if not 0 < size <= self.max_size:
+                raise ConfigError(f"model.train_min_sizes={list(self.train_min_sizes)}: each must be in (0, model.max_size={self.max_size}]")
+        check_positive("model.gfl_reg_max", self.gfl_reg_max)
+        check_positive("model.gfl_atss_topk", self.gfl_atss_topk)
+        check_min("model.gfl_qfl_beta", self.gfl_qfl_beta)
+        if len(self.gfl_loss_weights) != 3 or min(self.gfl_loss_weights) < 0:
+            raise ConfigError(f"model.gfl_loss_weights={list(self.gfl_loss_weights)} must be 3 weights >= 0 (QFL, DFL, GIoU)")
         if len(self.anchor_sizes) != 5:
             raise ConfigError(f"model.anchor_sizes={self.anchor_sizes} must give 5 sizes (P3..P7)")
         for key in ("weights_backbone", "weights"):
@@ -261,7 +296,19 @@ class DetectorConfig:
     def validate(self) -> "DetectorConfig":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self._check_components()
         return self
+
+    def _check_components(self) -> None:
+        """The paper's components exist only where they are defined: IAC on RetinaNet's IoU
+        matcher; DC and CL-B on RetinaNet and GFL (torchvision's FCOS / Faster R-CNN are stock)."""
+        det = self.model.detector
+        if self.assign.iac and det != "retinanet":
+            raise ConfigError(f"assign.iac=true needs model.detector='retinanet' (IAC replaces its IoU matcher; "
+                              f"GFL assigns by ATSS), not {det!r}")
+        for key, on in (("loss.dc", self.loss.dc), ("nms.clb", self.nms.clb)):
+            if on and det not in ("retinanet", "gfl"):
+                raise ConfigError(f"{key}=true needs model.detector 'retinanet' or 'gfl', not {det!r}")
 
 
 # --------------------------------------------------------------------------------------------

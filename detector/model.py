@@ -21,13 +21,16 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_iou, boxes as box_ops
 
 from detector.assign import iac_assign_with_stats
 from detector.backbones import build_backbone, gn_layer
 from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
+from detector.gfl import DetLabGFL, GFLHead, GFLLoss
 from detector.losses import box_regression_loss, dc_lambda_spread, dc_reduce, dc_weights_for_batch, focal_loss_per_anchor
 from detector.nms import NmsResult, clb_nms, greedy_nms
+from detector.tv_detectors import DetLabFasterRCNN, DetLabFCOS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,20 +343,36 @@ def build_head(channels: int, num_anchors: int, num_classes: int, convs: int, no
     return head
 
 
-def build_detector(cfg: DetectorConfig) -> DetLabRetinaNet:
-    """The detector for a resolved config (``cfg.model.num_classes`` must be set, > 0)."""
+def build_detector(cfg: DetectorConfig) -> nn.Module:
+    """The detector for a resolved config (``cfg.model.num_classes`` must be set, > 0).
+
+    ``model.detector`` picks it: :class:`DetLabRetinaNet`, :class:`detector.gfl.DetLabGFL`, or
+    torchvision's FCOS / Faster R-CNN (:mod:`detector.tv_detectors`). All share the backbone
+    (``model.backbone``, ``dcn_stages``, ``weights_backbone``), the input transform (with
+    ``model.train_min_sizes`` for multi-scale training) and the training/eval interface.
+    """
     cfg.validate()
     m = cfg.model
     if m.num_classes <= 0:
         raise ConfigError("model.num_classes must be > 0 (set it from the dataset before building the model)")
     backbone = build_backbone(
         m.backbone, norm=m.norm, weights_backbone=m.weights_backbone, trainable_layers=m.trainable_backbone_layers,
-        width=m.backbone_width, fpn_channels=m.fpn_channels,
+        width=m.backbone_width, fpn_channels=m.fpn_channels, dcn_stages=m.dcn_stages, dcn_mask=m.dcn_mask,
     )
+    model = _DETECTOR_BUILDERS[m.detector](cfg, backbone)
+    if m.train_min_sizes:
+        model.transform = MultiScaleTransform(model.transform, m.train_min_sizes)
+    if m.weights is not None:
+        load_detector_weights(model, m.weights)
+    return model
+
+
+def _build_retinanet(cfg: DetectorConfig, backbone: nn.Module) -> DetLabRetinaNet:
+    m = cfg.model
     anchor_generator = build_anchor_generator(m.anchor_sizes)
     head = build_head(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], m.num_classes,
                       m.head_convs, m.head_norm)
-    model = DetLabRetinaNet(
+    return DetLabRetinaNet(
         backbone,
         m.num_classes,
         matcher=build_matcher(cfg.assign),
@@ -367,9 +386,50 @@ def build_detector(cfg: DetectorConfig) -> DetLabRetinaNet:
         topk_candidates=m.topk_candidates,
         detections_per_img=m.detections_per_img,
     )
-    if m.weights is not None:
-        load_detector_weights(model, m.weights)
-    return model
+
+
+def _build_gfl(cfg: DetectorConfig, backbone: nn.Module) -> DetLabGFL:
+    m = cfg.model
+    w_qfl, w_dfl, w_giou = m.gfl_loss_weights
+    # GFL's towers always carry GroupNorm; model.head_norm is RetinaNet's switch
+    head = GFLHead(backbone.out_channels, m.num_classes, convs=m.head_convs, reg_max=m.gfl_reg_max, norm="gn")
+    loss = GFLLoss(reg_max=m.gfl_reg_max, qfl_beta=m.gfl_qfl_beta, w_qfl=w_qfl, w_dfl=w_dfl, w_giou=w_giou,
+                   dc=cfg.loss.dc, eps=cfg.loss.eps, scope=cfg.loss.scope)
+    return DetLabGFL(backbone, head, loss, build_postprocess(cfg.nms), anchor_sizes=m.anchor_sizes,
+                     min_size=m.min_size, max_size=m.max_size, atss_topk=m.gfl_atss_topk, score_thresh=m.score_thresh,
+                     topk_candidates=m.topk_candidates, detections_per_img=m.detections_per_img)
+
+
+def _build_fcos(cfg: DetectorConfig, backbone: nn.Module) -> DetLabFCOS:
+    m = cfg.model
+    return DetLabFCOS(backbone, m.num_classes, head_convs=m.head_convs, min_size=m.min_size, max_size=m.max_size,
+                      score_thresh=m.score_thresh, nms_thresh=cfg.nms.iou_threshold,
+                      detections_per_img=m.detections_per_img, topk_candidates=m.topk_candidates)
+
+
+def _build_faster_rcnn(cfg: DetectorConfig, backbone: nn.Module) -> DetLabFasterRCNN:
+    m = cfg.model
+    return DetLabFasterRCNN(backbone, m.num_classes, anchor_sizes=m.anchor_sizes, min_size=m.min_size,
+                            max_size=m.max_size, box_score_thresh=m.score_thresh, box_nms_thresh=cfg.nms.iou_threshold,
+                            box_detections_per_img=m.detections_per_img)
+
+
+# one entry per detector.config.DETECTORS value: plain functions, no registry to register into
+_DETECTOR_BUILDERS = {"retinanet": _build_retinanet, "gfl": _build_gfl, "fcos": _build_fcos,
+                      "faster_rcnn": _build_faster_rcnn}
+
+
+class MultiScaleTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, drawing each training image's shorter side from ``train_sizes``
+    (uniformly; mmdet's multi-scale "value" mode). Evaluation resizes to the base ``min_size``."""
+
+    def __init__(self, base: GeneralizedRCNNTransform, train_sizes: tuple[int, ...]) -> None:
+        super().__init__(base.min_size, base.max_size, base.image_mean, base.image_std,
+                         size_divisible=base.size_divisible, fixed_size=base.fixed_size)
+        self.train_sizes = tuple(int(s) for s in train_sizes)
+
+    def torch_choice(self, k: list[int]) -> int:  # called by resize() in training only
+        return super().torch_choice(self.train_sizes)
 
 
 def load_detector_weights(model: nn.Module, path: str | Path) -> None:
