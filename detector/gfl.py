@@ -34,7 +34,10 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_iou, boxes as box_ops
 
+from detector.backbones import gn_layer
+from detector.config import NmsConfig
 from detector.losses import dc_lambda_spread, dc_weights_for_batch
+from detector.nms import NmsPostprocess, build_postprocess
 
 # ------------------------------------------------------------------------------------------------
 # Pure tensor functions
@@ -312,7 +315,6 @@ class GFLHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, *, convs: int = 4, reg_max: int = 16, num_levels: int = 5,
                  norm: str = "gn", prior_prob: float = 0.01) -> None:
         super().__init__()
-        from detector.backbones import gn_layer  # a plain function; avoids a module cycle at import
 
         def tower() -> nn.Sequential:
             layers: list[nn.Module] = []
@@ -355,7 +357,7 @@ class DetLabGFL(nn.Module):
     :meth:`configure_nms` behave as RetinaNet's, so the training loop and evaluation are shared.
     """
 
-    def __init__(self, backbone: nn.Module, head: GFLHead, loss: GFLLoss, postprocess, *, anchor_sizes: tuple[int, ...],
+    def __init__(self, backbone: nn.Module, head: GFLHead, loss: GFLLoss, postprocess: NmsPostprocess, *, anchor_sizes: tuple[int, ...],
                  min_size: int, max_size: int, atss_topk: int = 9, score_thresh: float = 0.05,
                  topk_candidates: int = 1000, detections_per_img: int = 100) -> None:
         super().__init__()
@@ -373,10 +375,8 @@ class DetLabGFL(nn.Module):
     def reset_nms_stats(self) -> None:
         self.nms_stats = {"clusters": 0, "kept_not_top": 0}
 
-    def configure_nms(self, cfg) -> None:
+    def configure_nms(self, cfg: NmsConfig) -> None:
         """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
-        from detector.model import build_postprocess  # the one NMS adapter, shared with RetinaNet
-
         self.postprocess = build_postprocess(cfg)
         self.nms_thresh = cfg.iou_threshold
 

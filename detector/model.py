@@ -29,7 +29,7 @@ from detector.backbones import build_backbone, gn_layer
 from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
 from detector.gfl import DetLabGFL, GFLHead, GFLLoss
 from detector.losses import box_regression_loss, dc_lambda_spread, dc_reduce, dc_weights_for_batch, focal_loss_per_anchor
-from detector.nms import NmsResult, clb_nms, greedy_nms
+from detector.nms import NmsPostprocess, build_postprocess
 from detector.tv_detectors import DetLabFasterRCNN, DetLabFCOS
 
 
@@ -178,30 +178,6 @@ def build_loss(cfg: DetectorConfig) -> RetinaNetLoss:
         focal_alpha=cfg.model.focal_alpha,
         focal_gamma=cfg.model.focal_gamma,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Post-processing NMS: (boxes[K,4], scores[K], logits[K], labels[K]) -> NmsResult (kept, reported
-# scores, kept-not-top flags), in reported-score order
-
-
-@dataclass
-class NmsPostprocess:
-    """Greedy class-wise NMS, or CL-B NMS (eq. 6-7) when ``clb`` (``score``: ``nms.clb_score``)."""
-
-    clb: bool = False
-    iou_threshold: float = 0.5
-    beta: float = 1.0
-    score: str = "own"
-
-    def __call__(self, boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor) -> NmsResult:
-        if self.clb:
-            return clb_nms(boxes, scores, logits, labels, self.iou_threshold, self.beta, self.score)
-        return greedy_nms(boxes, scores, labels, self.iou_threshold)
-
-
-def build_postprocess(cfg: NmsConfig) -> NmsPostprocess:
-    return NmsPostprocess(cfg.clb, cfg.iou_threshold, cfg.beta, cfg.clb_score)
 
 
 # ------------------------------------------------------------------------------------------------

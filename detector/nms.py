@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from detector.config import NmsConfig
+
 
 def nms_clusters(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor]:
     """Leaders of class-wise greedy NMS and the cluster of every box.
@@ -243,3 +245,27 @@ def _clb_select(boxes: Tensor, scores: Tensor, logits: Tensor, leaders: Tensor, 
     chosen = torch.full((num_clusters,), big, dtype=torch.int64, device=s.device)
     chosen.scatter_reduce_(0, cluster, cand, reduce="amin")
     return torch.where(chosen == 0, leaders, chosen - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Post-processing NMS: (boxes[K,4], scores[K], logits[K], labels[K]) -> NmsResult (kept, reported
+# scores, kept-not-top flags), in reported-score order
+
+
+@dataclass
+class NmsPostprocess:
+    """Greedy class-wise NMS, or CL-B NMS (eq. 6-7) when ``clb`` (``score``: ``nms.clb_score``)."""
+
+    clb: bool = False
+    iou_threshold: float = 0.5
+    beta: float = 1.0
+    score: str = "own"
+
+    def __call__(self, boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor) -> NmsResult:
+        if self.clb:
+            return clb_nms(boxes, scores, logits, labels, self.iou_threshold, self.beta, self.score)
+        return greedy_nms(boxes, scores, labels, self.iou_threshold)
+
+
+def build_postprocess(cfg: NmsConfig) -> NmsPostprocess:
+    return NmsPostprocess(cfg.clb, cfg.iou_threshold, cfg.beta, cfg.clb_score)
