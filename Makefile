@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench ui data clean-results help
+.PHONY: demo test test-fast bench ui data clean-results help
 
 help:
 	@echo "make demo   - Table 2 at profile demo on a local Ray + MLflow (sqlite), then the table"
 	@echo "make test   - the test suite (what CI runs)"
+	@echo "make test-fast - the tests that start no Ray cluster and no server (-m 'not slow')"
 	@echo "make bench  - benchmarks (ratios measured in one process)"
 	@echo "make ui     - MLflow UI on 127.0.0.1 over the local store"
 	@echo "make data   - prepare the built-in datasets (shapes, trees)"
@@ -26,10 +27,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# everything but the tests marked slow (they start Ray clusters or servers); `make test` runs all
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 bench: $(STAMP)
 	$(PY) bench/bench_nms.py
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_recipe.py
+	$(PY) bench/bench_gfl.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_scaling.py
 	$(PY) bench/bench_sweep.py

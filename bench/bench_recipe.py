@@ -51,13 +51,18 @@ def race(a, b, batch, steps: int) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
-def main() -> None:
+def step_parser() -> argparse.ArgumentParser:
+    """Options of the train-step races (input size, batch, steps, torch threads)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = step_parser().parse_args()
     torch.set_num_threads(args.threads)
     batch = make_batch(args.size, args.batch)
     old, new = race(build(OLD, args.size), build(RECIPE, args.size), batch, args.steps)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from detector.data import build_dataset, collate_fn  # noqa: E402
 from lab import evaluation  # noqa: E402
 from lab.config import user_overrides  # noqa: E402
-from lab.experiments import TABLE2_ROWS, load_profile, table_cells  # noqa: E402
+from lab.experiments import TABLE1_METHODS, TABLE2_ROWS, load_profile, split_table1_row, table_cells  # noqa: E402
 from lab.train import build_optimizer, build_scheduler, build_train_model, resolve_num_classes, seed_everything  # noqa: E402
 
 
@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="demo")
     p.add_argument("--dataset", default="shapes")
-    p.add_argument("--row", default="baseline", choices=tuple(TABLE2_ROWS))
+    p.add_argument("--table", type=int, default=2, choices=(1, 2))
+    p.add_argument("--row", default="baseline",
+                   help=f"Table 2: one of {', '.join(TABLE2_ROWS)}; Table 1: <method>_<backbone>, e.g. gfl_resnet10")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--points", type=int, default=4, help="evaluations, evenly spaced over the run")
     p.add_argument("--threads", type=int, default=1)
@@ -43,8 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     profile = load_profile(a.profile)
-    cells = table_cells(2, profile, seeds=a.seed + 1, user=user_overrides(None, a.set))
-    cell = next(c for c in cells if c.row == a.row and c.seed == a.seed and c.dataset == a.dataset)
+    methods = None
+    if a.table == 1:
+        split = split_table1_row(a.row)
+        if split is None:
+            p.error(f"--row {a.row!r} is not <method>_<backbone> (methods: {', '.join(TABLE1_METHODS)})")
+        methods = [split[0]]
+    cells = table_cells(a.table, profile, seeds=a.seed + 1, user=user_overrides(None, a.set), methods=methods)
+    cell = next((c for c in cells if c.row == a.row and c.seed == a.seed and c.dataset == a.dataset), None)
+    if cell is None:
+        p.error(f"no cell {a.row!r} on {a.dataset!r} in table {a.table} of profile {a.profile!r}: "
+                f"{sorted({c.row for c in cells})}")
     cfg = cell.cfg
     seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, "train", train=True)

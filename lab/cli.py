@@ -23,37 +23,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from detector.config import ConfigError, merge_dicts, overrides_to_dict
+from detector.config import ConfigError
 from lab import tracking
-from lab.config import PROFILES, user_overrides
-from lab.experiments import Cell, load_profile, single_cell, table_cells
+from lab.config import PROFILES
+from lab.experiments import TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, single_cell, table_cells
+from lab.joboptions import add_job_options, user_layer
 from lab.pretrain import PretrainConfig
-
-
-def add_job_options(p: argparse.ArgumentParser, unit: str, out_help: str) -> None:
-    """Options every detlab job takes (``table``, ``train``, ``sweep``); ``unit`` names what one Ray
-    Train run is there (cell, trial)."""
-    p.add_argument("--profile", choices=PROFILES, default="smoke", help="defaults to start from (default: smoke)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML overrides (e.g. a sweep's best config); repeatable, later wins")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help=f"dotted config override for every {unit}, e.g. --set train.epochs=4 (repeatable, validated)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
-    p.add_argument("--out", type=Path, default=Path("results"), help=f"{out_help} (default: results/)")
-    p.add_argument("--workers", type=int,
-                   help=f"Ray Train workers per {unit}; 0 = local mode, the {unit}'s own process trains [scaling.workers]")
-    p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")
-    p.add_argument("--cpus-per-worker", type=int, help="[scaling.cpus_per_worker]; also torch threads")
-    p.add_argument("--max-failures", type=int, help="worker-group failures retried from a checkpoint [scaling.max_failures]")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to use, e.g. auto or 10.0.0.1:6379 (default: $RAY_ADDRESS, the submitted job's "
-                   "cluster, else a private local one)")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help=f"{unit}s at once (default: as many as the cluster's CPUs/GPUs hold); for autoscaling clusters")
-    p.add_argument("--dry-run", action="store_true", help=f"print the resolved {unit}s or plan and exit (no Ray, no MLflow)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -74,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's)")
     p.add_argument("--data-root", action="append", default=[], metavar="[TAG=]PATH",
                    help="dataset root, for all datasets or one (voc07=/data/VOCdevkit); repeatable")
+    p.add_argument("--rows", default=None, metavar="M1,M2",
+                   help="Table 1 only: methods to run, comma-separated, from " + ", ".join(TABLE1_METHODS)
+                   + " (default: " + ",".join(TABLE1_DEFAULT_METHODS) + "); each runs on its block's backbones")
 
     p = sub.add_parser("train", help="train and evaluate one config (one MLflow run)")
     _add_run_options(p)
@@ -133,18 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def user_layer(args: argparse.Namespace) -> dict[str, Any]:
-    """--config files, then --set, then the scaling shorthands (all validated here)."""
-    layer = user_overrides(args.config, args.sets)
-    short = {"scaling.workers": args.workers, "scaling.gpus_per_worker": args.gpus_per_worker,
-             "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.max_failures": args.max_failures}
-    given = {k: v for k, v in short.items() if v is not None}
-    return merge_dicts(layer, overrides_to_dict(given)) if given else layer
-
-
 def cmd_table(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
-    cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root)
+    methods = [m.strip() for m in args.rows.split(",") if m.strip()] if args.rows else None
+    cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root, methods)
     return _run(cells, args, tracking.experiment_name(args.table), table=args.table, pretrain=profile.pretrain)
 
 
@@ -297,7 +268,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    # MLflow 3.17's UI opens experiments in its GenAI view whatever their kind tag; the query picks
+    # the model-training view (the runs table with metrics and the Dataset column)
+    print(f"MLflow UI on http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning "
+          f"(store {uri}); Ctrl-C to stop", flush=True)
     # no job runner: it starts 7 huey consumers (~2 GiB) that a read-only UI does not need
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, cmd)

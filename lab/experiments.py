@@ -3,8 +3,8 @@
 A *cell* is one (row x dataset x seed) of a table with its fully resolved ``LabConfig`` and its
 ``cell_key``. Config layers, later wins::
 
-    LabConfig defaults < profile.config < profile.datasets[tag] < --config files < --set
-      < --data-root < the row's switches < the seed
+    LabConfig defaults < profile.config < profile.datasets[tag] < profile.detectors[detector]
+      < --config files < --set < --data-root < the row's switches < the seed
 
 The row's switches come after the user's overrides on purpose: ``--config best.yaml`` from a
 sweep may carry ``assign.iac: true``, and must not turn the baseline row into IAC.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detector.config import ConfigError, flatten, from_dict, merge_dicts, overrides_to_dict
+from detector.config import DETECTORS, ConfigError, flatten, from_dict, merge_dicts, overrides_to_dict
 from lab.config import PROFILES, PROFILES_DIR, LabConfig, build_config, cell_key, read_yaml_mapping
 from lab.pretrain import PretrainConfig
 from lab.tracking import DATASETS, dataset_tag
@@ -33,11 +33,40 @@ TABLE2_ROWS: dict[str, dict[str, bool]] = {
 }
 #: CL-B changes inference only: this row evaluates the weights trained for that row.
 TABLE2_REUSE = {"iac_dc_clb": "iac_dc"}
-#: Table 1: RetinaNet vs ours (IAC + DC + CL-B), per backbone.
-TABLE1_METHODS: dict[str, dict[str, bool]] = {
-    "retinanet": {"assign.iac": False, "loss.dc": False, "nms.clb": False},
-    "ours": {"assign.iac": True, "loss.dc": True, "nms.clb": True},
+_OFF = {"assign.iac": False, "loss.dc": False, "nms.clb": False}
+#: Table 1 methods (row ``<method>_<backbone>``): RetinaNet vs ours (IAC + DC + CL-B) on
+#: ``table1.backbones``; GFL vs GFL + DC (+ CL-B), the paper's best row, on ``table1.gfl_backbones``;
+#: torchvision's FCOS and Faster R-CNN, retrained on ``table1.backbones`` (opt-in: ``--rows``).
+TABLE1_METHODS: dict[str, dict[str, bool | str]] = {
+    "retinanet": {"model.detector": "retinanet", **_OFF},
+    "ours": {"model.detector": "retinanet", "assign.iac": True, "loss.dc": True, "nms.clb": True},
+    "gfl": {"model.detector": "gfl", **_OFF},
+    "gfl_dc": {"model.detector": "gfl", **_OFF, "loss.dc": True},
+    "gfl_dc_clb": {"model.detector": "gfl", **_OFF, "loss.dc": True, "nms.clb": True},
+    "fcos": {"model.detector": "fcos", **_OFF},
+    "faster_rcnn": {"model.detector": "faster_rcnn", **_OFF},
 }
+#: the methods run by default; ``--rows`` picks others (e.g. ``--rows retinanet,ours,fcos``).
+TABLE1_DEFAULT_METHODS = ("retinanet", "ours", "gfl", "gfl_dc", "gfl_dc_clb")
+#: methods that run over ``table1.gfl_backbones`` (the others over ``table1.backbones``).
+TABLE1_GFL_METHODS = ("gfl", "gfl_dc", "gfl_dc_clb")
+#: CL-B changes inference only: "GFL + DC + CL-B" evaluates the weights of "GFL + DC", so the
+#: table separates what DC and CL-B each add (the paper reports only their sum).
+TABLE1_REUSE = {"gfl_dc_clb": "gfl_dc"}
+
+
+def table1_row(method: str, backbone: str, dcn: bool) -> str:
+    """Row name ``<method>_<backbone>[_dcn]`` (e.g. ``gfl_dc_clb_resnext101_32x4d_dcn``)."""
+    return f"{method}_{backbone}{'_dcn' if dcn else ''}"
+
+
+def split_table1_row(row: str) -> tuple[str, str] | None:
+    """``(method, backbone)`` of a Table 1 row name, or None. Methods contain "_", so the longest
+    method that prefixes the row wins (``gfl_dc_clb_x`` is gfl_dc_clb on x, not gfl on dc_clb_x)."""
+    for method in sorted(TABLE1_METHODS, key=len, reverse=True):
+        if row.startswith(method + "_") and len(row) > len(method) + 1:
+            return method, row[len(method) + 1:]
+    return None
 
 
 @dataclass
@@ -45,8 +74,10 @@ class TableSpec:
     """What one table runs over in a profile."""
 
     datasets: list[str] = field(default_factory=list)
-    #: Table 1 only: the backbones compared.
+    #: Table 1 only: the backbones of the RetinaNet block (and of the FCOS / Faster R-CNN rows).
     backbones: list[str] = field(default_factory=list)
+    #: Table 1 only: the backbones of the GFL block (empty: no GFL rows).
+    gfl_backbones: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +92,9 @@ class Profile:
     config: dict[str, Any] = field(default_factory=dict)
     #: detlab.dataset tag -> LabConfig overrides for cells on that dataset.
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: model.detector value -> LabConfig overrides for cells of that detector (e.g. GFL's anchors,
+    #: DCN stages and multi-scale training in the paper profile).
+    detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
     table1: TableSpec = field(default_factory=TableSpec)
     table2: TableSpec = field(default_factory=TableSpec)
     #: dotted keys the user must set (e.g. data.root for real datasets).
@@ -120,7 +154,12 @@ def load_profile(name: str) -> Profile:
                 raise ConfigError(f"{path}: table{t}.datasets names {tag!r}, which has no entry under datasets")
     # keys and types of the config layers now (values are validated per cell, once the user's
     # overrides such as data.root are in)
-    for where, layer in [("config", prof.config), *((f"datasets.{t}", d) for t, d in prof.datasets.items())]:
+    for det in prof.detectors:
+        if det not in DETECTORS:
+            raise ConfigError(f"{path}: detectors.{det}: unknown detector; known: {DETECTORS}")
+    layers = [("config", prof.config), *((f"datasets.{t}", d) for t, d in prof.datasets.items()),
+              *((f"detectors.{d}", layer) for d, layer in prof.detectors.items())]
+    for where, layer in layers:
         try:
             from_dict(LabConfig, layer)
         except ConfigError as e:
@@ -154,8 +193,13 @@ def table_cells(
     seeds: int | None = None,
     user: dict[str, Any] | None = None,
     data_roots: list[str] | None = None,
+    methods: list[str] | None = None,
 ) -> list[Cell]:
-    """All cells of Table ``table`` under ``profile``, in run order (a CL-B cell after its source)."""
+    """All cells of Table ``table`` under ``profile``, in run order (a CL-B cell after its source).
+
+    ``methods`` (Table 1 only; ``--rows``): which of ``TABLE1_METHODS`` to run, default
+    ``TABLE1_DEFAULT_METHODS``. A reusing method brings the method it reuses.
+    """
     if table not in (1, 2):
         raise ConfigError(f"table={table!r} is not 1 or 2")
     spec = profile.table(table)
@@ -166,27 +210,26 @@ def table_cells(
         raise ConfigError(f"--seeds {n_seeds} must be >= 1")
     roots = data_root_overrides(data_roots, spec.datasets)
     if table == 2:
-        rows = [(name, switches, TABLE2_REUSE.get(name)) for name, switches in TABLE2_ROWS.items()]
+        if methods:
+            raise ConfigError("--rows selects Table 1 rows; Table 2 always runs its four rows")
+        rows = [(name, switches, TABLE2_REUSE.get(name), None) for name, switches in TABLE2_ROWS.items()]
     else:
-        if not spec.backbones:
-            raise ConfigError(f"profile {profile.name!r}: table1.backbones is empty")
-        rows = [
-            (f"{method}_{bb}", {"model.backbone": bb, **switches}, None)
-            for bb in spec.backbones
-            for method, switches in TABLE1_METHODS.items()
-        ]
+        rows = [(m, {"model.backbone": bb, **TABLE1_METHODS[m]}, TABLE1_REUSE.get(m), bb)
+                for m, bb in _table1_plan(profile, spec, methods)]
     cells: list[Cell] = []
     for tag in spec.datasets:
         for seed in range(n_seeds):
-            for row, switches, reuse in rows:
+            for method, switches, reuse, backbone in rows:
+                detector = str(switches.get("model.detector", "retinanet"))
                 layers = [
                     profile.config,
                     profile.datasets[tag],
+                    profile.detectors.get(detector, {}),
                     user or {},
                     roots.get(tag, {}),
                     overrides_to_dict({**switches, "train.seed": seed}),
                 ]
-                name = f"table {table} cell {row}/{tag}/seed {seed} (profile {profile.name})"
+                name = f"table {table} cell {method}/{backbone or ''}/{tag}/seed {seed} (profile {profile.name})"
                 merged = _expand_backbone(layers)
                 _check_required(merged, profile, name)
                 cfg = build_config(merged, source=name)
@@ -194,10 +237,32 @@ def table_cells(
                     raise ConfigError(
                         f"{name}: data.dataset={cfg.data.dataset!r} does not match the dataset tag {tag!r}"
                     )
-                reuse_name = f"t{table}-{reuse}-{tag}-s{seed}" if reuse else None
+                dcn = bool(cfg.model.dcn_stages)
+                row = method if backbone is None else table1_row(method, backbone, dcn)
+                src = reuse if (reuse is None or backbone is None) else table1_row(reuse, backbone, dcn)
+                reuse_name = f"t{table}-{src}-{tag}-s{seed}" if src else None
                 cells.append(Cell(table, row, tag, seed, profile.name, cfg, cell_key(cfg), reuse_name))
     _check_reuse(cells)
     return cells
+
+
+def _table1_plan(profile: Profile, spec: TableSpec, methods: list[str] | None) -> list[tuple[str, str]]:
+    """(method, backbone) pairs of Table 1, backbone-major; errors name the bad row or key."""
+    chosen = list(methods) if methods else list(TABLE1_DEFAULT_METHODS)
+    for m in chosen:
+        if m not in TABLE1_METHODS:
+            raise ConfigError(f"--rows {m!r} is not a Table 1 method; known: {', '.join(TABLE1_METHODS)}")
+    for m in list(chosen):  # a reusing row needs the row whose weights it evaluates
+        if m in TABLE1_REUSE and TABLE1_REUSE[m] not in chosen:
+            chosen.insert(chosen.index(m), TABLE1_REUSE[m])
+    plan: list[tuple[str, str]] = []
+    for block, backbones in ((False, spec.backbones), (True, spec.gfl_backbones)):
+        for bb in backbones:
+            plan += [(m, bb) for m in TABLE1_METHODS if m in chosen and (m in TABLE1_GFL_METHODS) == block]
+    if not plan:
+        need = "table1.gfl_backbones" if all(m in TABLE1_GFL_METHODS for m in chosen) else "table1.backbones"
+        raise ConfigError(f"profile {profile.name!r}: {need} is empty, so rows {', '.join(chosen)} have no cell")
+    return plan
 
 
 def single_cell(profile: Profile, user: dict[str, Any], dataset: str | None = None, row: str = "custom") -> Cell:

@@ -25,10 +25,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Lines of Ray's own that are not errors for a detlab user, though Ray prints them in red.
+RAY_HARMLESS_LINES = (
+    # Train V2's controller starts its PreemptionWatcher actor with max_restarts=-1 and an argument in
+    # the object store; Ray's core worker then logs this at ERROR level for every cell
+    # (ray-project/ray#53727). Nothing restarts that actor in our runs.
+    r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*max_restarts > 0",
+)
+
+
+def quiet_ray_console() -> None:
+    """Keep :data:`RAY_HARMLESS_LINES` off the driver's console (before Ray is imported).
+
+    Workers' output reaches the driver through ``log_to_driver``, and the driver prints it through
+    Ray's log deduplicator, which drops the lines ``RAY_DEDUP_LOGS_SKIP_REGEX`` matches: a filter on
+    the console only, so Ray's log files (``/tmp/ray/session_*/logs/worker-*.err``) keep them, and
+    every other line, errors included, still prints. A value the user set wins.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(RAY_HARMLESS_LINES))
+
+
 # Ray reads these when it is imported. Progress lines of concurrent cells ("[t2-iac-trees-s0]
 # epoch 3/12 ...") differ only in numbers, which Ray's log dedup would fold into one line.
 os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[t\d-")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+quiet_ray_console()
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Param, RunStatus  # noqa: E402
@@ -144,7 +165,8 @@ def cell_tags(cell: Cell) -> dict[str, str]:
 
 def open_run(client: MlflowClient, experiment_id: str, cell: Cell, extra_tags: dict[str, str]) -> str:
     """RUNNING run for ``cell``: the newest FAILED/KILLED run with its key is reopened (so a resumed
-    cell keeps one metric history), else a new run with the flattened config as params."""
+    cell keeps one metric history), else a new run with the flattened config as params. Either way
+    its datasets are logged as inputs (a CL-B cell only evaluates: the val split)."""
     key_filter = tracking.tag_filter(tracking.TAG_KEY, cell.key)
     old = client.search_runs(
         [experiment_id], f"{key_filter} and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'",
@@ -160,6 +182,7 @@ def open_run(client: MlflowClient, experiment_id: str, cell: Cell, extra_tags: d
             client.log_batch(run_id, params=params[i : i + 100])
     for k, v in extra_tags.items():
         client.set_tag(run_id, k, v)
+    tracking.log_dataset_inputs(client, run_id, cell.cfg.data, ("val",) if cell.reuse else ("train", "val"))
     return run_id
 
 

@@ -9,23 +9,38 @@ Facts this module is built on (MLflow 3.17, see shared notes §5):
   the driver calls :func:`init_store` before any worker starts (it also takes a file lock).
 * Multi-node runs need an ``http(s)://`` tracking server every node can reach; pass its URI to
   the workers through ``runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": ...}}``.
+* MLflow 3 records an experiment's kind (GenAI or model training) in a tag: every experiment
+  :func:`init_store` opens is tagged model training, with a one-line description. MLflow 3.17's
+  own UI picks its view from the GenAI / Model training switch at its top left instead (kept per
+  browser; ``#/experiments?workflowType=machine_learning`` opens the training view); the tag is for
+  what reads it (MLflow's assistant, other MLflow UIs). :func:`log_dataset_inputs` fills the runs
+  table's Dataset column.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Run, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
+
+from lab.config import file_sha256  # memoised by path, size and mtime (COCO's train JSON is 450 MB)
+
+if TYPE_CHECKING:
+    from detector.config import DataConfig
 
 TAG_TABLE = "detlab.table"
 TAG_ROW = "detlab.row"
@@ -44,6 +59,16 @@ TABLES = (1, 2)
 DATASETS = ("voc07", "coco", "trees", "shapes")
 #: statuses a dangling RUNNING run may be closed with
 TERMINAL_STATUSES = ("FAILED", "KILLED", "FINISHED")
+
+#: MLflow 3's experiment-kind tag and its model-training value (the other is "genai_development").
+#: Found in mlflow/assistant/skills/mlflow-onboarding/SKILL.md, mlflow/demo/generators/traces.py and
+#: the UI bundle's ExperimentKind enum (mlflow/server/js/build/static/js/main.*.js); MLflow's Python
+#: API has no constant for it.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: experiment names: ``detlab-sweep-<dataset tag>`` (lab.sweep), ``detlab-pretrain`` (lab.pretrain)
+SWEEP_EXPERIMENT_PREFIX = "detlab-sweep-"
+PRETRAIN_EXPERIMENT = "detlab-pretrain"
 
 _SQLITE_PREFIX = "sqlite:///"
 # sqlite URIs that name no file: nothing to make absolute.
@@ -115,6 +140,8 @@ def init_store(uri: str, experiment: str) -> str:
     concurrent callers on one machine (file lock). For sqlite the experiment's artifact location is
     ``<db dir>/artifacts/<experiment>`` (absolute); for servers the server decides (with
     ``--serve-artifacts`` that is ``mlflow-artifacts:/<id>``). A deleted experiment is restored.
+    The experiment gets the model-training kind and :func:`experiment_description` unless it has a
+    kind or a description already (one set in the UI stays).
     """
     if not experiment or not experiment.strip():
         raise ValueError(f"experiment name {experiment!r} is empty")
@@ -122,12 +149,13 @@ def init_store(uri: str, experiment: str) -> str:
     if db is not None and not db.is_absolute():
         raise ValueError(f"tracking URI {uri!r} is relative; pass it through resolve_tracking_uri()")
     artifact_location = (db.parent / "artifacts" / experiment).as_uri() if db is not None else None
+    tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, MLFLOW_RUN_NOTE: experiment_description(experiment)}
     with _init_lock(db):
         client = MlflowClient(uri)  # inside the lock: opening the store runs the migrations
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             try:
-                return client.create_experiment(experiment, artifact_location=artifact_location)
+                return client.create_experiment(experiment, artifact_location=artifact_location, tags=tags)
             except MlflowException:
                 # Lost a race with another process (e.g. a server client): use theirs.
                 exp = client.get_experiment_by_name(experiment)
@@ -135,7 +163,25 @@ def init_store(uri: str, experiment: str) -> str:
                     raise
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for key, value in tags.items():  # stores made before these tags existed
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
+
+
+def experiment_description(experiment: str) -> str:
+    """The one line (about 100 characters: the UI shows one line) on an experiment's page, for each
+    experiment detlab creates."""
+    if experiment == experiment_name(1):
+        return "Paper Table 1, RetinaNet vs ours, GFL vs GFL +DC +CL-B: a run per cell and seed, and tables runs."
+    if experiment == experiment_name(2):
+        return "Paper Table 2, RetinaNet then +IAC, +DC, +CL-B per dataset: a run per cell and seed, and tables runs."
+    if experiment.startswith(SWEEP_EXPERIMENT_PREFIX):
+        dataset = experiment.removeprefix(SWEEP_EXPERIMENT_PREFIX)
+        return f"Ray Tune sweeps on {dataset}: a parent run per sweep, a child run per trial or post-hoc NMS grid point."
+    if experiment == PRETRAIN_EXPERIMENT:
+        return "Backbone pretraining on object crops (the offline ImageNet stand-in): a run per body and settings."
+    return "detlab train: one config per run, trained and evaluated as `detlab train` resolves it."
 
 
 @contextmanager
@@ -182,6 +228,67 @@ def dataset_tag(dataset: str) -> str:
     if tag not in DATASETS:
         raise ValueError(f"dataset {dataset!r} has no detlab.dataset tag; known: {DATASETS} (or 'voc')")
     return tag
+
+
+def log_dataset_inputs(client: MlflowClient, run_id: str, data: DataConfig,
+                       splits: Sequence[str] = ("train", "val")) -> None:
+    """Log ``splits`` of ``data`` as the run's dataset inputs (the runs table's Dataset column).
+
+    Each split is one input: name = the ``detlab.dataset`` tag, digest = 12 hex of a sha256 over
+    what the split's content is determined by, source = where it comes from, and MLflow's context
+    tag ``train`` or ``eval``. Logging the same input again is a no-op in MLflow (a reopened run).
+    A split whose annotations cannot be read is left out with a warning: the run itself says why.
+    """
+    inputs: list[DatasetInput] = []
+    for split in splits:
+        try:
+            source_type, source, digest = _split_source(data, split)
+        except (OSError, ValueError) as e:  # DatasetError is a ValueError
+            logging.getLogger(__name__).warning("run %s: no dataset input for the %s split: %s", run_id, split, e)
+            continue
+        dataset = Dataset(dataset_tag(data.dataset), digest, source_type, json.dumps(source, sort_keys=True))
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train" if split == "train" else "eval")]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def _split_source(data: DataConfig, split: str) -> tuple[str, dict[str, Any], str]:
+    """``(source_type, source, digest)`` of one split.
+
+    The generated sets (``shapes``, ``trees``) are deterministic in their generator's settings, so
+    those are the digest and the source (type ``code``); their files need not exist yet. ``coco``
+    and ``voc`` are digested from their annotation files (type ``local``, the file or root as uri).
+    """
+    name = data.train_split if split == "train" else data.val_split
+    settings: dict[str, Any] = {"split": name, "max_images": data.max_images}
+    if data.dataset == "shapes":
+        from detector.data.shapes import GENERATOR_VERSION
+
+        settings.update(generator="detector.data.shapes", version=GENERATOR_VERSION, image_size=data.image_size,
+                        num_images=data.num_train if split == "train" else data.num_val, seed=data.seed)
+    elif data.dataset == "trees":
+        from detector.data.trees import DEEPFOREST_SHA256, PREPARE_VERSION
+
+        settings.update(generator="detector.data.trees", version=PREPARE_VERSION, wheel_sha256=DEEPFOREST_SHA256,
+                        tile_size=data.tile_size)
+    if "generator" in settings:
+        return "code", {"tags": settings}, _sha12(json.dumps(settings, sort_keys=True).encode())
+    from detector.data import dataset_root
+    from detector.data.voc import voc_entries
+
+    root = dataset_root(data)
+    if data.dataset == "coco":  # the annotation file detector.data.build_dataset reads
+        ann = data.train_ann if split == "train" else data.val_ann
+        uri = root / ann if ann else root / "annotations" / f"instances_{name}.json"
+        files = [uri]
+    else:
+        uri, files = root, [e.xml for e in voc_entries(root, name)[0]]
+    parts = [json.dumps(settings, sort_keys=True), *(file_sha256(f) for f in files)]
+    return "local", {"uri": str(uri)}, _sha12("\n".join(parts).encode())
+
+
+def _sha12(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def run_tags(

@@ -185,6 +185,7 @@ def _runs(uri: str) -> list:
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
+@pytest.mark.slow
 def test_smoke_sweep_mlflow_structure(smoke: dict) -> None:
     print(f"smoke sweep wall {smoke['wall']:.0f}s")
     assert smoke["rc"] == 0
@@ -230,6 +231,7 @@ def test_smoke_sweep_mlflow_structure(smoke: dict) -> None:
     assert len(finished_dirs) == 1 and len(list(finished_dirs[0].glob("checkpoint_*"))) == 1
 
 
+@pytest.mark.slow
 def test_best_config_feeds_the_table_jobs(smoke: dict) -> None:
     path = smoke["root"] / "out" / "best_shapes.yaml"
     data = yaml.safe_load(path.read_text())
@@ -239,6 +241,7 @@ def test_best_config_feeds_the_table_jobs(smoke: dict) -> None:
     assert cfg.assign.bg_threshold <= cfg.assign.fg_threshold and cfg.nms.clb
 
 
+@pytest.mark.slow
 def test_resume_reruns_nothing(smoke: dict) -> None:
     before = {r.info.run_id: (r.info.status, r.info.end_time) for r in _runs(smoke["uri"])
               if r.data.tags.get("detlab.kind") == "trial"}
@@ -253,6 +256,7 @@ def test_resume_reruns_nothing(smoke: dict) -> None:
     assert sweep.main(smoke["argv"]) == 2
 
 
+@pytest.mark.slow
 def test_posthoc_grid_over_a_trial(smoke: dict) -> None:
     trial = next(r for r in _runs(smoke["uri"]) if r.data.tags.get("detlab.kind") == "trial"
                  and r.info.status == "FINISHED")
@@ -269,6 +273,7 @@ def test_posthoc_grid_over_a_trial(smoke: dict) -> None:
         ("0.0", "0.5"), ("0.0", "0.6"), ("2.0", "0.5"), ("2.0", "0.6")}
 
 
+@pytest.mark.slow
 def test_sweep_with_train_workers_closes_stopped_trials(tmp_path: Path) -> None:
     """The cluster path: each trial drives a one-worker TorchTrainer (TuneReportCallback forwards its
     epochs); when ASHA stops a trial, Tune kills the trial process, so the driver closes its run."""
@@ -296,6 +301,7 @@ def test_sweep_with_train_workers_closes_stopped_trials(tmp_path: Path) -> None:
     assert by_status["FINISHED"].data.metrics["epochs_trained"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna is not installed (pip install optuna)")
 def test_optuna_search_sweep(tmp_path: Path) -> None:
     """--search optuna: TPE proposes the trials (seeded), the bg < fg constraint still holds."""
@@ -324,6 +330,7 @@ def test_optuna_search_sweep(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "best_shapes.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
     """Ctrl-C a sweep (SIGINT to `python jobs/sweep.py`) once its first trial has finished, then
     --resume: that trial is kept as it was; the others run, each in a single MLflow run."""
@@ -373,6 +380,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: P
     assert kept.info.end_time == first.info.end_time  # not rerun, not reopened
 
 
+@pytest.mark.slow
 def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path) -> None:
     """--max-failures 1 in local mode: Tune restarts a trial that failed after epoch 1 from the
     checkpoint it reported, and the same MLflow run finishes, the failure kept on record."""

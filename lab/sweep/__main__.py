@@ -1,0 +1,5 @@
+"""``python -m lab.sweep ...`` = ``detlab sweep ...``."""
+
+from lab.sweep.command import main
+
+raise SystemExit(main())

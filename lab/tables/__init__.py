@@ -1,0 +1,84 @@
+"""Rebuild the paper's Table 1 / Table 2 from MLflow: our numbers (mean ± 95% CI over seeds) beside the paper's.
+
+Input: runs of experiment ``detlab-table{N}`` tagged ``detlab.kind=cell`` with status FINISHED.
+One cell = (``detlab.row``, ``detlab.dataset``, ``detlab.profile``); its seeds are averaged.
+Profiles are never pooled (a smoke run must not dilute a paper run): each (dataset, profile)
+gets its own section. If one seed of a cell has several FINISHED runs, the newest counts
+(the raw Parquet marks which runs were ``used``).
+
+How our datasets map to the paper's columns (``DATASET_VIEWS``):
+
+========  ======  =====================================  ==========================================
+dataset   format  Table 2 paper column                   Table 1 paper column
+========  ======  =====================================  ==========================================
+voc07     VOC     VOC 2007 test mAP (same benchmark)     AP50 of COCO test-dev (IoU 0.5; reference)
+coco      COCO    COCO val2017 AP/AP50/AP75 (same)       COCO test-dev AP..APl (we evaluate val2017)
+trees     VOC     VOC 2007 test mAP — reference only     AP50 of COCO test-dev — reference only
+shapes    COCO    COCO val2017 AP/AP50/AP75 — reference  COCO test-dev AP..APl — reference only
+========  ======  =====================================  ==========================================
+
+For the built-in datasets the paper's absolute numbers are not comparable; they are printed so the
+*deltas* (each component's gain, ours − RetinaNet) can be read against the paper's deltas.
+Missing cells print "—", never 0. Numbers are percent.
+
+Statistics: mean over seeds; 95% CI half-width ``t(0.975, n-1) · s / sqrt(n)`` (blank for n = 1).
+Deltas between two cells: difference of means; CI paired over seeds when both cells have the same
+seeds (e.g. CL-B reuses the IAC+DC checkpoints; :func:`lab.stats.seed_paired_ci`), otherwise Welch;
+blank when either n < 2. ``*`` marks a delta whose seed CI excludes 0.
+
+Table 2 deltas also get an image-level paired bootstrap CI (:mod:`lab.stats`): the val images are
+resampled with replacement (1000 resamples, seed 0) and both rows are re-scored on the same
+resample. It is **pooled over seeds**: for every seed both rows have (with detections logged), the
+two runs of that seed form a pair; per resample the pairs' deltas are averaged, so the interval is
+that of the seed-mean delta under image sampling (seed noise is the other CI's job). ``†`` marks a
+bootstrap CI that excludes 0; "—" means no seed pair had its detections artifact (older runs).
+
+Read it in this order, one module per step:
+
+* :mod:`lab.tables.collect` — MLflow runs -> :class:`RunRecord` (newest run per cell and seed).
+* :mod:`lab.tables.rows` — records -> :class:`Row`: statistics over seeds, paper values, deltas, bootstrap.
+* :mod:`lab.tables.render` — rows -> Markdown, LaTeX, HTML, CSV, Parquet, PNG.
+* :mod:`lab.tables.command` — :func:`write_tables` and ``detlab tables``.
+"""
+
+from lab.stats import Stat, summarize  # names this module has always offered (tests use them)
+from lab.tables.collect import DATASET_ORDER, NO_PROFILE, RunRecord, fetch_cell_runs
+from lab.tables.command import build_parser, main, write_tables
+from lab.tables.render import (
+    BOOT_MARK,
+    METRICS,
+    MISSING,
+    SEED_MARK,
+    Section,
+    build_sections,
+    csv_records,
+    fmt_boot,
+    fmt_stat,
+    fmt_value,
+    plot_deltas,
+    render_html,
+    render_markdown,
+    render_tex,
+    runs_table,
+    tex_escape,
+    write_csv,
+)
+from lab.tables.rows import (
+    DATASET_VIEWS,
+    PAPER_BACKBONE,
+    TABLE2_ROWS,
+    TABLE2_STEPS,
+    DatasetView,
+    Row,
+    add_bootstrap,
+    aggregate,
+    aggregate_records,
+    delta_stat,
+)
+
+__all__ = ["BOOT_MARK", "DATASET_ORDER", "DATASET_VIEWS", "METRICS", "MISSING", "NO_PROFILE", "PAPER_BACKBONE",
+           "SEED_MARK", "TABLE2_ROWS", "TABLE2_STEPS", "DatasetView", "Row", "RunRecord", "Section", "Stat",
+           "add_bootstrap", "aggregate", "aggregate_records", "build_parser", "build_sections", "csv_records",
+           "delta_stat", "fetch_cell_runs", "fmt_boot", "fmt_stat", "fmt_value", "main", "plot_deltas",
+           "render_html", "render_markdown", "render_tex", "runs_table", "summarize", "tex_escape", "write_csv",
+           "write_tables"]

@@ -1,0 +1,109 @@
+"""``detlab tables``, and :func:`write_tables`, which it and ``detlab table`` call: collect the
+runs, aggregate them, write every format, and log the files as a ``detlab.kind=tables`` run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from mlflow import MlflowClient
+
+from lab import tracking
+from lab.tables.rows import Row, build_rows
+from lab.tables.collect import RunRecord, fetch_cell_runs
+from lab.tables.render import csv_records, plot_deltas, render_html, render_markdown, render_tex, runs_table, write_csv
+
+
+def write_tables(
+    uri: str,
+    table: int,
+    out_dir: Path | str,
+    *,
+    profile: str | None = None,
+    digits: int = 1,
+    log_to_mlflow: bool = True,
+    bootstrap: bool = True,
+) -> dict[str, Path]:
+    """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png``.
+
+    Returns ``{"md", "tex", "csv", "html", "parquet", "png"}`` → absolute paths. With
+    ``log_to_mlflow`` the files are also logged (under ``tables/``) to a new FINISHED run tagged
+    ``detlab.kind=tables`` in experiment ``detlab-table{N}``. ``bootstrap``: Table 2's image-level
+    bootstrap CIs (see :func:`add_bootstrap`; needs the runs' detections and their val data).
+    """
+    experiment = tracking.experiment_name(table)
+    if digits < 0:
+        raise ValueError(f"digits={digits} must be >= 0")
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    records = fetch_cell_runs(uri, table, profile)
+    rows = build_rows(uri, records, table, bootstrap)
+    stem = f"table{table}"
+    paths = {
+        "md": out / f"{stem}.md", "tex": out / f"{stem}.tex", "csv": out / f"{stem}.csv",
+        "html": out / f"{stem}.html", "parquet": out / f"{stem}_runs.parquet", "png": out / f"{stem}_deltas.png",
+    }
+    paths["md"].write_text(render_markdown(rows, table, digits))
+    paths["tex"].write_text(render_tex(rows, table, digits))
+    paths["html"].write_text(render_html(rows, table, digits))
+    write_csv(paths["csv"], csv_records(rows, table))
+    pq.write_table(runs_table(records, table), paths["parquet"])
+    plot_deltas(rows, table, paths["png"])
+    if log_to_mlflow:
+        _log_tables_run(uri, experiment, table, profile, paths, records, rows)
+    return paths
+
+
+def _log_tables_run(uri: str, experiment: str, table: int, profile: str | None, paths: dict[str, Path],
+                    records: Sequence[RunRecord], rows: Sequence[Row]) -> str:
+    client = MlflowClient(uri)
+    exp_id = tracking.init_store(uri, experiment)
+    tags = tracking.run_tags(table, None, None, None, None, profile, kind="tables")
+    run = client.create_run(exp_id, run_name=f"tables-table{table}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        client.log_param(run_id, "profile", profile or "all")
+        client.log_metric(run_id, "n_runs", sum(r.used for r in records))
+        client.log_metric(run_id, "n_cells", sum(1 for r in rows if r.n))
+        client.log_metric(run_id, "n_missing_cells", sum(1 for r in rows if not r.n))
+        for path in paths.values():
+            client.log_artifact(run_id, str(path), artifact_path="tables")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detlab tables",
+        description="Rebuild the paper's Table 1/2 from MLflow: ours (mean ± 95%% CI over seeds) beside the paper's.",
+    )
+    parser.add_argument("--table", type=int, choices=tracking.TABLES, required=True, help="which paper table")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                             "else sqlite:///<cwd>/mlruns/mlflow.db)")
+    parser.add_argument("--profile", default=None,
+                        help="only runs of this detlab.profile (default: all, one section each)")
+    parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, like the paper)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the files as an MLflow 'tables' run")
+    parser.add_argument("--no-bootstrap", action="store_true",
+                        help="skip Table 2's image-level bootstrap CIs (they download each run's detections)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``detlab tables --table {1,2} [--out DIR] [--tracking-uri URI]``: print Markdown, write files."""
+    args = build_parser().parse_args(argv)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    paths = write_tables(uri, args.table, args.out, profile=args.profile, digits=args.digits,
+                         log_to_mlflow=not args.no_log, bootstrap=not args.no_bootstrap)
+    print(paths["md"].read_text())
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}", file=sys.stderr)
+    return 0

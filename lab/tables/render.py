@@ -1,0 +1,326 @@
+"""Rendering: table rows -> sections (header + formatted body) -> Markdown, LaTeX (booktabs) and
+HTML; and the data files: the cells as CSV (full precision), the raw runs as Parquet, the deltas as
+a PNG bar chart. Missing cells print "—", never 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from lab import paper, stats, tracking
+from lab.stats import BootstrapCI, Stat
+from lab.tables.rows import DATASET_VIEWS, T1_METHOD_LABEL, Row, row_label, t1_backbone, t1_method
+from lab.tables.collect import RunRecord
+
+MISSING = "—"
+#: markers of a delta whose 95% CI excludes 0: over seeds / image-level bootstrap
+SEED_MARK = "*"
+BOOT_MARK = "†"
+#: metric names cell runs log (percent), in display order; ``misalign_*`` are correlations
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mAP", "misalign_spearman", "misalign_pearson")
+
+
+@dataclass
+class Section:
+    title: str
+    note: str
+    header: list[str]
+    body: list[list[str]]
+
+
+def fmt_value(value: float | None, digits: int = 1) -> str:
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def fmt_stat(stat: Stat | None, digits: int = 1, signed: bool = False, mark: bool = False) -> str:
+    """``"37.2 ± 0.4"``; ``"37.2"`` for n = 1; "—" when missing; with ``mark`` a trailing ``*``
+    when the CI excludes 0."""
+    if stat is None:
+        return MISSING
+    mean = f"{stat.mean:+.{digits}f}" if signed else f"{stat.mean:.{digits}f}"
+    text = mean if stat.ci95 is None else f"{mean} ± {stat.ci95:.{digits}f}"
+    return f"{text} {SEED_MARK}" if mark and stat.excludes_zero else text
+
+
+def fmt_boot(ci: BootstrapCI | None, digits: int = 1) -> str:
+    """``"[+0.3, +2.1] †"`` (``†`` when the interval excludes 0); "—" when there is none."""
+    if ci is None or not (math.isfinite(ci.lo) and math.isfinite(ci.hi)):
+        return MISSING
+    text = f"[{ci.lo:+.{digits}f}, {ci.hi:+.{digits}f}]"
+    return f"{text} {BOOT_MARK}" if ci.excludes_zero else text
+
+
+def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Section]:
+    """One section per (dataset, profile) with our cells, then the paper's table as reported."""
+    sections: list[Section] = []
+    order: list[tuple[str, str]] = []
+    for r in rows:
+        if (r.dataset, r.profile) not in order:
+            order.append((r.dataset, r.profile))
+    for dataset, profile in order:
+        cells = [r for r in rows if (r.dataset, r.profile) == (dataset, profile)]
+        view = DATASET_VIEWS[table][dataset]
+        ref = "same benchmark" if view.comparable else "reference only: a different dataset, compare deltas"
+        if table == 1 and dataset == "coco":
+            ref = "paper on test-dev, ours on val2017"
+        pairs = ", ".join(f"{m} beside paper {p}" for m, p in view.paper_metric.items() if m != p)
+        note = f"{view.fmt.upper()}-format; paper columns: {view.paper_dataset} ({ref})"
+        note += f"; {pairs}" if pairs else ""
+        header = (["IAC", "DC", "CL-B"] if table == 2 else ["Method", "Backbone"]) + ["n"]
+        for m in view.metrics:
+            header += [f"{m} ours", f"{view.paper_metric[m]} paper"]
+        header += [f"Δ{view.headline} ours", f"Δ{view.headline} image-bootstrap 95% CI"]
+        header += [f"Δ{view.paper_metric[view.headline]} paper"]
+        body = []
+        for r in cells:
+            body.append(
+                _lead_cells(table, r)
+                + [str(r.n)]
+                + [c for m in view.metrics for c in (fmt_stat(r.stats.get(m) if r.n else None, digits),
+                                                      fmt_value(r.paper.get(m), digits))]
+                + ([fmt_stat(r.delta, digits, signed=True, mark=True), fmt_boot(r.boot, digits),
+                    _fmt_signed(r.paper_delta, digits)]
+                   if r.delta_ref is not None else [""] * 3)
+            )
+        sections.append(Section(f"{dataset} — profile {profile}", note, header, body))
+    sections.append(_reported_section(table, digits))
+    return sections
+
+
+def _lead_cells(table: int, r: Row) -> list[str]:
+    if table == 2:
+        p2 = paper.table2_row(r.row)
+        if p2 is None:
+            return [r.row, "", ""]
+        return ["✓" if on else "" for on in (p2.iac, p2.dc, p2.clb)]
+    method, backbone = t1_method(r.row), t1_backbone(r.row)
+    if method is None or backbone is None:
+        return [r.row, ""]
+    return [T1_METHOD_LABEL[method], backbone]
+
+
+def _fmt_signed(value: float | None, digits: int) -> str:
+    return MISSING if value is None else f"{value:+.{digits}f}"
+
+
+def _reported_section(table: int, digits: int) -> Section:
+    if table == 1:
+        header = ["Method", "Backbone", *paper.TABLE1_METRICS]
+        body = [[r.method, r.backbone, *(fmt_value(r.metrics[m], digits) for m in paper.TABLE1_METRICS)]
+                for r in paper.TABLE1]
+        return Section(f"Paper, as reported ({paper.TABLE1_DATASET})",
+                       "RetinaNet rows are the Focal Loss paper's numbers and GFL's is the GFL paper's, quoted by "
+                       "the paper; its last row is GFL + DC + CL-B.", header, body)
+    header = ["IAC", "DC", "CL-B", "VOC07 mAP", "COCO AP", "COCO AP50", "COCO AP75"]
+    body = [["✓" if on else "" for on in (r.iac, r.dc, r.clb)]
+            + [fmt_value(v, digits) for v in (r.voc07_mAP, r.coco["AP"], r.coco["AP50"], r.coco["AP75"])]
+            for r in paper.TABLE2]
+    return Section(f"Paper, as reported ({paper.TABLE2_VOC_DATASET}; {paper.TABLE2_COCO_DATASET})",
+                   "ResNet-50 RetinaNet baseline.", header, body)
+
+
+_TITLES = {
+    1: "Table 1 — RetinaNet vs ours and GFL vs GFL + DC + CL-B, by backbone",
+    2: "Table 2 — component analysis (paper: ResNet-50 RetinaNet; ours: the profile's backbone)",
+}
+_LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no CI for n = 1); n = seeds; "
+           f"{MISSING} = no finished run (or no paper value); Δ = headline-metric gain over the previous "
+           "row (Table 2) or over the block's baseline (Table 1: RetinaNet, GFL), CI paired over seeds when seeds match (else Welch); "
+           f"{SEED_MARK} = that CI excludes 0. Percent.")
+#: footnote of the bootstrap column (both tables)
+_BOOT_LEGEND = (f"Image-bootstrap CI: 95% percentile interval of Δ over {stats.N_RESAMPLES} resamples of the val "
+                "images (with replacement, seed 0), both rows re-scored on the same resample; pooled over seeds "
+                "(per resample, the mean of the seed pairs' deltas), so it reflects image sampling, not seed noise; "
+                f"{BOOT_MARK} = it excludes 0; {MISSING} = no detections logged for any seed pair.")
+
+
+def _legend(table: int) -> str:
+    return f"{_LEGEND} {_BOOT_LEGEND}"
+
+
+def render_markdown(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """The table as Markdown (what ``detlab tables`` prints)."""
+    out = [f"# {_TITLES[table]}", "", _legend(table), ""]
+    if not rows:
+        out += [f"_No finished cell runs in experiment `{tracking.experiment_name(table)}`._", ""]
+    for s in build_sections(rows, table, digits):
+        out += [f"## {s.title}", "", s.note, "", "| " + " | ".join(s.header) + " |",
+                "|" + "|".join("---" for _ in s.header) + "|"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in s.body]
+        out.append("")
+    return "\n".join(out)
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX specials; ✓, ±, Δ, — become math/text commands."""
+    out = "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
+    return (out.replace("✓", r"\checkmark{}").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+            .replace(BOOT_MARK, r"\dag{}")
+            .replace("−", "-").replace(MISSING, "---"))
+
+
+def render_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """booktabs tables (needs ``\\usepackage{booktabs,amssymb,graphicx}``), one tabular per section."""
+    out = [r"% generated by lab.tables; needs \usepackage{booktabs,amssymb,graphicx}",
+           r"\begin{table}[t]", r"\centering",
+           rf"\caption{{{tex_escape(_TITLES[table])}. {tex_escape(_legend(table))}}}"]
+    for s in build_sections(rows, table, digits):
+        out += [rf"\par\smallskip\textbf{{{tex_escape(s.title)}}}\\ {{\footnotesize {tex_escape(s.note)}}}\par",
+                r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{'l' * len(s.header)}}}", r"\toprule",
+                " & ".join(tex_escape(h) for h in s.header) + r" \\", r"\midrule"]
+        out += [" & ".join(tex_escape(c) for c in line) + r" \\" for line in s.body]
+        out += [r"\bottomrule", r"\end{tabular}}"]
+    out += [r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def render_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """A standalone HTML page with one <table> per section."""
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{e(_TITLES[table])}</title>",
+           "<style>table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;"
+           "padding:2px 6px;text-align:right}</style></head><body>", f"<h1>{e(_TITLES[table])}</h1>",
+           f"<p>{e(_legend(table))}</p>"]
+    for s in build_sections(rows, table, digits):
+        out += [f"<h2>{e(s.title)}</h2>", f"<p>{e(s.note)}</p>", "<table>",
+                "<tr>" + "".join(f"<th>{e(h)}</th>" for h in s.header) + "</tr>"]
+        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in line) + "</tr>" for line in s.body]
+        out.append("</table>")
+    out += ["</body></html>", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# data files: CSV (cells, full precision), Parquet (raw runs), PNG (deltas)
+
+
+def csv_records(rows: Sequence[Row], table: int) -> list[dict[str, object]]:
+    """One dict per cell (``source=ours``) and per reported paper row (``source=paper``); None = empty."""
+    out: list[dict[str, object]] = []
+    for r in rows:
+        rec: dict[str, object] = {
+            "source": "ours", "table": table, "dataset": r.dataset, "profile": r.profile, "row": r.row,
+            "label": r.label, "n": r.n, "seeds": ";".join(map(str, r.seeds)),
+            "paper_dataset": r.paper_dataset, "comparable": r.comparable,
+        }
+        for m in METRICS:
+            st = r.stats.get(m)
+            rec[f"{m}_mean"] = None if st is None else st.mean
+            rec[f"{m}_ci95"] = None if st is None else st.ci95
+        for m in METRICS:
+            if m in r.view.paper_metric:
+                rec[f"paper_{m}"] = r.paper.get(m)
+        rec.update({
+            "delta_metric": r.view.headline if r.delta_ref else None, "delta_ref": r.delta_ref,
+            "delta_mean": r.delta.mean if r.delta else None, "delta_ci95": r.delta.ci95 if r.delta else None,
+            "delta_ci_method": r.delta_method, "paper_delta": r.paper_delta,
+            "delta_ci_excludes_0": r.delta.excludes_zero if r.delta else None,
+            "boot_delta": r.boot.delta if r.boot else None, "boot_lo": r.boot.lo if r.boot else None,
+            "boot_hi": r.boot.hi if r.boot else None, "boot_seed_pairs": r.boot.n_pairs if r.boot else None,
+        })
+        out.append(rec)
+    if table == 1:
+        for p1 in paper.TABLE1:
+            out.append({"source": "paper", "table": 1, "row": p1.key, "label": f"{p1.method} ({p1.backbone})",
+                        "paper_dataset": p1.dataset, **{f"paper_{m}": v for m, v in p1.metrics.items()}})
+    else:
+        for p2 in paper.TABLE2:
+            out.append({"source": "paper", "table": 2, "dataset": "voc07", "row": p2.key, "label": row_label(2, p2.key),
+                        "paper_dataset": paper.TABLE2_VOC_DATASET, "paper_mAP": p2.voc07_mAP})
+            out.append({"source": "paper", "table": 2, "dataset": "coco", "row": p2.key, "label": row_label(2, p2.key),
+                        "paper_dataset": paper.TABLE2_COCO_DATASET, **{f"paper_{m}": v for m, v in p2.coco.items()}})
+    return out
+
+
+def write_csv(path: Path, records: list[dict[str, object]]) -> None:
+    columns: list[str] = []
+    for rec in records:
+        columns += [k for k in rec if k not in columns]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in rec.items()} for rec in records)
+
+
+def runs_table(records: Sequence[RunRecord], table: int) -> pa.Table:
+    """Raw per-run rows: ids, tags, ``used``, one float column per metric, ``params.*`` strings."""
+    metric_names = sorted({m for r in records for m in r.metrics})
+    param_names = sorted({p for r in records for p in r.params})
+    cols: dict[str, pa.Array] = {
+        "run_id": pa.array([r.run_id for r in records], pa.string()),
+        "run_name": pa.array([r.run_name for r in records], pa.string()),
+        "table": pa.array([table] * len(records), pa.int64()),
+        "row": pa.array([r.row for r in records], pa.string()),
+        "dataset": pa.array([r.dataset for r in records], pa.string()),
+        "profile": pa.array([r.profile for r in records], pa.string()),
+        "seed": pa.array([r.seed for r in records], pa.int64()),
+        "key": pa.array([r.key for r in records], pa.string()),
+        "git_commit": pa.array([r.git_commit for r in records], pa.string()),
+        "start_time": pa.array([r.start_time for r in records], pa.timestamp("ms")),
+        "end_time": pa.array([r.end_time for r in records], pa.timestamp("ms")),
+        "used": pa.array([r.used for r in records], pa.bool_()),
+    }
+    for m in metric_names:
+        cols[m] = pa.array([r.metrics.get(m) for r in records], pa.float64())
+    for p in param_names:
+        cols[f"params.{p}"] = pa.array([r.params.get(p) for r in records], pa.string())
+    return pa.table(cols)
+
+
+def plot_deltas(rows: Sequence[Row], table: int, path: Path) -> None:
+    """Bar chart of each component's headline gain, ours (with 95% CI) beside the paper's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no global backend switch
+    from matplotlib.figure import Figure
+
+    groups: list[tuple[str, str]] = []
+    for r in rows:
+        if r.delta_ref is not None and (r.dataset, r.profile) not in groups:
+            groups.append((r.dataset, r.profile))
+    fig = Figure(figsize=(max(4.5, 4.5 * len(groups)), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not groups:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no finished cell runs", ha="center", va="center")
+        ax.set_axis_off()
+    for i, (dataset, profile) in enumerate(groups, start=1):
+        ax = fig.add_subplot(1, len(groups), i)
+        cells = [r for r in rows if (r.dataset, r.profile) == (dataset, profile) and r.delta_ref is not None]
+        view = DATASET_VIEWS[table][dataset]
+        xs = list(range(len(cells)))
+        width = 0.38
+        nan = float("nan")  # missing → no bar (never a zero-height bar that reads as "no gain")
+        ours = [r.delta.mean if r.delta else nan for r in cells]
+        errs = [(r.delta.ci95 or 0.0) if r.delta else nan for r in cells]
+        ax.bar([x - width / 2 for x in xs], ours, width, yerr=errs, capsize=3, label="ours (95% CI)", color="C0")
+        theirs = [r.paper_delta if r.paper_delta is not None else nan for r in cells]
+        kind = "" if view.comparable else ", reference"
+        ax.bar([x + width / 2 for x in xs], theirs, width, color="C1", hatch="" if view.comparable else "//",
+               label=f"paper ({view.paper_dataset}{kind})")
+        for x, r in zip(xs, cells):
+            if r.delta is None:
+                ax.text(x - width / 2, 0, "missing", ha="center", va="bottom", fontsize=7, rotation=90)
+            if r.paper_delta is None:
+                ax.text(x + width / 2, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        labels = [r.delta_label or r.row for r in cells]
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.set_xlim(-0.6, len(xs) - 0.4)  # NaN bars do not count for autoscaling
+        ax.axhline(0, color="black", linewidth=0.6)
+        paper_metric = view.paper_metric[view.headline]
+        ylabel = f"Δ{view.headline}" + (f" (paper: Δ{paper_metric})" if paper_metric != view.headline else "")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{dataset} — {profile}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(_TITLES[table] + (": component gains" if table == 2 else ": gains over each block's baseline"),
+                 fontsize=10)
+    fig.savefig(path, dpi=120)

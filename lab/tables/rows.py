@@ -1,0 +1,354 @@
+"""Statistics: cell runs -> table rows. One :class:`Row` per (row, dataset, profile) with the mean
+and 95% CI over seeds of every metric, the paper's numbers beside ours (through the row's
+:class:`DatasetView`), and the headline-metric delta to the row it adds to, with its seed CI and,
+for Table 2, its image-level bootstrap CI (:func:`add_bootstrap`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from mlflow import MlflowClient
+from scipy import stats as sstats
+
+from lab import paper, stats, tracking
+from lab.experiments import TABLE1_GFL_METHODS, TABLE1_METHODS, split_table1_row
+from lab.stats import BootstrapCI, Stat, summarize
+from lab.tables.collect import DATASET_ORDER, RunRecord, fetch_cell_runs
+
+log = logging.getLogger(__name__)
+
+TABLE2_ROWS = tuple(r.key for r in paper.TABLE2)
+#: Table 2 component increments: (label, row, the row it adds to)
+TABLE2_STEPS = (("+IAC", "iac", "baseline"), ("+DC", "iac_dc", "iac"), ("+CL-B", "iac_dc_clb", "iac_dc"))
+#: ``model.backbone`` names (the suffix of ``ours_<backbone>``) → the paper's Table 1 backbone key,
+#: for the RetinaNet, FCOS and Faster R-CNN rows. The paper does not say which ResNeXt-101 variant
+#: its RetinaNet rows used; all map to it.
+PAPER_BACKBONE = {
+    "resnet101": "resnet101",
+    "resnext101": "resnext101",
+    "resnext101_32x4d": "resnext101",
+    "resnext101_32x8d": "resnext101",
+    "resnext101_64x4d": "resnext101",
+}
+#: the GFL block's rows → the paper's method key; only on the published backbone (GFL_PAPER_BACKBONE):
+#: the paper's "Ours" 48.9 is GFL + DC + CL-B on X-101-32x4d-DCN, and it reports no GFL + DC row.
+GFL_PAPER_METHOD = {"gfl": "gfl", "gfl_dc_clb": "ours"}
+GFL_PAPER_BACKBONE = "resnext101_32x4d_dcn"
+#: Table 1 method → its label in the tables
+T1_METHOD_LABEL = {"retinanet": "RetinaNet", "ours": "Ours", "gfl": "GFL", "gfl_dc": "GFL +DC",
+                   "gfl_dc_clb": "GFL +DC +CL-B", "fcos": "FCOS", "faster_rcnn": "Faster R-CNN"}
+#: Table 1 deltas: row method → (the method it is measured against, label). "GFL +DC +CL-B" is
+#: against GFL (the paper's 48.9 − 48.2); CL-B alone is its Δ minus "GFL +DC"'s.
+T1_DELTAS = {"ours": ("retinanet", "ours − RetinaNet"), "gfl_dc": ("gfl", "+DC − GFL"),
+             "gfl_dc_clb": ("gfl", "+DC +CL-B − GFL")}
+
+
+@dataclass(frozen=True)
+class DatasetView:
+    """How one of our datasets is shown in one table: which metrics, against which paper numbers."""
+
+    fmt: str  #: "voc" | "coco"
+    metrics: tuple[str, ...]  #: our metrics shown (the first is the headline, used for deltas)
+    paper_metric: dict[str, str]  #: our metric → the paper's metric it is printed beside
+    paper_dataset: str
+    comparable: bool  #: the paper measured the same benchmark (absolute numbers comparable)
+
+    @property
+    def headline(self) -> str:
+        return self.metrics[0]
+
+
+_T2_VOC = {"mAP": "mAP"}
+_T2_COCO = {m: m for m in ("AP", "AP50", "AP75")}
+_T1_VOC = {"mAP": "AP50"}  # VOC mAP is at IoU 0.5, like COCO AP50
+_T1_COCO = {m: m for m in paper.TABLE1_METRICS}
+DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
+    1: {
+        "voc07": DatasetView("voc", ("mAP",), _T1_VOC, paper.TABLE1_DATASET, False),
+        # val2017 vs test-dev: same distribution, not the same images.
+        "coco": DatasetView("coco", paper.TABLE1_METRICS, _T1_COCO, paper.TABLE1_DATASET, True),
+        "trees": DatasetView("voc", ("mAP",), _T1_VOC, paper.TABLE1_DATASET, False),
+        "shapes": DatasetView("coco", paper.TABLE1_METRICS, _T1_COCO, paper.TABLE1_DATASET, False),
+    },
+    2: {
+        "voc07": DatasetView("voc", ("mAP",), _T2_VOC, paper.TABLE2_VOC_DATASET, True),
+        "coco": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, paper.TABLE2_COCO_DATASET, True),
+        "trees": DatasetView("voc", ("mAP",), _T2_VOC, paper.TABLE2_VOC_DATASET, False),
+        "shapes": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, paper.TABLE2_COCO_DATASET, False),
+    },
+}
+
+
+def delta_stat(a: dict[int, float], b: dict[int, float]) -> tuple[Stat, str] | None:
+    """``mean(a) − mean(b)`` over per-seed values, with its 95% CI and the CI method.
+
+    Paired t over seeds when both cells have the same seeds (n ≥ 2), else Welch (both n ≥ 2),
+    else no CI. None when either side is empty.
+    """
+    if not a or not b:
+        return None
+    if a.keys() == b.keys() and len(a) >= 2:
+        paired = stats.seed_paired_ci(b, a)  # mean of a[s] − b[s]
+        assert paired is not None
+        return paired, "paired"
+    sa, sb = summarize(list(a.values())), summarize(list(b.values()))
+    assert sa is not None and sb is not None
+    mean = sa.mean - sb.mean
+    if sa.n < 2 or sb.n < 2:
+        return Stat(mean, None, min(sa.n, sb.n)), "none"
+    va = _var(list(a.values())) / sa.n
+    vb = _var(list(b.values())) / sb.n
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Stat(mean, 0.0, min(sa.n, sb.n)), "welch"
+    dof = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
+    return Stat(mean, float(sstats.t.ppf(0.975, dof)) * se, min(sa.n, sb.n)), "welch"
+
+
+def _var(values: list[float]) -> float:
+    mean = math.fsum(values) / len(values)
+    return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+@dataclass
+class Row:
+    """One cell of a table: (row, dataset, profile), our statistics and the paper's numbers.
+
+    ``n == 0`` marks a missing cell (expected but no FINISHED run): it renders as "—".
+    """
+
+    table: int
+    row: str
+    dataset: str
+    profile: str
+    label: str
+    seeds: tuple[int, ...] = ()
+    run_ids: tuple[str, ...] = ()
+    #: every metric the runs logged → statistics over seeds
+    stats: dict[str, Stat] = field(default_factory=dict)
+    #: per metric, seed → value (for paired deltas)
+    values: dict[str, dict[int, float]] = field(default_factory=dict)
+    #: shown metric (our name) → the paper's value beside it (None: the paper has no such row/value)
+    paper: dict[str, float | None] = field(default_factory=dict)
+    paper_dataset: str = ""
+    comparable: bool = False
+    #: headline-metric delta vs ``delta_ref`` (Table 2: previous step; Table 1: RetinaNet)
+    delta_ref: str | None = None
+    delta_label: str | None = None
+    delta: Stat | None = None
+    delta_method: str | None = None
+    paper_delta: float | None = None
+    #: Table 2: image-level paired bootstrap CI of the delta, pooled over seed pairs (None: no detections)
+    boot: BootstrapCI | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def view(self) -> DatasetView:
+        return DATASET_VIEWS[self.table][self.dataset]
+
+
+def aggregate(uri: str, table: int, profile: str | None = None, bootstrap: bool = True) -> list[Row]:
+    """Cells of Table ``table`` from the MLflow store at ``uri`` (missing expected cells have n = 0).
+
+    ``bootstrap`` (Table 2): also the image-level bootstrap CIs of the deltas (:func:`add_bootstrap`),
+    from each run's detections and config artifacts.
+    """
+    return build_rows(uri, fetch_cell_runs(uri, table, profile), table, bootstrap)
+
+
+def build_rows(uri: str, records: Sequence[RunRecord], table: int, bootstrap: bool) -> list[Row]:
+    rows = aggregate_records(records, table)
+    if bootstrap:
+        from lab.compare import RunMatchesLoader  # rebuilds val datasets: only when asked
+
+        add_bootstrap(rows, records, RunMatchesLoader(MlflowClient(uri)).get)
+    return rows
+
+
+def aggregate_records(records: Sequence[RunRecord], table: int) -> list[Row]:
+    """Group ``records`` (``used`` ones) into cells, add expected-but-missing cells, paper values, deltas.
+
+    Expected cells per (dataset, profile) seen: Table 2's four rows; for Table 1, per backbone ``b``
+    seen in a block, that block's rows: ``retinanet_<b>``, ``ours_<b>`` (and any other non-GFL
+    method seen on ``b``); ``gfl_<b>``, ``gfl_dc_<b>``, ``gfl_dc_clb_<b>``.
+    """
+    tracking.experiment_name(table)  # validates table
+    groups: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        if rec.used:
+            groups[(rec.dataset, rec.profile)][rec.row].append(rec)
+    rows: list[Row] = []
+    for dataset, profile in sorted(groups, key=lambda g: (DATASET_ORDER.index(g[0]), g[1])):
+        cells = groups[(dataset, profile)]
+        for name in _row_order(table, cells):
+            rows.append(_make_row(table, name, dataset, profile, cells.get(name, [])))
+    _add_deltas(rows, table)
+    return rows
+
+
+def _row_order(table: int, cells: dict[str, list[RunRecord]]) -> list[str]:
+    """Expected rows first in paper order, then unknown rows (alphabetical) so nothing is hidden."""
+    if table == 2:
+        expected = list(TABLE2_ROWS)
+    else:
+        seen = [p for name in cells if (p := split_table1_row(name))]
+        expected = []
+        for gfl_block in (False, True):
+            core = TABLE1_GFL_METHODS if gfl_block else ("retinanet", "ours")
+            for b in sorted({bb for m, bb in seen if (m in TABLE1_GFL_METHODS) == gfl_block}):
+                extra = {m for m, bb in seen if bb == b and (m in TABLE1_GFL_METHODS) == gfl_block}
+                expected += [f"{m}_{b}" for m in TABLE1_METHODS if m in core or m in extra]
+    return expected + sorted(set(cells) - set(expected))
+
+
+def t1_backbone(row: str) -> str | None:
+    """The backbone of a Table 1 row name (None: not a ``<method>_<backbone>`` row)."""
+    split = split_table1_row(row)
+    return None if split is None else split[1]
+
+
+def t1_method(row: str) -> str | None:
+    """The method of a Table 1 row name (None: not a ``<method>_<backbone>`` row)."""
+    split = split_table1_row(row)
+    return None if split is None else split[0]
+
+
+def _make_row(table: int, name: str, dataset: str, profile: str, recs: list[RunRecord]) -> Row:
+    view = DATASET_VIEWS[table][dataset]
+    recs = sorted(recs, key=lambda r: r.seed)
+    values: dict[str, dict[int, float]] = defaultdict(dict)
+    for rec in recs:
+        for metric, value in rec.metrics.items():
+            if math.isfinite(value):
+                values[metric][rec.seed] = value
+    pvals = _paper_values(table, name)
+    return Row(
+        table=table,
+        row=name,
+        dataset=dataset,
+        profile=profile,
+        label=row_label(table, name),
+        seeds=tuple(r.seed for r in recs),
+        run_ids=tuple(r.run_id for r in recs),
+        stats={m: s for m, v in values.items() if (s := summarize(list(v.values()))) is not None},
+        values=dict(values),
+        paper={m: (pvals.get(view.paper_metric[m]) if pvals else None) for m in view.metrics},
+        paper_dataset=view.paper_dataset,
+        comparable=view.comparable,
+    )
+
+
+def _paper_values(table: int, row: str) -> dict[str, float | None] | None:
+    """The paper's metrics for our row name (Table 2: mAP + COCO; Table 1: via the backbone map)."""
+    if table == 2:
+        p2 = paper.table2_row(row)
+        return None if p2 is None else {"mAP": p2.voc07_mAP, **p2.coco}
+    split = split_table1_row(row)
+    if split is None:
+        return None
+    method, backbone = split
+    if method in TABLE1_GFL_METHODS:
+        key = f"{GFL_PAPER_METHOD[method]}_{backbone}" if method in GFL_PAPER_METHOD and backbone == GFL_PAPER_BACKBONE else None
+    else:
+        key = f"{method}_{PAPER_BACKBONE[backbone]}" if backbone in PAPER_BACKBONE else None
+    p1 = paper.table1_row(key) if key else None
+    return None if p1 is None else dict(p1.metrics)
+
+
+def row_label(table: int, row: str) -> str:
+    if table == 2:
+        return {"baseline": "RetinaNet R-50 (baseline)", "iac": "+IAC", "iac_dc": "+IAC +DC",
+                "iac_dc_clb": "+IAC +DC +CL-B"}.get(row, row)
+    split = split_table1_row(row)
+    if split is None:
+        return row
+    return f"{T1_METHOD_LABEL[split[0]]} ({split[1]})"
+
+
+def _add_deltas(rows: list[Row], table: int) -> None:
+    """Headline-metric deltas: Table 2 each step vs the previous one; Table 1 each block's
+    modified rows vs its baseline (:data:`T1_DELTAS`)."""
+    by_key = {(r.dataset, r.profile, r.row): r for r in rows}
+    for r in rows:
+        if table == 2:
+            step = next((s for s in TABLE2_STEPS if s[1] == r.row), None)
+            if step is None:
+                continue
+            label, ref = step[0], step[2]
+        else:
+            split = split_table1_row(r.row)
+            if split is None or split[0] not in T1_DELTAS:
+                continue
+            base_method, what = T1_DELTAS[split[0]]
+            label, ref = f"{what} ({split[1]})", f"{base_method}_{split[1]}"
+        base = by_key.get((r.dataset, r.profile, ref))
+        if base is None:
+            continue
+        metric = r.view.headline
+        r.delta_ref, r.delta_label = ref, label
+        d = delta_stat(r.values.get(metric, {}), base.values.get(metric, {}))
+        if d is not None:
+            r.delta, r.delta_method = d
+        mine, theirs = r.paper.get(metric), base.paper.get(metric)
+        r.paper_delta = None if mine is None or theirs is None else round(mine - theirs, 6)
+
+
+def add_bootstrap(
+    rows: Sequence[Row],
+    records: Sequence[RunRecord],
+    load: Callable[[str], stats.Matches | None],
+    n_resamples: int = stats.N_RESAMPLES,
+    seed: int = stats.BOOTSTRAP_SEED,
+) -> None:
+    """Set ``row.boot`` for every row with a delta: the image-level paired bootstrap CI of
+    ``headline(row) − headline(delta_ref)``, pooled over the seeds both rows have.
+
+    ``load(run_id)`` gives a run's matched detections (None: not available; that seed pair is left
+    out). One resample matrix per (dataset, profile) section, shared by all its rows and seeds, and
+    one resampled metric per run (cached), so a run used twice (as row and as reference) costs once.
+    """
+    run_of = {(r.row, r.dataset, r.profile, r.seed): r.run_id for r in records if r.used}
+    by_key = {(r.dataset, r.profile, r.row): r for r in rows}
+    counts: dict[tuple[str, str], np.ndarray] = {}
+    per_run: dict[str, tuple[float, np.ndarray] | None] = {}
+
+    def resampled(run_id: str, section: tuple[str, str], metric: str) -> tuple[float, np.ndarray] | None:
+        if run_id not in per_run:
+            m = load(run_id)
+            if m is None:
+                per_run[run_id] = None
+            else:
+                m = stats.for_metric(m, metric)
+                if section not in counts:
+                    counts[section] = stats.resample_counts(m.image_ids.size, n_resamples, seed)
+                if counts[section].shape[1] != m.image_ids.size:
+                    log.warning("run %s has %d val images, others of %s/%s have %d: no bootstrap for it",
+                                run_id, m.image_ids.size, *section, counts[section].shape[1])
+                    per_run[run_id] = None
+                else:
+                    per_run[run_id] = (stats.full_metric(m), stats.resampled_metric(m, counts[section]))
+        return per_run[run_id]
+
+    for r in rows:
+        base = by_key.get((r.dataset, r.profile, r.delta_ref)) if r.delta_ref else None
+        if base is None or not r.n or not base.n:
+            continue
+        metric, section = r.view.headline, (r.dataset, r.profile)
+        full, boot = [], []
+        for s in sorted(set(r.seeds) & set(base.seeds)):
+            mine = resampled(run_of[(r.row, r.dataset, r.profile, s)], section, metric)
+            ref = resampled(run_of[(base.row, r.dataset, r.profile, s)], section, metric)
+            if mine is not None and ref is not None:
+                full.append(mine[0] - ref[0])
+                boot.append(mine[1] - ref[1])
+        if full:
+            r.boot = stats.pooled_bootstrap_ci(full, boot)
