@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             images += len(imgs)
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
-            pos_sum += model.assign_stats["positives_per_image"]
-            iac_sum += model.assign_stats["iac_score_positives_per_image"]
+            pos_sum += model.assign_stats.get("positives_per_image", 0.0)  # torchvision detectors: none
+            iac_sum += model.assign_stats.get("iac_score_positives_per_image", 0.0)
             if step in marks:
                 m = evaluation.evaluate(model, val_set, torch.device("cpu"), cfg.eval.batch_size).metrics
                 model.train()

@@ -36,8 +36,9 @@ from torchvision.ops import box_iou, boxes as box_ops
 
 from detector.backbones import gn_layer
 from detector.config import NmsConfig
+from detector.interface import DetectorState
 from detector.losses import dc_lambda_spread, dc_weights_for_batch
-from detector.nms import NmsPostprocess, build_postprocess
+from detector.nms import NmsPostprocess, build_postprocess, top_candidates
 
 # ------------------------------------------------------------------------------------------------
 # Pure tensor functions
@@ -347,7 +348,7 @@ class GFLHead(nn.Module):
         return torch.cat(cls_all, dim=1), torch.cat(reg_all, dim=1)
 
 
-class DetLabGFL(nn.Module):
+class DetLabGFL(DetectorState, nn.Module):
     """GFL with ATSS assignment, optional DC loss and an injected NMS (greedy or CL-B).
 
     Same interface as :class:`detector.model.DetLabRetinaNet`: ``model(images, targets)`` in
@@ -366,14 +367,7 @@ class DetLabGFL(nn.Module):
         self.anchor_sizes, self.atss_topk = tuple(anchor_sizes), atss_topk
         self.score_thresh, self.topk_candidates, self.detections_per_img = score_thresh, topk_candidates, detections_per_img
         self.nms_thresh = postprocess.iou_threshold
-        self.register_buffer("num_iters", torch.zeros((), dtype=torch.int64))
-        self.assign_stats: dict[str, float] = {}
-        self.dc_stats: dict[str, float] = {}
-        self.nms_stats: dict[str, int] = {}
-        self.reset_nms_stats()
-
-    def reset_nms_stats(self) -> None:
-        self.nms_stats = {"clusters": 0, "kept_not_top": 0}
+        self.init_state()
 
     def configure_nms(self, cfg: NmsConfig) -> None:
         """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
@@ -426,27 +420,17 @@ class DetLabGFL(nn.Module):
                 start += n
                 logits_l = cls_logits[i, sl]
                 C = logits_l.shape[-1]
-                flat = logits_l.flatten()
-                scores = flat.sigmoid()
-                keep = torch.where(scores > self.score_thresh)[0]
-                top = min(self.topk_candidates, keep.numel())
-                scores, idx = scores[keep].topk(top)
-                keep = keep[idx]
+                scores, keep = top_candidates(logits_l, self.score_thresh, self.topk_candidates)
                 anc = torch.div(keep, C, rounding_mode="floor")
                 s = strides[sl][anc][:, None]
                 pts = (anchors[sl][anc, :2] + anchors[sl][anc, 2:]) / 2
                 boxes = distance2bbox(pts, integral_distances(reg[i, sl][anc], self.head.reg_max) * s)
                 boxes_all.append(box_ops.clip_boxes_to_image(boxes, shape))
                 scores_all.append(scores)
-                logits_all.append(flat[keep])
+                logits_all.append(logits_l.flatten()[keep])
                 labels_all.append(keep % C)
-            boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
-            logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-            result = self.postprocess(boxes, scores, logits, labels)[: self.detections_per_img]
-            kept = result.keep
-            self.nms_stats["clusters"] += int(kept.numel())
-            self.nms_stats["kept_not_top"] += int(result.not_top.sum())
-            out.append({"boxes": boxes[kept], "scores": result.scores, "labels": labels[kept]})
+            out.append(self.postprocess.detections(torch.cat(boxes_all), torch.cat(scores_all), torch.cat(logits_all),
+                                                   torch.cat(labels_all), self.detections_per_img, self.nms_stats))
         return out
 
 

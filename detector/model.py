@@ -28,8 +28,9 @@ from detector.assign import iac_assign_with_stats
 from detector.backbones import build_backbone, gn_layer
 from detector.config import AssignConfig, ConfigError, DetectorConfig, NmsConfig
 from detector.gfl import DetLabGFL, GFLHead, GFLLoss
+from detector.interface import DetectorState
 from detector.losses import box_regression_loss, dc_lambda_spread, dc_reduce, dc_weights_for_batch, focal_loss_per_anchor
-from detector.nms import NmsPostprocess, build_postprocess
+from detector.nms import NmsPostprocess, build_postprocess, top_candidates
 from detector.tv_detectors import DetLabFasterRCNN, DetLabFCOS
 
 
@@ -184,7 +185,7 @@ def build_loss(cfg: DetectorConfig) -> RetinaNetLoss:
 # The detector
 
 
-class DetLabRetinaNet(RetinaNet):
+class DetLabRetinaNet(DetectorState, RetinaNet):
     """torchvision RetinaNet with an injected matcher, loss and NMS post-processing.
 
     Inputs/outputs are torchvision's: ``model(images, targets)`` in training returns
@@ -223,22 +224,7 @@ class DetLabRetinaNet(RetinaNet):
         self.matcher = matcher
         self.loss = loss
         self.postprocess = postprocess
-        # Training iterations seen; a buffer so that it is checkpointed (IAC warm-up resumes right).
-        self.register_buffer("num_iters", torch.zeros((), dtype=torch.int64))
-        #: assignment statistics of the last training step (see compute_loss)
-        self.assign_stats: dict[str, float] = {}
-        #: DC statistics of the last training step: lambda' percentiles of the positives
-        #: (``dc_lambda_p5/p50/p95``); empty when ``loss.dc`` is off or the batch has no positive.
-        self.dc_stats: dict[str, float] = {}
-        #: NMS counts summed over the eval forwards since :meth:`reset_nms_stats` (see postprocess_detections)
-        self.nms_stats: dict[str, int] = {}
-        self.reset_nms_stats()
-
-    def reset_nms_stats(self) -> None:
-        """Zero ``nms_stats``: ``clusters`` (detections reported, one per NMS cluster, after the
-        ``detections_per_img`` cap) and ``kept_not_top`` (those whose own score is below their
-        cluster's top score: CL-B moved the detection off the top-scored box)."""
-        self.nms_stats = {"clusters": 0, "kept_not_top": 0}
+        self.init_state()
 
     def configure_nms(self, cfg: NmsConfig) -> None:
         """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
@@ -278,25 +264,16 @@ class DetLabRetinaNet(RetinaNet):
                 (br[index] for br in box_regression), (cl[index] for cl in class_logits), anchors[index]
             ):
                 num_classes = logits_l.shape[-1]
-                flat_logits = logits_l.flatten()
-                scores_l = torch.sigmoid(flat_logits)
-                keep = torch.where(scores_l > self.score_thresh)[0]
-                num_topk = det_utils._topk_min(keep, self.topk_candidates, 0)
-                scores_l, idxs = scores_l[keep].topk(num_topk)
-                keep = keep[idxs]
+                scores_l, keep = top_candidates(logits_l, self.score_thresh, self.topk_candidates)
                 anchor_idxs = torch.div(keep, num_classes, rounding_mode="floor")
                 boxes_l = self.box_coder.decode_single(reg_l[anchor_idxs], anchors_l[anchor_idxs])
                 boxes_all.append(box_ops.clip_boxes_to_image(boxes_l, image_shape))
                 scores_all.append(scores_l)
-                logits_all.append(flat_logits[keep])
+                logits_all.append(logits_l.flatten()[keep])
                 labels_all.append(keep % num_classes)
-            boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
-            logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-            result = self.postprocess(boxes, scores, logits, labels)[: self.detections_per_img]
-            kept = result.keep
-            self.nms_stats["clusters"] += int(kept.numel())
-            self.nms_stats["kept_not_top"] += int(result.not_top.sum())
-            detections.append({"boxes": boxes[kept], "scores": result.scores, "labels": labels[kept]})
+            detections.append(self.postprocess.detections(
+                torch.cat(boxes_all), torch.cat(scores_all), torch.cat(logits_all), torch.cat(labels_all),
+                self.detections_per_img, self.nms_stats))
         return detections
 
 

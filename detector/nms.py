@@ -266,6 +266,34 @@ class NmsPostprocess:
             return clb_nms(boxes, scores, logits, labels, self.iou_threshold, self.beta, self.score)
         return greedy_nms(boxes, scores, labels, self.iou_threshold)
 
+    def detections(self, boxes: Tensor, scores: Tensor, logits: Tensor, labels: Tensor, limit: int,
+                   counts: dict[str, int]) -> dict[str, Tensor]:
+        """One image's detections from its candidates: this NMS, the first ``limit`` kept, and
+        ``counts`` (a detector's ``nms_stats``) updated with ``clusters`` and ``kept_not_top``.
+
+        Returns ``{"boxes" [N, 4], "scores" [N] (as reported), "labels" [N]}``, N <= limit.
+        """
+        result = self(boxes, scores, logits, labels)[:limit]
+        counts["clusters"] += int(result.keep.numel())
+        counts["kept_not_top"] += int(result.not_top.sum())
+        return {"boxes": boxes[result.keep], "scores": result.scores, "labels": labels[result.keep]}
+
 
 def build_postprocess(cfg: NmsConfig) -> NmsPostprocess:
     return NmsPostprocess(cfg.clb, cfg.iou_threshold, cfg.beta, cfg.clb_score)
+
+
+def top_candidates(logits: Tensor, score_thresh: float, topk: int) -> tuple[Tensor, Tensor]:
+    """Candidates of one level before NMS, as torchvision's RetinaNet selects them.
+
+    Args:
+        logits: Tensor[A, C], the level's classification logits.
+    Returns:
+        scores Tensor[K] (sigmoid, descending) and their flat indices LongTensor[K] into
+        ``logits.flatten()`` (anchor ``i // C``, class ``i % C``): those above ``score_thresh``,
+        at most ``topk``.
+    """
+    scores = torch.sigmoid(logits.flatten())
+    keep = torch.where(scores > score_thresh)[0]
+    scores, idx = scores[keep].topk(min(topk, keep.numel()))
+    return scores, keep[idx]

@@ -11,31 +11,21 @@ what detlab's training loop and evaluation expect of a detector: 0-based labels,
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import MultiScaleRoIAlign
 
-
-class _Counters:
-    """The attributes detlab's loop and evaluation read from any detector."""
-
-    def _init_counters(self) -> None:
-        self.register_buffer("num_iters", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
-        self.assign_stats: dict[str, float] = {}
-        self.dc_stats: dict[str, float] = {}
-        self.reset_nms_stats()
-
-    def reset_nms_stats(self) -> None:
-        self.nms_stats = {"clusters": 0, "kept_not_top": 0}
-
-    def _count(self, detections: list[dict[str, Tensor]]) -> None:
-        self.nms_stats["clusters"] += sum(int(d["boxes"].shape[0]) for d in detections)
+from detector.interface import DetectorState
 
 
-class DetLabFCOS(_Counters, FCOS):
+def _count(counts: dict[str, int], detections: list[dict[str, Tensor]]) -> None:
+    """``nms_stats``: torchvision's greedy NMS never keeps a box off its cluster's top."""
+    counts["clusters"] += sum(int(d["boxes"].shape[0]) for d in detections)
+
+
+class DetLabFCOS(DetectorState, FCOS):
     """torchvision ``FCOS``; anchors are one point per location with side = stride (FCOS's
     definition: its centre sampling and scale ranges are multiples of it)."""
 
@@ -43,7 +33,7 @@ class DetLabFCOS(_Counters, FCOS):
         anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
         head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=head_convs)
         super().__init__(backbone, num_classes, anchor_generator=anchors, head=head, **kwargs)
-        self._init_counters()
+        self.init_state()
 
     def configure_nms(self, cfg) -> None:
         self.nms_thresh = cfg.iou_threshold
@@ -53,11 +43,11 @@ class DetLabFCOS(_Counters, FCOS):
             self.num_iters += 1
             return super().forward(images, targets)
         detections = super().forward(images)
-        self._count(detections)
+        _count(self.nms_stats, detections)
         return detections
 
 
-class DetLabFasterRCNN(_Counters, FasterRCNN):
+class DetLabFasterRCNN(DetectorState, FasterRCNN):
     """torchvision ``FasterRCNN`` (FPN, RoIAlign over P3-P5). torchvision reserves label 0 for
     background: labels are shifted by one on the way in and back on the way out."""
 
@@ -68,7 +58,7 @@ class DetLabFasterRCNN(_Counters, FasterRCNN):
         anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
         pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
         super().__init__(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=pool, **kwargs)
-        self._init_counters()
+        self.init_state()
 
     def configure_nms(self, cfg) -> None:
         self.roi_heads.nms_thresh = cfg.iou_threshold
@@ -80,7 +70,7 @@ class DetLabFasterRCNN(_Counters, FasterRCNN):
             losses = super().forward(images, shifted)
             return {self._NAMES.get(k, k): v for k, v in losses.items()}
         detections = [{**d, "labels": d["labels"] - 1} for d in super().forward(images)]
-        self._count(detections)
+        _count(self.nms_stats, detections)
         return detections
 
 

@@ -102,7 +102,7 @@ def evaluate(
     if reset is not None:
         reset()
     result = score(dataset, predict(model, dataset, device, batch_size), voc07_exact=voc07_exact)
-    if reset is not None and getattr(net.postprocess, "clb", False):
+    if reset is not None and getattr(getattr(net, "postprocess", None), "clb", False):  # FCOS etc. have none
         result.metrics["clb_kept_not_top_frac"] = clb_kept_not_top_frac(net.nms_stats)
     return result
 
