@@ -74,8 +74,8 @@ def test_smoke_table1_trains_gfl_and_its_clb_row_reuses_the_dc_weights(ray_sessi
     from lab.cli import main
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    rc = main(["table", "1", "--profile", "smoke", "--rows", "gfl,gfl_dc_clb", "--out", str(tmp_path / "results"),
-               "--tracking-uri", uri])
+    rc = main(["table", "1", "--profile", "smoke", "--rows", "gfl,gfl_dc_clb,fcos,faster_rcnn",
+               "--out", str(tmp_path / "results"), "--tracking-uri", uri])
     assert rc == 0
     runs = {r.info.run_name: r for r in tracking.search_all_runs(uri, tracking.experiment_name(1))}
     names = {"t1-gfl_resnet18-shapes-s0", "t1-gfl_dc_resnet18-shapes-s0", "t1-gfl_dc_clb_resnet18-shapes-s0"}
@@ -86,6 +86,10 @@ def test_smoke_table1_trains_gfl_and_its_clb_row_reuses_the_dc_weights(ray_sessi
         assert run.data.params["model.detector"] == "gfl"
         assert "AP" in run.data.metrics
     assert runs["t1-gfl_resnet18-shapes-s0"].data.metrics["train_loss"] > 0
+    for row, detector in (("fcos", "fcos"), ("faster_rcnn", "faster_rcnn")):  # torchvision's, same pipeline
+        run = runs[f"t1-{row}_resnet18-shapes-s0"]
+        assert run.info.status == "FINISHED" and run.data.params["model.detector"] == detector
+        assert "AP" in run.data.metrics and "clb_kept_not_top_frac" not in run.data.metrics
     clb = runs["t1-gfl_dc_clb_resnet18-shapes-s0"]
     assert clb.data.tags[runner.TAG_REUSED] == "t1-gfl_dc_resnet18-shapes-s0"
     assert clb.data.tags[runner.TAG_WEIGHTS] == runs["t1-gfl_dc_resnet18-shapes-s0"].data.tags[runner.TAG_WEIGHTS]
