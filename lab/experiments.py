@@ -269,6 +269,9 @@ def single_cell(profile: Profile, user: dict[str, Any], dataset: str | None = No
     """One cell from a profile plus user overrides (``detlab train``); table is 0 (none)."""
     tag = dataset or next(iter(profile.table2.datasets or profile.datasets), None)
     base = merge_dicts(profile.config, profile.datasets.get(tag, {})) if tag else profile.config
+    # the detector layer of the detector this cell builds (the user's choice, else the profile's)
+    detector = (user.get("model") or {}).get("detector") or (base.get("model") or {}).get("detector") or "retinanet"
+    base = merge_dicts(base, profile.detectors.get(str(detector), {}))
     cfg = build_config(base, user, source=f"detlab train (profile {profile.name})")
     return Cell(0, row, dataset_tag(cfg.data.dataset), cfg.train.seed, profile.name, cfg, cell_key(cfg))
 

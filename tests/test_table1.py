@@ -34,6 +34,17 @@ def test_rows_select_methods_and_bring_the_row_a_clb_row_reuses():
         table_cells(2, load_profile("smoke"), methods=["gfl"])
 
 
+def test_detlab_train_applies_the_profile_layer_of_the_chosen_detector():
+    from lab.experiments import single_cell
+
+    demo = load_profile("demo")
+    gfl = single_cell(demo, {"model": {"detector": "gfl"}}, "shapes")
+    assert gfl.cfg.model.anchor_sizes == (32, 64, 128, 256, 512)  # demo's detectors.gfl layer
+    assert single_cell(demo, {}, "shapes").cfg.model.anchor_sizes == (16, 32, 64, 128, 256)
+    mine = single_cell(demo, {"model": {"detector": "gfl", "anchor_sizes": [8, 16, 32, 64, 128]}}, "shapes")
+    assert mine.cfg.model.anchor_sizes == (8, 16, 32, 64, 128)  # the user's keys still win
+
+
 def test_row_names_split_on_the_longest_method():
     assert split_table1_row("gfl_dc_clb_resnext101_32x4d_dcn") == ("gfl_dc_clb", "resnext101_32x4d_dcn")
     assert split_table1_row("gfl_resnet10") == ("gfl", "resnet10")
