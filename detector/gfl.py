@@ -200,12 +200,7 @@ def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
         Tensor[N] in [0, 2] (float32).
     """
     pred, target = _f32(pred), _f32(target)
-    lt = torch.max(pred[:, :2], target[:, :2])
-    rb = torch.min(pred[:, 2:], target[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_p = (pred[:, 2:] - pred[:, :2]).clamp(min=0).prod(dim=1)
-    area_t = (target[:, 2:] - target[:, :2]).clamp(min=0).prod(dim=1)
-    union = area_p + area_t - inter
+    inter, union = _paired_inter_union(pred, target)
     iou = inter / (union + eps)
     hull = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0).prod(dim=1)
     return 1.0 - (iou - (hull - union) / (hull + eps))
@@ -213,11 +208,15 @@ def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
 
 def paired_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of row i of ``a`` with row i of ``b``: Tensor[N, 4] x2 -> Tensor[N]."""
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    union = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1) + (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1) - inter
+    inter, union = _paired_inter_union(a, b)
     return inter / union.clamp(min=1e-6)
+
+
+def _paired_inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas of row i of ``a`` with row i of ``b`` (x1y1x2y2, Tensor[N])."""
+    inter = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0).prod(dim=1)
+    union = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1) + (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1) - inter
+    return inter, union
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +231,6 @@ class GFLTargets:
     anchor: Tensor  #: LongTensor[P], anchor index
     gt_boxes: Tensor  #: Tensor[P, 4], matched GT, pixels
     labels: Tensor  #: LongTensor[P]
-    matched: Tensor  #: LongTensor[B, A], GT index or -1
 
 
 class GFLLoss(nn.Module):
@@ -366,13 +364,11 @@ class DetLabGFL(DetectorState, nn.Module):
         self.transform = GeneralizedRCNNTransform(min_size, max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         self.anchor_sizes, self.atss_topk = tuple(anchor_sizes), atss_topk
         self.score_thresh, self.topk_candidates, self.detections_per_img = score_thresh, topk_candidates, detections_per_img
-        self.nms_thresh = postprocess.iou_threshold
         self.init_state()
 
     def configure_nms(self, cfg: NmsConfig) -> None:
         """Swap post-processing (CL-B changes inference only: reuse a trained model)."""
         self.postprocess = build_postprocess(cfg)
-        self.nms_thresh = cfg.iou_threshold
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
@@ -401,7 +397,7 @@ class DetLabGFL(DetectorState, nn.Module):
         labels = torch.cat([targets[i]["labels"][gt_idx[b == i]] for i in range(len(targets))]) if b.numel() else \
             b.new_zeros((0,))
         # torch.where is row-major, so the concatenation per image keeps the order of (b, a)
-        losses = self.loss(cls_logits, reg, anchors, strides, GFLTargets(b, a, gt_boxes, labels, matched))
+        losses = self.loss(cls_logits, reg, anchors, strides, GFLTargets(b, a, gt_boxes, labels))
         self.assign_stats = {"positives_per_image": float(b.numel()) / len(targets),
                              "iac_score_positives_per_image": 0.0, "iac_active": 0.0}
         self.dc_stats = dict(self.loss.last_stats)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
 
 from detector.config import ConfigError
@@ -135,7 +134,7 @@ def _gfl_batch(seed: int = 0):
     reg = torch.randn(B, A, 4 * (n + 1), generator=g, requires_grad=True)
     t = GFLTargets(batch=torch.tensor([0, 0, 1]), anchor=torch.tensor([1, 4, 2]),
                    gt_boxes=torch.tensor([[4.0, 2.0, 20.0, 14.0], [6.0, 6.0, 22.0, 26.0], [12.0, 0.0, 30.0, 12.0]]),
-                   labels=torch.tensor([0, 2, 1]), matched=torch.zeros(B, A, dtype=torch.long))
+                   labels=torch.tensor([0, 2, 1]))
     return cls, reg, anchors, strides, t, n
 
 
