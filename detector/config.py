@@ -270,6 +270,14 @@ class DataConfig:
     #: cap on images per split (0 = all); handy for smoke runs on real datasets.
     max_images: int = 0
     seed: int = 0
+    #: voc: the XML coordinates are the devkit's 1-based pixel indices (x1 = xmin - 1). labelme, CVAT
+    #: and most other tools write 0-based continuous coordinates: set false to read them unchanged.
+    #: Ignored by the other datasets (so one --set serves a table with VOC and COCO cells).
+    voc_one_based: bool = True
+    #: COCO format: evaluate with area = w*h instead of the JSON's ``area`` (which COCOeval sizes
+    #: APs/APm/APl by). For files whose area is wrong (e.g. the whole image's) or absent; with real
+    #: segmentation areas the size metrics are then no longer comparable to published ones.
+    coco_recompute_area: bool = False
 
     def validate(self) -> None:
         check_choice("data.dataset", self.dataset, ("shapes", "trees", "coco", "voc"))
@@ -281,6 +289,8 @@ class DataConfig:
             check_unit(f"data.{key}", getattr(self, key))
         for key in ("num_train", "num_val", "image_size", "tile_size"):
             check_positive(f"data.{key}", getattr(self, key))
+        for key in ("max_images", "loader_workers"):
+            check_min(f"data.{key}", getattr(self, key))
 
 
 @dataclass

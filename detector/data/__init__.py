@@ -73,6 +73,7 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> DetectionDataset:
     h-flip (``cfg.hflip_prob``), removes crowd/difficult boxes and skips images left with no box;
     ``train=False`` keeps every image and box (difficult flagged). ``cfg.max_images`` caps the list.
     ``shapes`` is generated (seeded by ``cfg.seed``) and ``trees`` downloaded/tiled on first use.
+    ``cfg.voc_one_based`` (voc) and ``cfg.coco_recompute_area`` (COCO format) reach the loaders.
     """
     if split not in ("train", "val"):
         raise DatasetError(f"split={split!r} must be 'train' or 'val'")
@@ -89,9 +90,10 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> DetectionDataset:
         else:
             default_ann = root / "annotations" / f"instances_{name}.json"
         ann_file = root / ann if ann else default_ann
-        return CocoDetection(root / name, ann_file, **common)
+        return CocoDetection(root / name, ann_file, recompute_area=cfg.coco_recompute_area, **common)
     if cfg.dataset == "trees":
+        # the tiles' XMLs are written by prepare_trees in the devkit's 1-based convention
         return VOCDetection.from_root(prepare_trees(root, cfg.tile_size), name, **common)
     if cfg.dataset == "voc":
-        return VOCDetection.from_root(root, name, **common)
+        return VOCDetection.from_root(root, name, one_based=cfg.voc_one_based, **common)
     raise DatasetError(f"data.dataset={cfg.dataset!r} is not one of ('shapes', 'trees', 'coco', 'voc')")

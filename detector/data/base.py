@@ -197,14 +197,60 @@ class DetectionDataset(torch.utils.data.Dataset):
         )
 
 
-def log_dropped(source: str | Path, num_dropped: int, num_images: int) -> None:
+#: how many offending boxes or files a warning or error names (the count is always given).
+MAX_NAMED = 5
+
+
+def fmt_number(value: Any) -> str:
+    """A coordinate as the user wrote it, without float noise (``3.0`` -> ``3``, ``2.5`` -> ``2.5``)."""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+@dataclass
+class DroppedBoxes:
+    """Degenerate boxes dropped while a dataset is built: how many, in how many images, and the
+    first :data:`MAX_NAMED` named (file, annotation, coordinates as written), so the user can find them."""
+
+    count: int = 0
+    images: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, descriptions: list[str]) -> None:
+        """Record the dropped boxes of one image, each described as ``"'file' annotation ..."``."""
+        if not descriptions:
+            return
+        self.count += len(descriptions)
+        self.images += 1
+        self.examples += descriptions[: max(0, MAX_NAMED - len(self.examples))]
+
+
+def log_dropped(source: str | Path, dropped: DroppedBoxes) -> None:
     """One warning per dataset for degenerate boxes (not one per box: COCO has hundreds)."""
-    if num_dropped:
+    if dropped.count:
+        more = f" (first {len(dropped.examples)})" if dropped.count > len(dropped.examples) else ""
         logger.warning(
-            "%s: dropped %d degenerate box(es) (width or height <= 0 after clipping to the image) in %d image(s)",
+            "%s: dropped %d degenerate box(es) (width or height <= 0 after clipping to the image, or a "
+            "non-finite coordinate) in %d image(s)%s: %s",
             source,
-            num_dropped,
-            num_images,
+            dropped.count,
+            dropped.images,
+            more,
+            "; ".join(dropped.examples),
+        )
+
+
+def check_image_files(records: list[ImageRecord], source: str | Path) -> None:
+    """Every image the dataset will read exists (one stat each), else DatasetError naming the first
+    few and the count: otherwise a missing file surfaces only when a worker reads that item, hours in."""
+    missing = [r.path for r in records if not r.path.is_file()]
+    if missing:
+        shown = ", ".join(repr(str(p)) for p in missing[:MAX_NAMED])
+        first = f"first {MAX_NAMED}: " if len(missing) > MAX_NAMED else ""
+        raise DatasetError(
+            f"{source}: {len(missing)} of {len(records)} image file(s) do not exist ({first}{shown})"
         )
 
 

@@ -5,16 +5,20 @@ Layouts (``root``, ``split``):
 - devkit year folder: ``root/{Annotations,JPEGImages,ImageSets/Main/<split>.txt}`` (root = ``VOC2007``);
 - devkit: root = ``VOCdevkit`` and split ``"VOC2007/trainval+VOC2012/trainval"`` (parts joined by ``+``);
 - plain folder: ``root/<split>/`` holding ``*.xml`` (images beside them, or in a sibling
-  ``JPEGImages``/``images`` folder); ``split="all"`` takes the XMLs directly in ``root``.
+  ``JPEGImages``/``images`` folder); ``split="all"`` takes the XMLs directly in ``root``, and
+  ``split="Annotations"`` every XML of a ``root/{Annotations,JPEGImages}`` folder without ImageSets
+  (labelme's VOC export).
 
 Coordinates: VOC pixel indices are 1-based and inclusive, so with ``one_based=True`` (default) a
 box becomes ``x1, y1, x2, y2 = xmin - 1, ymin - 1, xmax, ymax`` (detectron2's convention; the image
-spans ``[0, W]``). Float coordinates are kept as floats. Boxes are clipped to the image; degenerate
-ones are dropped and counted.
+spans ``[0, W]``). labelme and most annotation tools write 0-based continuous coordinates instead:
+``one_based=False`` (``data.voc_one_based=false``) reads them unchanged. Float coordinates are kept
+as floats. Boxes are clipped to the image; degenerate ones are dropped and counted.
 
-Classes: ``class_names`` if given, else ``root/classes.txt`` (one per line) if present, else the 20
-VOC classes when every split part uses ImageSets, else discovered (sorted) from all XMLs under
-``root``. Names match after collapsing whitespace, case-insensitively.
+Classes: ``class_names`` if given, else ``root/classes.txt`` (one per line) if present, else
+``root/class_names.txt`` (labelme's, without its ``_background_`` line), else the 20 VOC classes when
+every split part uses ImageSets, else discovered (sorted) from all XMLs under ``root``. Names match
+after collapsing whitespace, case-insensitively.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ from typing import Sequence
 import numpy as np
 
 from detector.data.base import (
+    MAX_NAMED,
     DatasetError,
     DetectionDataset,
+    DroppedBoxes,
     ImageRecord,
     Transform,
     clip_boxes,
+    fmt_number,
     image_size,
     log_dropped,
     select_records,
@@ -46,6 +53,10 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+#: class-list lines that are not classes: labelme's class_names.txt starts with ``_background_``
+#: (its segmentation label 0), and its labels.txt with ``__ignore__``.
+NOT_CLASSES: frozenset[str] = frozenset({"_background_", "__ignore__"})
 
 
 def normalize_name(name: str) -> str:
@@ -179,12 +190,36 @@ def voc_entries(root: str | Path, split: str) -> tuple[list[VocEntry], bool]:
         elif sub in ("all", ".") and any(base.glob("*.xml")):
             entries += _plain_entries(base, prefix)
         else:
+            looked = (f"*.xml directly in {str(base)!r}" if sub in ("all", ".")
+                      else f"{str(id_file)!r} and *.xml in {str(base / sub)!r}")
             raise DatasetError(
-                f"VOC split {part!r} not found under root {str(root)!r}: looked for {str(id_file)!r} and for "
-                f"*.xml in {str(base / sub)!r} (use split 'all' for XMLs directly in the root, or "
-                "'VOC2007/trainval+VOC2012/trainval' for a VOCdevkit root)"
+                f"VOC split {part!r} not found under root {str(root)!r}: looked for {looked}; "
+                + "; ".join(_split_hints(base, sub))
             )
     return entries, all_imagesets
+
+
+def _split_hints(base: Path, sub: str) -> list[str]:
+    """What the folder does hold, as the split that would read it (for the split-not-found error)."""
+    hints = []
+    lists = base / "ImageSets" / "Main"
+    if lists.is_dir():
+        names = sorted(p.stem for p in lists.glob("*.txt"))
+        shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+        hints.append(f"ImageSets/Main has the splits {shown or 'none'}")
+    if sub not in ("all", ".") and any(base.glob("*.xml")):
+        hints.append(f"split 'all' reads the *.xml directly in {str(base)!r}")
+    if sub != "Annotations" and (base / "Annotations").is_dir() and any((base / "Annotations").glob("*.xml")):
+        hints.append(f"split 'Annotations' reads every XML in {str(base / 'Annotations')!r} with its images in "
+                     "JPEGImages/ (an Annotations/ + JPEGImages/ folder without ImageSets, as labelme's VOC export "
+                     "writes; the same split then serves train and val unless you make ImageSets/Main lists)")
+    years = sorted(p.name for p in base.glob("VOC20*") if p.is_dir())
+    if years:
+        hints.append(f"a VOCdevkit root takes splits like '{years[0]}/trainval' or "
+                     f"'{years[0]}/trainval+{years[-1]}/trainval'")
+    if not hints:
+        hints.append("the root holds no *.xml, no Annotations/ and no ImageSets/Main/: is data.root right?")
+    return hints
 
 
 def discover_classes(xmls: Sequence[Path]) -> list[str]:
@@ -199,10 +234,30 @@ def discover_classes(xmls: Sequence[Path]) -> list[str]:
 
 
 def read_class_file(path: Path) -> list[str]:
+    """One class name per line (whitespace collapsed); labelme's ``_background_`` / ``__ignore__`` dropped."""
     names = [" ".join(line.split()) for line in path.read_text().splitlines() if line.strip()]
+    names = [n for n in names if n not in NOT_CLASSES]
     if not names:
         raise DatasetError(f"class list {str(path)!r} is empty")
     return names
+
+
+def root_class_file(root: Path) -> Path | None:
+    """``root/classes.txt``, else labelme's ``root/class_names.txt``, else None (classes.txt wins)."""
+    for name in ("classes.txt", "class_names.txt"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _find_image(entry: VocEntry, ann: VocAnnotation, dir_index: _DirIndex) -> Path | None:
+    """The image file of an entry (its <filename>, its quirks, then the XML's stem), or None."""
+    for name in _image_candidates(ann.filename, entry.xml.stem):
+        for folder in entry.image_dirs:
+            path = dir_index.find(folder, name)
+            if path is not None:
+                return path
+    return None
 
 
 class _DirIndex:
@@ -259,14 +314,27 @@ class VOCDetection(DetectionDataset):
         if len(index) != len(class_names):
             raise DatasetError(f"{source}: class list {list(class_names)} has duplicates after normalising case/whitespace")
         records: list[tuple[str, ImageRecord]] = []
-        dropped = 0
+        dropped = DroppedBoxes()
+        missing: list[tuple[VocEntry, str | None]] = []
         dir_index = _DirIndex()
         for entry in entries:
-            rec, n_dropped = self._record(entry, index, class_names, dir_index)
+            ann = parse_voc_xml(entry.xml)
+            path = _find_image(entry, ann, dir_index)
+            if path is None:  # collected, so that one error names them all (the count and the first few)
+                missing.append((entry, ann.filename))
+                continue
+            rec, bad = self._record(entry, ann, path, index, class_names)
             records.append((entry.name, rec))
-            dropped += n_dropped
-        self.num_dropped_boxes = dropped
-        log_dropped(source, dropped, len(records))
+            dropped.add(bad)
+        if missing:
+            named = "; ".join(f"{str(e.xml)!r} (filename={f!r})" for e, f in missing[:MAX_NAMED])
+            first = f"first {MAX_NAMED}: " if len(missing) > MAX_NAMED else ""
+            raise DatasetError(
+                f"{source}: the image of {len(missing)} of {len(entries)} VOC annotation(s) does not exist "
+                f"({first}{named}); looked in {[str(d) for d in missing[0][0].image_dirs]}"
+            )
+        self.num_dropped_boxes = dropped.count
+        log_dropped(source, dropped)
         by_id = {id(rec): name for name, rec in records}
         kept = select_records([r for _, r in records], train if skip_empty is None else skip_empty, max_images, source)
         self.image_names = [by_id[id(r)] for r in kept]
@@ -275,23 +343,16 @@ class VOCDetection(DetectionDataset):
         super().__init__(kept, list(class_names), train, transforms)
 
     def _record(
-        self, entry: VocEntry, index: dict[str, int], class_names: Sequence[str], dir_index: _DirIndex
-    ) -> tuple[ImageRecord, int]:
-        ann = parse_voc_xml(entry.xml)
-        path = None
-        for name in _image_candidates(ann.filename, entry.xml.stem):
-            for folder in entry.image_dirs:
-                path = dir_index.find(folder, name)
-                if path is not None:
-                    break
-            if path is not None:
-                break
-        if path is None:
-            raise DatasetError(
-                f"VOC annotation {str(entry.xml)!r}: image for filename={ann.filename!r} not found in "
-                f"{[str(d) for d in entry.image_dirs]}"
-            )
-        width, height = (ann.width, ann.height) if ann.width and ann.height else image_size(path)
+        self, entry: VocEntry, ann: VocAnnotation, path: Path, index: dict[str, int], class_names: Sequence[str]
+    ) -> tuple[ImageRecord, list[str]]:
+        """The record of one entry, and a description of each degenerate box it dropped."""
+        if ann.width and ann.height:
+            width, height = ann.width, ann.height
+        else:
+            try:
+                width, height = image_size(path)
+            except DatasetError as e:
+                raise DatasetError(f"VOC annotation {str(entry.xml)!r} has no usable <size>, and {e}") from None
         labels = []
         for obj in ann.objects:
             key = normalize_name(obj.name)
@@ -314,7 +375,9 @@ class VOCDetection(DetectionDataset):
             labels=np.array(labels, dtype=np.int64)[keep],
             difficult=np.array([o.difficult for o in ann.objects], dtype=bool)[keep],
         )
-        return rec, int((~keep).sum())
+        bad = [f"{entry.xml.name!r} object #{j} ({ann.objects[j].name!r}) bndbox=("
+               f"{', '.join(fmt_number(v) for v in ann.objects[j].bndbox)})" for j in np.flatnonzero(~keep)]
+        return rec, bad
 
     @classmethod
     def from_root(
@@ -331,9 +394,10 @@ class VOCDetection(DetectionDataset):
         """Dataset for ``split`` of ``root`` in any of the layouts in the module docstring."""
         root = Path(root)
         entries, all_imagesets = voc_entries(root, split)
+        class_file = root_class_file(root)
         if class_names is None:
-            if (root / "classes.txt").is_file():
-                class_names = read_class_file(root / "classes.txt")
+            if class_file is not None:
+                class_names = read_class_file(class_file)
             elif all_imagesets:
                 class_names = list(VOC_CLASSES)
             else:
