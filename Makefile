@@ -49,3 +49,9 @@ data: $(STAMP)
 
 clean-results:
 	rm -rf results mlruns
+
+# GPU acceptance check on a CUDA machine (<= 8 min; one CHECK line each). GPU_CHECK_ARGS=--cpu-dry-run
+# runs the same code paths on CPU.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
