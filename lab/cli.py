@@ -7,11 +7,13 @@ Subcommands::
     detlab tables --table 1|2 [--out DIR]             rebuild a table from MLflow (lab.tables)
     detlab compare A B [--metric AP]                  two runs' metric, Δ and its image-bootstrap CI
     detlab sweep --dataset shapes --num-samples 32    Ray Tune sweep (lab.sweep)
-    detlab data shapes|trees                          prepare a built-in dataset, print where it is
+    detlab data shapes|trees|coco|voc [--root DIR]    prepare/check a dataset, print a summary per split
     detlab predict IMAGE... --weights model.pt        boxes JSON + a drawn PNG per image
     detlab ui [--port 5000]                           MLflow UI on 127.0.0.1 over the same store
 
-Every config error (unknown key, bad value, missing data root) is raised before Ray starts.
+Every config error (unknown key, bad value, missing data root) and every bad dataset file (each
+dataset a job reads is opened in the driver: lab.datacheck) is raised before Ray starts and before
+any MLflow run is opened.
 """
 
 from __future__ import annotations
@@ -67,20 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="two runs (ids or names): metric, delta, image-level paired bootstrap CI")
     compare.add_arguments(p)
 
-    p = sub.add_parser("data", help="prepare a built-in dataset and print where it is")
-    p.add_argument("name", choices=("shapes", "trees"))
+    p = sub.add_parser("data", help="prepare (shapes, trees) or check (coco, voc) a dataset; print a summary per split")
+    p.add_argument("name", choices=("shapes", "trees", "coco", "voc"))
+    p.add_argument("--root", default=None, metavar="DIR", help="dataset root (= --set data.root=DIR; required for coco, voc)")
     p.add_argument("--profile", choices=PROFILES, default=None,
-                   help="prepare exactly what this profile's cells will read (default: DataConfig defaults)")
+                   help="check exactly what this profile's cells will read (default: DataConfig defaults)")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", dest="sets",
-                   help="DataConfig override, e.g. --set data.num_train=500")
+                   help="data/model override, e.g. --set data.num_train=500, --set data.val_split=val2017, "
+                   "--set model.min_size=600")
 
     p = sub.add_parser("predict", help="detect objects in images with trained weights")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--weights", required=True, type=Path, help="a model.pt written by training (see the run's detlab.weights tag)")
+    p.add_argument("--weights", required=True,
+                   help="a model.pt written by training, a local path or s3://... (see the run's detlab.weights tag)")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output dir (default: predictions/)")
     p.add_argument("--score", type=float, default=0.3, help="minimum score written and drawn (default 0.3)")
     p.add_argument("--set", action="append", default=[], metavar="nms.KEY=VALUE", dest="sets",
                    help="inference overrides, e.g. --set nms.clb=true --set model.score_thresh=0.1")
+
+    from lab import cluster
+
+    p = sub.add_parser("cluster", help="a local multi-node Ray cluster + MLflow server: up | down | status")
+    cluster.add_arguments(p)
 
     p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the detlab store")
     p.add_argument("--tracking-uri", default=None)
@@ -101,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"table": cmd_table, "train": cmd_train, "data": cmd_data, "predict": cmd_predict, "ui": cmd_ui,
-                "compare": cmd_compare}[
+                "compare": cmd_compare, "cluster": cmd_cluster}[
             args.command
         ](args)
     except ConfigError as e:
@@ -131,6 +141,10 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
          pretrain: PretrainConfig | None = None) -> int:
     """Shared tail of ``table`` and ``train``: resolve where things go, pretrain, run, report."""
     out = args.out.expanduser().resolve()
+    if args.storage:  # a bad URI (s3:// without a bucket) fails here, before Ray or MLflow
+        from lab import storage
+
+        args.storage = str(storage.parse(args.storage))
     if args.dry_run:
         if pretrain is not None and pretrain.steps:
             print(f"(keys before the pretraining stage: {pretrain.steps} steps; cells with a backbone file keep theirs)")
@@ -140,21 +154,28 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    from lab.datacheck import validate_cells  # every dataset opened here: a bad file never reaches Ray or MLflow
+
+    for line in validate_cells(cells):
+        print(f"detlab: {line}", flush=True)
     try:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
     except ValueError as e:
         raise ConfigError(f"--tracking-uri: {e}") from None
     _warn_if_ephemeral(out, uri)
+    tracking.check_reachable(uri)  # before pretraining and before Ray: seconds, not minutes of retries
     if pretrain is not None and pretrain.steps:
         from lab.pretrain import attach_pretrained
 
         cells = attach_pretrained(cells, pretrain, out, uri)
     from lab import runner  # imports Ray: only once the config is known to be good
 
-    print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {uri} (experiment {experiment}), results {out}")
+    print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {tracking.redact_url(uri)} "
+          f"(experiment {experiment}), results {out}")
     t0 = time.time()
     opts = runner.RunOptions(tracking_uri=uri, experiment=experiment, out=out, force=args.force,
-                             ray_address=args.ray_address, max_concurrent=args.max_concurrent)
+                             ray_address=args.ray_address, max_concurrent=args.max_concurrent,
+                             storage_uri=args.storage)
     outcomes = runner.run_cells(cells, opts)
     print("\n" + runner.summarize(outcomes))
     print(f"wall time {time.time() - t0:.0f}s")
@@ -184,28 +205,37 @@ def _warn_if_ephemeral(out: Path, uri: str) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    """Prepare (shapes, trees) or open (coco, voc) both splits, as a job would, and summarise them."""
     from detector.anchors import anchor_fit, dataset_boxes, fit_anchor_sizes
-    from detector.config import DetectorConfig, apply_overrides
+    from detector.config import DetectorConfig, apply_overrides, overrides_to_dict
     from detector.data import build_dataset, dataset_root
+    from lab.datacheck import describe, split_summary, validate_data
 
+    sets = [f"data.dataset={args.name}", *([f"data.root={args.root}"] if args.root else []), *args.sets]
     base = DetectorConfig()
     if args.profile:
         profile = load_profile(args.profile)
-        if args.name not in profile.datasets:
-            raise ConfigError(f"profile {args.profile!r} has no {args.name!r} dataset ({', '.join(profile.datasets)})")
-        resolved = single_cell(profile, {}, args.name).cfg
-        base.data, base.model = resolved.data, resolved.model
-    cfg = apply_overrides(base, [f"data.dataset={args.name}", *args.sets])
+        tag = tracking.dataset_tag(args.name)
+        if tag not in profile.datasets:
+            raise ConfigError(f"profile {args.profile!r} has no {tag!r} dataset ({', '.join(profile.datasets)})")
+        resolved = single_cell(profile, overrides_to_dict(sets), tag).cfg
+        base.data, base.model, base.assign = resolved.data, resolved.model, resolved.assign
+    cfg = apply_overrides(base, sets)
     data, model = cfg.data, cfg.model
     data.validate()
+    _, val_set = validate_data(data)  # a job driver's checks: errors name the file, field and value
+    print(f"{describe(data)} (box sizes: raw = in the image's own pixels; model input = after the model's resize)")
     for split in ("train", "val"):
-        ds = build_dataset(data, split, train=False)
-        print(f"{args.name} {split}: {ds!r}")
+        ds = build_dataset(data, split, train=False) if split == "train" else val_set  # every image
+        print(f"{args.name} {split} {getattr(data, split + '_split')!r}: {ds!r}")
+        for line in split_summary(ds, model):
+            print(line)
         if split == "train":
             boxes = dataset_boxes(ds.records, model.min_size, model.max_size)
-            print(f"  anchor fit at {model.min_size}-{model.max_size} px: "
-                  f"{anchor_fit(boxes, model.anchor_sizes, cfg.assign.fg_threshold).summary()}")
-            print(f"  best base size: {fit_anchor_sizes(boxes)[1].summary()}")
+            if any(len(b) for b, _, _ in boxes):
+                print(f"  anchor fit at {model.min_size}-{model.max_size} px: "
+                      f"{anchor_fit(boxes, model.anchor_sizes, cfg.assign.fg_threshold).summary()}")
+                print(f"  best base size: {fit_anchor_sizes(boxes)[1].summary()}")
     print(f"{args.name} is under {dataset_root(data)}")
     return 0
 
@@ -222,7 +252,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lab.config import config_from_dict
     from lab.train import load_weights
 
-    if not args.weights.is_file():
+    from lab import storage
+
+    storage.parse(args.weights)  # an s3:// URI without a bucket is a config error
+    if not storage.is_file(args.weights):
         raise ConfigError(f"--weights {str(args.weights)!r}: no such file")
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
@@ -253,6 +286,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         plt.close(fig)
         print(f"{path}: {len(boxes)} detection(s) -> {args.out / path.stem}.json/.png")
     return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from lab import cluster
+
+    return cluster.main(args)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -68,6 +68,9 @@ class TrainConfig:
     lr_gamma: float = 0.1
     #: max gradient norm; 0 disables clipping.
     grad_clip: float = 0.0
+    #: steps with a NaN/inf loss are skipped (counted as ``nonfinite_steps``); more than this many in
+    #: a row abort the cell, naming the step and the loss terms. 0: abort at the first.
+    max_nonfinite: int = 3
     #: keep conv weights (and so activations) channels-last (NHWC); see bench/bench_recipe.py.
     channels_last: bool = False
     #: mixed precision (torch.autocast + GradScaler); only takes effect on GPU workers.
@@ -86,7 +89,7 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "base_lr", "log_every"):
             check_positive(f"train.{key}", getattr(self, key))
-        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip", "system_metrics_s"):
+        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip", "system_metrics_s", "max_nonfinite"):
             check_min(f"train.{key}", getattr(self, key))
         for key in ("momentum", "warmup_factor", "lr_gamma", "warmup_frac"):
             check_unit(f"train.{key}", getattr(self, key))
@@ -181,7 +184,7 @@ class LabConfig(DetectorConfig):
 #: keys that change how a cell runs but not what it computes; left out of ``cell_key`` so that
 #: e.g. resubmitting with more CPUs or retries still finds (and resumes) the same cell.
 NON_SEMANTIC_KEYS = frozenset(
-    {"scaling.cpus_per_worker", "scaling.max_failures", "train.log_every", "train.system_metrics_s", "data.loader_workers",
+    {"scaling.cpus_per_worker", "scaling.max_failures", "train.max_nonfinite", "train.log_every", "train.system_metrics_s", "data.loader_workers",
      "eval.batch_size", "eval.num_samples", "eval.draw_score"}
 )
 
@@ -259,9 +262,15 @@ def config_from_dict(data: dict[str, Any]) -> LabConfig:
     return from_dict(LabConfig, data)
 
 
-def dump_config(cfg: LabConfig) -> str:
-    """Resolved config as YAML (the ``config/resolved.yaml`` artifact)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_config(cfg: LabConfig, scrub: bool = False) -> str:
+    """Resolved config as YAML; ``scrub``: secrets masked (:mod:`lab.scrub`), for what is logged
+    (the ``config/resolved.yaml`` artifact), not for files the config is read back from."""
+    data = to_dict(cfg)
+    if scrub:
+        from lab.scrub import scrub_mapping
+
+        data = scrub_mapping(data)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 __all__ = [

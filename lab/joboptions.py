@@ -22,6 +22,11 @@ def add_job_options(p: argparse.ArgumentParser, unit: str, out_help: str) -> Non
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns)")
     p.add_argument("--out", type=Path, default=Path("results"), help=f"{out_help} (default: results/)")
+    p.add_argument("--storage", default=None, metavar="URI",
+                   help="where Ray Train/Tune state, checkpoints and final weights go; every node must reach it: "
+                   "a local path (one host only), shared:///mount/path (a mount at the same path on every node) or "
+                   "s3://bucket/prefix (AWS_ENDPOINT_URL and AWS_* credentials honoured and forwarded) "
+                   "(default: <out>/ray, sweeps <out>/sweeps)")
     p.add_argument("--workers", type=int,
                    help=f"Ray Train workers per {unit}; 0 = local mode, the {unit}'s own process trains [scaling.workers]")
     p.add_argument("--gpus-per-worker", type=float, help="[scaling.gpus_per_worker]")

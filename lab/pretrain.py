@@ -128,7 +128,7 @@ def ensure_pretrained(
 def _log_run(uri: str, key: str, pcfg: PretrainConfig, body: Body, classes: list[str],
              curve: list[tuple[int, float, float, float]], path: Path, wall: float) -> None:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
     from lab import tracking
 
@@ -144,7 +144,8 @@ def _log_run(uri: str, key: str, pcfg: PretrainConfig, body: Body, classes: list
     metrics = [Metric(name, value, ts, step) for step, cpu, loss, acc in curve
                for name, value in (("pretrain_loss", loss), ("pretrain_accuracy", acc), ("pretrain_cpu_s", cpu))]
     client.log_batch(rid, metrics=metrics + [Metric("pretrain_wall_s", wall, ts, 0)],
-                     params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag("detlab.weights", str(path))])
+                     tags=[RunTag("detlab.weights", str(path))])
+    tracking.log_params(client, rid, params)
     client.log_artifact(rid, str(path), "weights")
     client.set_terminated(rid, "FINISHED")
 

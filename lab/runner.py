@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -52,7 +53,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 quiet_ray_console()
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Param, RunStatus  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
 
 from detector.config import flatten, to_dict  # noqa: E402
 from lab import tracking  # noqa: E402
@@ -63,9 +64,13 @@ from lab.experiments import Cell  # noqa: E402
 TAG_RAY_RUN = "detlab.ray_run"
 TAG_WEIGHTS = "detlab.weights"
 TAG_REUSED = "detlab.reused_from"
+#: ``host:pid:start_time`` of the driver that holds a RUNNING run: a rerun can tell a dead driver's
+#: run (reuse it) from a live one's (refuse to run the cell twice).
+TAG_DRIVER = "detlab.driver"
 #: env vars forwarded to cell tasks and their Train workers (credentials for a tracking server).
 _FORWARD_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_HTTP_REQUEST_TIMEOUT", "DETLAB_DATA", "TORCH_HOME")
+                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_HTTP_REQUEST_TIMEOUT", "DETLAB_DATA", "TORCH_HOME",
+                "DETLAB_FAULT", "DETLAB_FAULT_FILE", "DETLAB_SPOOL_DIR")
 
 
 @dataclass
@@ -74,17 +79,23 @@ class RunOptions:
 
     tracking_uri: str  #: resolved (absolute sqlite or a server URL)
     experiment: str
-    out: Path  #: results directory; Ray checkpoints and weights go to ``out/ray``
+    out: Path  #: results directory; Ray checkpoints and weights go to ``out/ray`` unless ``storage_uri``
     force: bool = False  #: rerun cells that already have a FINISHED run
     ray_address: str | None = None  #: None: RAY_ADDRESS / a job's cluster / start a local one
     #: cells at once instead of "as many as the cluster's CPUs/GPUs hold now": for autoscaling
     #: clusters, whose current resources say nothing of what will come up (raise
     #: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S too, so worker groups wait for new nodes).
     max_concurrent: int | None = None
+    #: ``--storage``: Ray Train state, checkpoints and final weights (a path, shared:///mount or
+    #: s3://bucket/prefix; see lab.storage). None: ``out/ray``.
+    storage_uri: str | None = None
 
     @property
-    def storage(self) -> Path:
-        return self.out / "ray"
+    def storage(self) -> str:
+        """The storage URI, validated and absolute (``out/ray`` by default)."""
+        from lab import storage
+
+        return str(storage.parse(self.storage_uri or self.out / "ray"))
 
 
 @dataclass
@@ -101,6 +112,7 @@ class Outcome:
 
 def run_cells(cells: list[Cell], opts: RunOptions) -> list[Outcome]:
     """Run ``cells`` (skipping FINISHED ones unless ``force``); one Outcome per cell, in order."""
+    tracking.check_reachable(opts.tracking_uri)  # a clear error now, not MLflow's minutes of retries
     tracking.init_store(opts.tracking_uri, opts.experiment)  # before any worker opens the store
     client = MlflowClient(opts.tracking_uri)
     outcomes: dict[str, Outcome] = {}
@@ -165,29 +177,61 @@ def cell_tags(cell: Cell) -> dict[str, str]:
 
 def open_run(client: MlflowClient, experiment_id: str, cell: Cell, extra_tags: dict[str, str]) -> str:
     """RUNNING run for ``cell``: the newest FAILED/KILLED run with its key is reopened (so a resumed
-    cell keeps one metric history), else a new run with the flattened config as params. Either way
-    its datasets are logged as inputs (a CL-B cell only evaluates: the val split)."""
+    cell keeps one metric history), and so is a RUNNING one whose driver died (SIGKILL, a lost
+    head node: nothing closed it); else a new run with the flattened config as params. Either way
+    its datasets are logged as inputs (a CL-B cell only evaluates: the val split).
+
+    Raises ConfigError if a live driver on this machine is running the cell now.
+    """
     key_filter = tracking.tag_filter(tracking.TAG_KEY, cell.key)
     old = client.search_runs(
-        [experiment_id], f"{key_filter} and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        [experiment_id], f"{key_filter} and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=20,
     )
-    if old:
-        run_id = old[0].info.run_id
+    reusable = [r for r in old if r.info.status != "RUNNING" or _driver_is_gone(cell, r)]
+    if reusable:
+        run_id = reusable[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for stale in reusable[1:]:  # older dangling runs of the same cell: never leave one RUNNING
+            if stale.info.status == "RUNNING":
+                client.set_terminated(stale.info.run_id, status="KILLED")
     else:
         run_id = client.create_run(experiment_id, run_name=cell.name, tags={**cell_tags(cell)}).info.run_id
-        params = [Param(k, _param_value(v)) for k, v in flatten(cell.cfg).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run_id, params=params[i : i + 100])
-    for k, v in extra_tags.items():
+        tracking.log_params(client, run_id, flatten(cell.cfg))
+    for k, v in {**extra_tags, TAG_DRIVER: _driver_id()}.items():
         client.set_tag(run_id, k, v)
     tracking.log_dataset_inputs(client, run_id, cell.cfg.data, ("val",) if cell.reuse else ("train", "val"))
     return run_id
 
 
-def _param_value(v: Any) -> str:
-    return "None" if v is None else str(v)
+def _driver_id() -> str:
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.2f}"
+
+
+def _driver_is_gone(cell: Cell, run: Any) -> bool:
+    """Is the driver recorded on this RUNNING run dead? Alive on this machine: ConfigError."""
+    import psutil
+
+    held_by = run.data.tags.get(TAG_DRIVER, "")
+    host, _, rest = held_by.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        # another machine's driver (or none recorded): cannot check; the rerun is the user's call
+        print(f"[{cell.name}] reusing run {run.info.run_id}, left RUNNING by driver {held_by or '(unknown)'}", flush=True)
+        return True
+    try:
+        alive = abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05
+    except (psutil.NoSuchProcess, ValueError):
+        alive = False
+    if alive and int(pid) != os.getpid():
+        raise ConfigError(f"{cell.name}: run {run.info.run_id} is RUNNING under a live driver (pid {pid} on this "
+                          f"machine); wait for it or stop it (kill {pid}) before running the cell again")
+    if not alive:
+        print(f"[{cell.name}] reusing run {run.info.run_id}, left RUNNING by driver pid {pid}, which is gone", flush=True)
+    return not alive
 
 
 def _prepare_builtin_data(cells: list[Cell]) -> None:
@@ -239,7 +283,9 @@ def _task_env(uri: str, gcs_address: str) -> dict[str, str]:
     commit = tracking.git_commit()  # a working_dir package has no .git
     if commit:
         env["DETLAB_GIT_COMMIT"] = commit
-    env.update({k: os.environ[k] for k in _FORWARD_ENV if k in os.environ})
+    from lab.storage import FORWARD_ENV as storage_env  # S3 endpoint + credentials: every node reads storage
+
+    env.update({k: os.environ[k] for k in (*_FORWARD_ENV, *storage_env) if k in os.environ})
     return env
 
 
@@ -271,6 +317,15 @@ class _Scheduler:
         self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
         self.remote = ray.remote(max_retries=0)(_cell_task)
         self.env = _task_env(opts.tracking_uri, ray.get_runtime_context().gcs_address)
+        self.driver_node = ray.get_runtime_context().get_node_id()
+        from lab.scrub import scrub_mapping  # what reaches the workers, secrets masked (Ray keeps the real values)
+
+        print("detlab: cells' runtime_env env_vars: "
+              + " ".join(f"{k}={v}" for k, v in sorted(scrub_mapping(self.env).items())), flush=True)
+        from lab import storage
+
+        # a plain local path on nodes of several hosts: refused before any cell is launched
+        storage.refuse_local_on_multihost(opts.storage, ray.nodes())
         if opts.max_concurrent is None:
             self._refuse_unfittable(cells)
 
@@ -324,13 +379,16 @@ class _Scheduler:
         return all(self.used[k] + v <= self.total.get(k, 0.0) + 1e-9 for k, v in need.items())
 
     def _source_weights(self, cell: Cell, src: Outcome | None) -> str | None:
-        """Path of the weights a CL-B cell evaluates; fails the cell if its source has none."""
+        """Path or storage URI of the weights a CL-B cell evaluates (the source run's weights tag,
+        read from storage by the cell wherever it runs); fails the cell if its source has none."""
+        from lab import storage
+
         if src is not None and src.status in ("FINISHED", "SKIPPED") and src.run_id:
             path = self.client.get_run(src.run_id).data.tags.get(TAG_WEIGHTS)
-            if path and Path(path).is_file():
+            if path and storage.is_file(path):
                 return path
             err = (f"{cell.reuse} (run {src.run_id}) has no weights file at {path!r}; "
-                   f"rerun it with --force, or keep the same --out")
+                   f"rerun it with --force, or keep the same --out/--storage")
         else:
             err = f"its source cell {cell.reuse} did not finish"
         self.pending.remove(cell)
@@ -339,24 +397,35 @@ class _Scheduler:
         return None
 
     def _launch(self, cell: Cell, need: dict[str, float], weights_from: str | None) -> None:
-        storage = self.opts.storage.resolve()
+        from lab import storage
+
+        root = self.opts.storage  # validated URI: a path, shared:///mount or s3://bucket/prefix
         tags = {TAG_RAY_RUN: cell.run_name}
         if weights_from:
             tags.update({TAG_WEIGHTS: weights_from, TAG_REUSED: cell.reuse or ""})
         else:
-            tags[TAG_WEIGHTS] = str(storage / cell.run_name / "model.pt")
+            tags[TAG_WEIGHTS] = storage.join(root, cell.run_name, "model.pt")
         run_id = open_run(self.client, self.exp_id, cell, tags)
-        payload = {"cfg": to_dict(cell.cfg), "name": cell.name, "run_name": cell.run_name, "storage": str(storage),
+        payload = {"cfg": to_dict(cell.cfg), "name": cell.name, "run_name": cell.run_name, "storage": root,
                    "run_id": run_id, "uri": self.opts.tracking_uri, "weights_from": weights_from}
         s = cell.cfg.scaling
         # A cell that trains with a worker group only waits on it: the workers hold the resources.
         in_process = bool(weights_from) or s.workers == 0
+        placement: dict[str, Any] = {}
+        if not in_process:
+            # The cell's task, and the Train controller that Ray attaches to its node, stay on the
+            # driver's node: losing a worker node (a spot instance, a crash) then costs a worker-group
+            # restart from the last checkpoint, not the cell. Soft: any node if that one is gone.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.driver_node, soft=True)
         try:
             ref = self.remote.options(
                 num_cpus=s.cpus_per_worker if in_process else 0,
                 num_gpus=s.gpus_per_worker if in_process else 0,
                 runtime_env={"env_vars": self.env},
                 name=cell.name,
+                **placement,
             ).remote(payload)
         except BaseException as e:  # the run is open: close it before giving up
             self._close(cell, run_id, "FAILED", time.time(), error=_error_text(e))
@@ -374,9 +443,20 @@ class _Scheduler:
         try:
             value = self.ray.get(ref)
         except Exception as e:  # noqa: BLE001 - any failure of a cell is recorded, the rest go on
+            self._replay(cell, run_id)
             self._close(cell, run_id, "FAILED", t0, error=_error_text(e))
             return
+        self._replay(cell, run_id)
         self._close(cell, run_id, "FINISHED", t0, metrics=value.get("metrics", {}))
+
+    def _replay(self, cell: Cell, run_id: str) -> None:
+        """Send the MLflow writes the cell could not (its spool, when it is on this machine)."""
+        from lab.runlog import replay_spool
+
+        sent, left = replay_spool(self.opts.tracking_uri, run_id)
+        if sent or left:
+            print(f"[{cell.name}] replayed {sent} queued MLflow write(s)"
+                  + (f"; {left} still unsent, kept for the next run of this cell" if left else ""), flush=True)
 
     def _fail_orphans(self) -> None:
         """Cells whose source never ran (not part of this run): nothing will ever unblock them."""

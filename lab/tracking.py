@@ -126,6 +126,50 @@ def resolve_tracking_uri(uri: str | None = None, base_dir: Path | None = None) -
     return chosen
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConfigError`` now if an http(s) tracking server does not answer.
+
+    Without this, the first MLflow call retries with backoff for minutes (7 retries, factor 2)
+    and the job fails long after it took the cluster. Other URIs (sqlite, postgresql) pass.
+    """
+    import requests
+
+    from lab.config import ConfigError
+
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        requests.get(url, timeout=timeout_s, verify=os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "") != "true")
+    except requests.RequestException as e:
+        reason = str(e.__context__ or e).splitlines()[0][:200]
+        raise ConfigError(
+            f"MLflow tracking server {redact_url(uri)} is unreachable ({type(e).__name__}: {reason}); start it "
+            f"(`detlab cluster up`, or `mlflow server --host 127.0.0.1 ...`) or pass --tracking-uri "
+            f"sqlite:////abs/path/mlflow.db"
+        ) from None
+
+
+def redact_url(uri: str) -> str:
+    """``uri`` without a password in it (``http://user:***@host``), for messages and logs."""
+    parsed = urlparse(uri)
+    if parsed.password is None:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log ``params`` as strings (``None`` as "None"), secrets masked (:mod:`lab.scrub`), in
+    batches of 100 (MLflow's limit per call)."""
+    from mlflow.entities import Param
+
+    from lab.scrub import scrub_value
+
+    items = [Param(k, "None" if v is None else str(scrub_value(k, v))) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of an absolute ``sqlite:///`` URI, else None (servers, in-memory)."""
     if not uri.startswith(_SQLITE_PREFIX) or uri in _SQLITE_MEMORY:

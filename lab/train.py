@@ -25,12 +25,16 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # reached the driver twice. Ray propagates this variable from the process calling fit() to the workers.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
+import errno  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -40,8 +44,6 @@ import ray.train  # noqa: E402
 import ray.tune  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_data_loader, prepare_model  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -50,8 +52,10 @@ from detector.anchors import anchor_fit, dataset_boxes  # noqa: E402
 from detector.config import to_dict  # noqa: E402
 from detector.data import build_dataset, collate_fn  # noqa: E402
 from detector.model import build_detector  # noqa: E402
-from lab import evaluation  # noqa: E402
+from lab import evaluation, faults  # noqa: E402
 from lab.config import LabConfig, config_from_dict, dump_config  # noqa: E402
+from lab.runlog import SPOOL_WAIT_S, RunLog, spool_dir_for  # noqa: E402
+from lab import storage  # noqa: E402
 
 STATE_FILE = "state.pt"
 #: final weights of a cell, written beside its Ray checkpoints; CL-B cells and ``detlab predict`` read it.
@@ -63,33 +67,6 @@ _REGISTER_WAIT_S = 5.0
 
 # ---------------------------------------------------------------------------------------------
 # Small pieces
-
-
-class RunLog:
-    """Rank 0's handle on the cell's MLflow run, which the driver created; a no-op without run_id.
-
-    It uses ``MlflowClient`` with an explicit run id rather than ``mlflow.start_run``: the fluent
-    context manager would end the run (FINISHED) when the worker leaves it, but the run's status
-    belongs to the driver, which sets FINISHED/FAILED once the whole cell is done.
-    """
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.run_id = run_id
-        self._client = MlflowClient(tracking_uri) if run_id else None
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self._client is None or not values:
-            return
-        ts = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()])
-
-    def artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        if self._client is not None:
-            self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def text(self, text: str, artifact_file: str) -> None:
-        if self._client is not None:
-            self._client.log_text(self.run_id, text, artifact_file)
 
 
 class Progress:
@@ -250,18 +227,38 @@ def resolve_num_classes(cfg: LabConfig, dataset: Any) -> LabConfig:
     return cfg
 
 
-def save_weights(path: Path, model: torch.nn.Module, cfg: LabConfig, class_names: list[str]) -> Path:
-    """Self-contained final weights: state_dict + resolved config + class names (``detlab predict``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": _unwrap(model).state_dict(), "config": to_dict(cfg), "class_names": list(class_names)}, tmp)
-    tmp.replace(path)  # atomic: a reader never sees half a file
-    return path
+def save_weights(path: str | Path, model: torch.nn.Module, cfg: LabConfig, class_names: list[str]) -> Path | str:
+    """Self-contained final weights: state_dict + resolved config + class names (``detlab predict``).
+
+    ``path`` is a local path or a storage URI (``s3://...``, see :mod:`lab.storage`); returns the
+    local ``Path``, or the URI for an object store. Either way a reader never sees half a file.
+    """
+    uri = storage.parse(path)
+    payload = {"model": _unwrap(model).state_dict(), "config": to_dict(cfg), "class_names": list(class_names)}
+    if uri.remote:  # written locally, then uploaded: the node that trained keeps nothing others need
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(payload, Path(d) / WEIGHTS_FILE)
+            return storage.upload_file(Path(d) / WEIGHTS_FILE, str(uri))
+    local = Path(uri.path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_suffix(".tmp")
+    try:
+        torch.save(payload, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces from torch's zip writer as RuntimeError
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(local.parent).free
+        raise OSError(errno.ENOSPC if free < 64 * 2**20 else errno.EIO,
+                      f"writing the final weights {local} failed ({type(e).__name__}: {str(e).splitlines()[0]}; "
+                      f"{free / 2**20:.0f} MiB free there); the last checkpoint is intact: free space and rerun "
+                      f"the same command, which evaluates and writes them again") from e
+    tmp.replace(local)  # atomic: a reader never sees half a file
+    return local
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
-    """Read a ``model.pt`` written by :func:`save_weights` (our own file, so full unpickling is fine)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    """Read a ``model.pt`` written by :func:`save_weights` (our own file, so full unpickling is fine):
+    a local path or a storage URI, fetched into the local cache (:func:`lab.storage.download`)."""
+    return torch.load(storage.download(path), map_location="cpu", weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +311,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.device, in_tune: bool) -> dict[str, Any]:
     """The body of :func:`train_loop_per_worker` on one placed worker."""
     use_amp = cfg.train.amp and device.type == "cuda"
-    log = RunLog(args.tracking_uri, args.run_id) if rank == 0 else RunLog(None, None)
+    log = RunLog(args.tracking_uri, args.run_id, spool_dir_for(args.run_id)) if rank == 0 else RunLog(None, None)
+    plan = faults.from_env()
+    guard = NonFiniteGuard(cfg.train.max_nonfinite, plan.nan_at_steps if rank == world - 1 else frozenset())
 
     train_set = build_dataset(cfg.data, "train", train=True)
     cfg = resolve_num_classes(cfg, train_set)
@@ -355,10 +354,15 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
             if rank == 0:
                 print(f"[{args.name}] resumed with {world} worker(s) instead of {len(rngs)}: lr {cfg.lr:.3g}, "
                       f"schedule at iteration {start_epoch * iters} of {t.epochs * iters}", flush=True)
+        if rank == 0 and not in_tune:
+            _drop_partial_checkpoints(checkpoint, args.name)
         if rank == 0:
+            log.skip_logged()  # what the failed attempt logged after this checkpoint is not logged twice
+            # a point at each epoch a recovery restarted from (shown beside the loss curves)
+            log.metrics({"resumed_from_epoch": float(start_epoch), "resume_world_size": float(world)}, start_epoch)
             print(f"[{args.name}] resumed from the epoch-{start_epoch} checkpoint", flush=True)
     elif rank == 0:
-        log.text(dump_config(cfg), "config/resolved.yaml")
+        log.text(dump_config(cfg, scrub=True), "config/resolved.yaml")
         fit = anchor_fit(dataset_boxes(train_set.records, cfg.model.min_size, cfg.model.max_size),
                          cfg.model.anchor_sizes, cfg.assign.fg_threshold)
         log.metrics(fit.metrics(), 0)
@@ -374,7 +378,7 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
         if world > 1:
             loader.sampler.set_epoch(epoch)  # else every epoch sees the same order
         epoch_metrics = _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch,
-                                         device, use_amp, progress, log, world)
+                                         device, use_amp, progress, log, world, guard)
         last = epoch == t.epochs - 1
         metrics = dict(epoch_metrics)
         rngs = _all_rng_states(world)  # the last collective before rank 0 may evaluate for long
@@ -382,7 +386,7 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
             # rank 0 evaluates; the other ranks are already waiting in ray.train.report below
             val_set = val_set or build_dataset(cfg.data, "val", train=False)
             metrics.update(_evaluate(model, val_set, cfg, device, log, epoch, args, final=last))
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, _checkpoint_write(args.name, epoch):
             ckpt = None
             if rank == 0:
                 torch.save(
@@ -392,14 +396,15 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
                     Path(d) / STATE_FILE,
                 )
                 ckpt = Checkpoint.from_directory(d)
+            # Ray copies the directory into storage (a new checkpoint_* dir) and only then drops
+            # the previous one (num_to_keep=1): a failed copy leaves the last good checkpoint registered.
             if in_tune:
                 # copies the checkpoint into the trial's storage; ASHA may end this thread here
                 ray.tune.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
             else:
                 ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
-        if args.fail_after_epoch == epoch and rank == world - 1:
-            time.sleep(_REGISTER_WAIT_S)
-            raise RuntimeError(f"[{args.name}] injected failure after epoch {epoch + 1} (fault-injection test hook)")
+        if rank == world - 1:
+            _inject_after_epoch(plan, args, epoch)
 
     if rank == 0 and start_epoch >= t.epochs:
         # Trained by an earlier attempt (e.g. rerun with --force, or the driver died before closing
@@ -407,11 +412,114 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
         print(f"[{args.name}] already trained {t.epochs} epochs; evaluating the final weights", flush=True)
         val_set = build_dataset(cfg.data, "val", train=False)
         metrics = {**metrics, **_evaluate(model, val_set, cfg, device, log, t.epochs - 1, args, final=True)}
+    unsent = log.close(SPOOL_WAIT_S)
+    if unsent:
+        print(f"[{args.name}] {unsent} MLflow write(s) could not be sent ({log.last_error}); they are kept in "
+              f"{log._spool} for the driver to replay", flush=True)
+    _log_node_ids(args, world, rank)  # which Ray nodes this cell's ranks ran on (a collective)
     return {
         "metrics": metrics, "start_epoch": start_epoch, "world_size": world,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "model_type": type(model).__name__, "weights": args.weights_path,
+        "nonfinite_steps": guard.total,
+        "mlflow": {"failed_writes": log.failed_writes, "late_writes": log.late_writes, "unsent": unsent},
     }
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss is NaN/inf; abort after ``limit`` in a row.
+
+    A single bad batch (an extreme box, an lr spike) should cost one step, not a cell that ran for
+    days; a run that keeps producing them has diverged and is stopped with the step and the loss
+    terms named. Under DDP every rank must skip the same step (else the gradient all-reduce
+    deadlocks), so the verdict is all-reduced. ``inject``: global steps (1-based) whose loss is made
+    NaN, for the fault tests.
+    """
+
+    def __init__(self, limit: int, inject: frozenset[int] = frozenset()):
+        self.limit, self.inject = limit, inject
+        self.total = 0
+        self.in_a_row = 0
+
+    def check(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], step: int, epoch: int, it: int,
+              world: int) -> tuple[torch.Tensor, bool]:
+        """(loss, ok): ``ok`` False means skip this step on every rank."""
+        if step in self.inject:
+            loss = loss * float("nan")
+        ok = bool(torch.isfinite(loss.detach()))
+        if world > 1 and dist.is_initialized():
+            flag = torch.tensor([1.0 if ok else 0.0], device=loss.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item() > 0)
+        if ok:
+            self.in_a_row = 0
+            return loss, True
+        self.total += 1
+        self.in_a_row += 1
+        terms = {k: float(v) for k, v in parts.items()}
+        if self.in_a_row > self.limit:
+            raise FloatingPointError(
+                f"non-finite loss {float(loss)} at epoch {epoch + 1} step {it + 1} (global step {step}), "
+                f"{self.in_a_row} step(s) in a row (train.max_nonfinite={self.limit}); loss terms {terms}; "
+                f"try a lower train.base_lr or train.grad_clip > 0")
+        print(f"[detlab] skipped step {step} (epoch {epoch + 1} step {it + 1}): non-finite loss {float(loss)}, "
+              f"terms {terms} ({self.in_a_row} in a row, {self.total} in all)", flush=True)
+        return loss, False
+
+
+def _drop_partial_checkpoints(restored: Checkpoint, name: str) -> None:
+    """Delete the run's other ``checkpoint_*`` directories when resuming.
+
+    With ``num_to_keep=1`` the restored checkpoint is the only registered one; any other is what a
+    failed attempt left half-copied (a full disk, a node lost mid-upload), which Ray never deletes.
+    Left there, it would fill the disk again on the rerun that was meant to recover.
+    """
+    import pyarrow.fs as pafs
+
+    fs, here = restored.filesystem, restored.path.rstrip("/")
+    parent = here.rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(parent)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.path.rstrip("/") != here:
+            fs.delete_dir(info.path)
+            print(f"[{name}] removed {info.path}: a checkpoint a failed attempt did not finish writing", flush=True)
+
+
+@contextmanager
+def _checkpoint_write(name: str, epoch: int) -> Iterator[None]:
+    """A full disk (or quota) while writing/uploading a checkpoint: say what happened and that the
+    previous checkpoint is intact, instead of a bare OSError from deep inside torch or pyarrow."""
+    try:
+        yield
+    except OSError as e:
+        previous = f"the epoch-{epoch} checkpoint is intact" if epoch > 0 else "no earlier checkpoint exists"
+        raise OSError(e.errno, f"[{name}] writing the epoch-{epoch + 1} checkpoint failed: {e}. Nothing was "
+                               f"replaced: {previous}; free space and rerun the same command to resume from it") from e
+
+
+def _inject_after_epoch(plan: faults.FaultPlan, args: LoopArgs, epoch: int) -> None:
+    """The fault hooks (last rank, after this epoch's checkpoint): see :mod:`lab.faults`."""
+    if args.fail_after_epoch == epoch or plan.raise_after_epoch == epoch:
+        time.sleep(_REGISTER_WAIT_S)
+        raise RuntimeError(f"[{args.name}] injected failure after epoch {epoch + 1} (fault-injection test hook)")
+    if plan.exit_after_epoch == epoch:
+        time.sleep(_REGISTER_WAIT_S)
+        print(f"[{args.name}] injected os._exit(1) after epoch {epoch + 1} (fault-injection test hook)", flush=True)
+        os._exit(1)
+    if plan.pause_after_epoch and plan.pause_after_epoch[0] == epoch:
+        time.sleep(_REGISTER_WAIT_S)
+        marker = os.environ.get(faults.FILE_ENV)
+        if marker:
+            Path(marker).write_text(ray.get_runtime_context().get_node_id())
+        print(f"[{args.name}] paused after epoch {epoch + 1} for {plan.pause_after_epoch[1]:.0f}s "
+              f"(fault-injection test hook)", flush=True)
+        time.sleep(plan.pause_after_epoch[1])
+
+
+def _log_node_ids(args: LoopArgs, world: int, rank: int) -> None:
+    """Tag the cell's run with its ranks' Ray node ids (``detlab.node_ids``; every rank calls this)."""
+    from lab.cluster import log_node_ids
+
+    log_node_ids(args.tracking_uri, args.run_id, world, rank)
 
 
 class _DeviceLoader:
@@ -438,12 +546,12 @@ _EPOCH_SUMS = (
     "loss", "cls", "reg", "positives",
     "iac_score_positives", "iac_steps",  # score-rule positives/image summed over the steps where the rule ran
     "dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95", "dc_steps",  # per-step lambda' percentiles (DC on)
-    "data_wait_s", "compute_s", "steps", "images",
+    "data_wait_s", "compute_s", "steps", "images", "nonfinite",
 )
 
 
 def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch, device, use_amp,
-                     progress, log, world) -> dict[str, float]:
+                     progress, log, world, guard: NonFiniteGuard) -> dict[str, float]:
     """One epoch (at most ``iters`` steps); returns epoch metrics reduced over ranks.
 
     Besides the losses, lr and throughput it logs:
@@ -453,6 +561,7 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
       warm-up steps do not dilute it; ``iac_active_frac``: the share of steps where it ran.
     * ``dc_lambda_p5/p50/p95`` (``loss.dc`` only): the mean over steps of each step's percentile
       of the positives' lambda' (eq. 2), not the percentile over the epoch's pooled positives.
+    * ``nonfinite_steps``: steps skipped for a NaN/inf loss (:class:`NonFiniteGuard`).
     * ``data_wait_s`` (time blocked on the next batch), ``compute_s`` (forward, backward, optimizer
       and scheduler step; on CUDA up to a device synchronise, so queued kernels are not billed to
       the data wait) and ``data_wait_frac = data_wait_s / (data_wait_s + compute_s)``: seconds per
@@ -474,12 +583,15 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
         with torch.autocast(device.type, enabled=use_amp):
             parts = model(images, targets)
         loss = sum(parts.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {float(loss)} at epoch {epoch + 1} step {it + 1} "
-                f"({ {k: float(v) for k, v in parts.items()} }); try a lower train.base_lr or train.grad_clip"
-            )
+        loss, ok = guard.check(loss, parts, epoch * iters + it + 1, epoch, it, world)
         optimizer.zero_grad(set_to_none=True)
+        if not ok:
+            # no backward: every rank skips this step (DDP's hooks fire only in backward); the
+            # schedule still advances so a resumed run and this one stay on the same iteration
+            scheduler.step()
+            acc["nonfinite"] += 1
+            acc["compute_s"] += time.perf_counter() - t_step
+            continue
         scaler.scale(loss).backward()
         if cfg.train.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -533,6 +645,7 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
         "iac_active_frac": total["iac_steps"] / steps,
         "data_wait_s": total["data_wait_s"] / ranks, "compute_s": total["compute_s"] / ranks,
         "data_wait_frac": total["data_wait_s"] / busy if busy > 0 else 0.0,
+        "nonfinite_steps": total["nonfinite"] / ranks,  # every rank skips the same steps
     }
     if cfg.loss.dc and total["dc_steps"] > 0:
         for key in ("dc_lambda_p5", "dc_lambda_p50", "dc_lambda_p95"):
@@ -610,8 +723,9 @@ def fit_cell(
     ``name`` prefixes progress lines. ``(storage_path, run_name)`` identifies the Ray run: calling this again with the same pair
     resumes from its latest checkpoint. Raises ``ray.train.TrainingFailedError`` on failure.
     """
-    storage = Path(storage_path).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
+    root = storage.parse(storage_path)  # a local path, shared:///mount or s3://bucket/prefix
+    storage.mkdir(root)  # local dirs only: an object store has none
+    ray_path, ray_fs = storage.ray_storage(root)
     s = cfg.scaling
     resources = {"CPU": float(s.cpus_per_worker)}
     if s.use_gpu:
@@ -621,7 +735,7 @@ def fit_cell(
                          f"{s.workers} worker(s) pass callbacks=[TuneReportCallback()]")
     args = LoopArgs(
         name=name,
-        weights_path=str(storage / run_name / WEIGHTS_FILE),
+        weights_path=storage.join(root, run_name, WEIGHTS_FILE),
         run_id=run_id, tracking_uri=tracking_uri, fail_after_epoch=fail_after_epoch,
         report_to_tune=report_to_tune,
     )
@@ -636,7 +750,9 @@ def fit_cell(
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            # s3://: "bucket/prefix" on an explicit pyarrow S3FileSystem (endpoint from AWS_ENDPOINT_URL)
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -668,8 +784,8 @@ def evaluate_weights(
     model.load_state_dict(payload["model"])
     model.configure_nms(cfg.nms)
     model.to(device)
-    log = RunLog(tracking_uri, run_id)
-    log.text(dump_config(cfg), "config/resolved.yaml")
+    log = RunLog(tracking_uri, run_id, spool_dir_for(run_id))
+    log.text(dump_config(cfg, scrub=True), "config/resolved.yaml")
     print(f"[{name}] evaluating {weights_path} with nms {cfg.nms}", flush=True)
     t0 = time.perf_counter()
     result = evaluation.evaluate(model, val_set, device, cfg.eval.batch_size,
@@ -681,4 +797,5 @@ def evaluate_weights(
         _write_test_dev(model, cfg, device, log, name)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k in ("AP", "AP50", "mAP", "misalign_spearman"))
     print(f"[{name}] eval: {shown}", flush=True)
-    return {"metrics": metrics, "weights": str(weights_path)}
+    unsent = log.close(SPOOL_WAIT_S)  # what is still queued stays in the spool for the driver
+    return {"metrics": metrics, "weights": str(weights_path), "mlflow": {"unsent": unsent}}

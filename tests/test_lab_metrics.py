@@ -11,7 +11,8 @@ import torch
 
 from lab import evaluation
 from lab.config import build_config
-from lab.train import Progress, RunLog, _train_one_epoch
+from lab.runlog import RunLog
+from lab.train import NonFiniteGuard, Progress, _train_one_epoch
 from detector.model import build_detector
 
 SIZE = 96
@@ -49,7 +50,8 @@ def _run(overrides: dict, model_hook=None, wait_s: float = 0.0):
             yield _batch()
 
     metrics = _train_one_epoch(model, loader(), STEPS, optimizer, scheduler, scaler, cfg, 0, torch.device("cpu"),
-                               False, Progress("t", 1, STEPS, 0, 1000, enabled=False), RunLog(None, None), 1)
+                               False, Progress("t", 1, STEPS, 0, 1000, enabled=False), RunLog(None, None), 1,
+                               NonFiniteGuard(cfg.train.max_nonfinite))
     seen.append(dict(model.assign_stats))
     return metrics, seen
 

@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"search {plan.search}\nspace:\n{space_text(plan.space)}base config:\n"
                   f"{yaml.safe_dump(to_dict(plan.cfg), sort_keys=False)}")
             return 0
+        from lab.datacheck import validate_data  # the data opened here: a bad file never reaches Ray or MLflow
+
+        validate_data(plan.cfg.data, plan.cfg.model.num_classes)
         return run_sweep(with_pretrained_backbone(plan, args, uri), uri, args.ray_address)
     except ConfigError as e:
         print(f"detlab sweep: config error: {e}", file=sys.stderr)

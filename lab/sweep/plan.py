@@ -61,15 +61,22 @@ class SweepPlan:
     grace_period: int
     reduction_factor: int
     resume: bool
+    #: ``--storage`` (a path, shared:///mount or s3://bucket/prefix; see lab.storage); None: ``out/sweeps``
+    storage_uri: str | None = None
 
     @property
-    def storage(self) -> Path:
-        """Tune's storage_path; the sweep lives in ``storage / name``."""
-        return self.out / "sweeps"
+    def storage(self) -> str:
+        """Tune's storage URI; the sweep lives in ``storage/name``."""
+        from lab import storage
+
+        return str(storage.parse(self.storage_uri or self.out / "sweeps"))
 
     @property
-    def sweep_dir(self) -> Path:
-        return self.storage / self.name
+    def sweep_dir(self) -> str:
+        """The sweep's Tune experiment (a path or URI); its trials' Train runs are under ``train/``."""
+        from lab import storage
+
+        return storage.join(self.storage, self.name)
 
     @property
     def best_path(self) -> Path:
@@ -123,7 +130,16 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
         experiment=experiment_name(cell.dataset), out=args.out.expanduser().resolve(),
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, search=args.search, seed=args.seed,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, resume=args.resume,
+        storage_uri=_storage_option(args),
     )
+
+
+def _storage_option(args: argparse.Namespace) -> str | None:
+    """``--storage`` validated (an s3:// URI without a bucket is a ConfigError here, before Ray)."""
+    from lab import storage
+
+    value = getattr(args, "storage", None)
+    return str(storage.parse(value)) if value else None
 
 
 def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str,

@@ -43,11 +43,18 @@ def posthoc_grid(space: Space, points: int) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
 
 
-def resolve_weights(ref: str, uri: str) -> Path:
-    """``--posthoc`` value: a ``model.pt`` path, or an MLflow run id whose ``detlab.weights`` tag names one."""
+def resolve_weights(ref: str, uri: str) -> str:
+    """``--posthoc`` value: a ``model.pt`` path or storage URI (``s3://...``), or an MLflow run id whose
+    ``detlab.weights`` tag names one. Returns the path or URI, read from storage (not the training node)."""
+    from lab import storage
+
+    if "://" in ref:
+        if not storage.is_file(ref):
+            raise ConfigError(f"--posthoc {ref!r}: no such file")
+        return str(storage.parse(ref))
     path = Path(ref).expanduser()
     if path.is_file():
-        return path.resolve()
+        return str(path.resolve())
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -57,9 +64,9 @@ def resolve_weights(ref: str, uri: str) -> Path:
         except MlflowException:
             raise ConfigError(f"--posthoc {ref!r}: no such MLflow run in {uri}") from None
         weights = tags.get(TAG_WEIGHTS)
-        if not weights or not Path(weights).is_file():
+        if not weights or not storage.is_file(weights):
             raise ConfigError(f"--posthoc {ref!r}: the run's {TAG_WEIGHTS} tag names no file ({weights!r})")
-        return Path(weights)
+        return weights
     raise ConfigError(f"--posthoc {ref!r}: neither a weights file nor an MLflow run id")
 
 
@@ -67,7 +74,6 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
     """Evaluate one trained model at every point of the ``nms.*`` grid: one child run per point."""
     import torch
     from mlflow import MlflowClient
-    from mlflow.entities import Param as MlParam
 
     from detector.config import apply_overrides
     from detector.data import build_dataset
@@ -98,8 +104,8 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
             TAG_WEIGHTS: str(weights), **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})}
     parent = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     tracking.log_dataset_inputs(client, parent, cfg.data, ("val",))  # inference only
-    client.log_batch(parent, params=[MlParam("posthoc.weights", str(weights)), MlParam("posthoc.points", str(args.points)),
-                                     *(MlParam(f"space.{k}", space[k].spec) for k in grid[0])])
+    tracking.log_params(client, parent, {"posthoc.weights": weights, "posthoc.points": args.points,
+                                         **{f"space.{k}": space[k].spec for k in grid[0]}})
     print(f"detlab sweep --posthoc: {len(grid)} point(s) over {', '.join(grid[0])} on {weights}; "
           f"MLflow experiment {experiment} parent run {parent}", flush=True)
     status = "FAILED"
@@ -122,7 +128,7 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
                 **tags, tracking.TAG_KIND: "trial", TAG_PARENT: parent, TAG_TRIAL: f"point_{i:03d}"})
             child_id = child.info.run_id
             tracking.log_dataset_inputs(client, child_id, cfg.data, ("val",))
-            client.log_batch(child_id, params=[MlParam(k, str(v)) for k, v in {**point, "nms.clb": point_cfg.nms.clb}.items()])
+            tracking.log_params(client, child_id, {**point, "nms.clb": point_cfg.nms.clb})
             m = {**result.metrics, "eval_time_s": time.perf_counter() - t0}
             for k, v in m.items():
                 client.log_metric(child_id, k, float(v))

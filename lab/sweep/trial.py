@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from detector.config import ConfigError, flatten, overrides_to_dict
@@ -42,8 +41,10 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     client = MlflowClient(ctx["uri"])
     overrides = resolve_sample(space, config, ctx["base"])
     run_name = f"trial_{trial_id}"
-    train_storage = Path(ctx["train_storage"])
-    weights = train_storage / run_name / WEIGHTS_FILE
+    from lab import storage
+
+    train_storage = ctx["train_storage"]  # a path or URI (s3://...) every node reaches
+    weights = storage.join(train_storage, run_name, WEIGHTS_FILE)
     cfg: LabConfig | None = None
     error: ConfigError | None = None
     try:
@@ -85,8 +86,6 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 def _open_trial_run(client: Any, ctx: dict[str, Any], trial_id: str, run_name: str, cfg: LabConfig | None,
                     sample: dict[str, Any], overrides: dict[str, Any], weights: str) -> str:
     """The trial's child run: reopened when the trial is restored (one history per trial), else new."""
-    from mlflow.entities import Param as MlParam
-
     found = client.search_runs(
         [ctx["experiment_id"]],
         f"{tracking.tag_filter(TAG_PARENT, ctx['parent_run_id'])} and {tracking.tag_filter(TAG_TRIAL, trial_id)}",
@@ -106,9 +105,7 @@ def _open_trial_run(client: Any, ctx: dict[str, Any], trial_id: str, run_name: s
     run_id = client.create_run(ctx["experiment_id"], run_name=run_name, tags=tags).info.run_id
     params = {f"space.{k}": v for k, v in sample.items()}
     params.update(flatten(cfg) if cfg is not None else {k: v for k, v in overrides.items()})
-    items = [MlParam(k, "None" if v is None else str(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[i : i + 100])
+    tracking.log_params(client, run_id, params)
     if cfg is not None:
         tracking.log_dataset_inputs(client, run_id, cfg.data)
     return run_id

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from detector.config import ConfigError, to_dict
-from lab import tracking
-from lab.config import LabConfig
+from detector.config import ConfigError
+from lab import storage, tracking
+from lab.config import LabConfig, dump_config
 from lab.sweep.plan import TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, SweepPlan
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run, summarize, write_best
 from lab.sweep.space import resolve_sample, space_text
@@ -40,13 +39,14 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail
     """
     from mlflow import MlflowClient
 
-    if plan.sweep_dir.exists() and not plan.resume:
+    if storage.exists(plan.sweep_dir) and not plan.resume:
         raise ConfigError(f"sweep {plan.name} already exists under {plan.sweep_dir}: pass --resume to continue it "
                           f"(finished trials are kept), or use another --out")
     exp_id = tracking.init_store(uri, plan.experiment)  # before any trial opens the store
     client = MlflowClient(uri)
     _prepare_builtin_data(plan.cfg)
     started_ray = _init_ray(ray_address)
+    storage.refuse_local_on_multihost(plan.storage)  # a local path across hosts: before any trial starts
     t0 = time.time()
     parent_id = _open_parent_run(client, exp_id, plan)
     status = "FAILED"
@@ -161,7 +161,7 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
               f"node:__internal_head__=0.001 instead (declare {TRIAL_RESOURCE} on the head to place them freely)")
     ctx = {
         "base": plan.base, "space": plan.space, "uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
-        "train_storage": str(plan.sweep_dir / "train"), "metric": plan.metric, "fail_after_epoch": fail_after_epoch,
+        "train_storage": storage.join(plan.sweep_dir, "train"), "metric": plan.metric, "fail_after_epoch": fail_after_epoch,
         "tags": {tracking.TAG_DATASET: plan.dataset, tracking.TAG_PROFILE: plan.profile, TAG_SWEEP: plan.name,
                  **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})},
     }
@@ -169,18 +169,21 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
     scheduler = _LetLastEpochFinish(plan.cfg.train.epochs, time_attr="epoch", max_t=plan.cfg.train.epochs,
                                     grace_period=min(plan.grace_period, plan.cfg.train.epochs),
                                     reduction_factor=plan.reduction_factor)
+    # s3://: "bucket/prefix" on an explicit pyarrow S3FileSystem (endpoint from AWS_ENDPOINT_URL)
+    ray_path, ray_fs = storage.ray_storage(plan.storage)
+    sweep_path = storage.ray_storage(plan.sweep_dir)[0]
     run_config = tune.RunConfig(
-        name=plan.name, storage_path=str(plan.storage), verbose=1,
+        name=plan.name, storage_path=ray_path, storage_filesystem=ray_fs, verbose=1,
         # with workers, Ray Train retries a failed worker group (scaling.max_failures); in local mode
         # Tune does, restarting the trial from the last epoch it reported
         failure_config=tune.FailureConfig(max_failures=plan.cfg.scaling.max_failures if local else 0),
         # local-mode trials hand Tune a checkpoint every epoch (~150 MB at R-18); only the last resumes
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
-    if plan.resume and tune.Tuner.can_restore(str(plan.sweep_dir)):
+    if plan.resume and tune.Tuner.can_restore(sweep_path, storage_filesystem=ray_fs):
         print(f"detlab sweep: resuming {plan.sweep_dir} (finished trials are kept)", flush=True)
-        tuner = tune.Tuner.restore(str(plan.sweep_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=ray_fs)
         return tuner, concurrency
     if plan.resume:
         print(f"detlab sweep: nothing to resume under {plan.sweep_dir}; starting the sweep", flush=True)
@@ -229,8 +232,6 @@ def _search_alg(plan: SweepPlan, concurrency: int) -> Any:
 
 def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
     """The sweep's parent run: reopened on --resume (same detlab.sweep tag), else created."""
-    from mlflow.entities import Param as MlParam
-
     found = client.search_runs(
         [exp_id], f"{tracking.tag_filter(TAG_SWEEP, plan.name)} and {tracking.tag_filter(tracking.TAG_KIND, 'sweep')}",
         order_by=["attributes.start_time DESC"], max_results=1,
@@ -247,9 +248,9 @@ def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
               "sweep.metric": plan.metric, "sweep.mode": plan.mode, "sweep.grace_period": plan.grace_period,
               "sweep.reduction_factor": plan.reduction_factor, "sweep.max_concurrent": plan.max_concurrent,
               **{f"space.{k}": p.spec for k, p in plan.space.items()}}
-    client.log_batch(run_id, params=[MlParam(k, str(v)) for k, v in params.items()])
+    tracking.log_params(client, run_id, params)
     client.log_text(run_id, space_text(plan.space), "sweep/space.yaml")
-    client.log_text(run_id, yaml.safe_dump(to_dict(plan.cfg), sort_keys=False), "sweep/base_config.yaml")
+    client.log_text(run_id, dump_config(plan.cfg, scrub=True), "sweep/base_config.yaml")
     tracking.log_dataset_inputs(client, run_id, plan.cfg.data)
     return run_id
 

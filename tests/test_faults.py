@@ -1,0 +1,461 @@
+"""Faults injected into real runs, and what survives them (issue #11).
+
+Each test injects one fault through the real path: ``DETLAB_FAULT`` (lab/faults.py) read by a real
+Train worker, a real tracking server stopped and restarted, a real node removed from a
+``ray.cluster_utils.Cluster``, a real SIGKILL to a driver, a real full filesystem. Real Ray, real
+MLflow, tiny shapes images and ResNet-18 so each runs on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from lab import faults, runner, tracking
+from lab.config import user_overrides
+from lab.experiments import load_profile, single_cell
+from lab.runlog import RunLog, replay_spool, spool_dir_for
+from lab.train import fit_cell
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: a few images, short epochs of two steps: seconds per fit in local mode
+TINY = ["data.dataset=shapes", "train.max_iters=2", "train.warmup_iters=1", "eval.num_samples=1",
+        "train.system_metrics_s=0"]
+
+
+def tiny_cell(*sets: str):
+    return single_cell(load_profile("smoke"), user_overrides(sets=[*TINY, *sets]), "shapes")
+
+
+def new_run(uri: str, name: str) -> str:
+    exp = tracking.init_store(uri, "detlab-test-faults")
+    return MlflowClient(uri).create_run(exp, run_name=name).info.run_id
+
+
+def history_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces, no Ray
+
+
+def test_fault_spec_parses_and_rejects_typos():
+    plan = faults.parse("exit_after_epoch:1; nan_at_steps:2/5;pause_after_epoch:0:30")
+    assert plan.exit_after_epoch == 1 and plan.nan_at_steps == {2, 5} and plan.pause_after_epoch == (0, 30.0)
+    assert not faults.parse("") and faults.parse("raise_after_epoch:0")
+    with pytest.raises(ValueError, match="bad item 'exit_afer_epoch:1'"):
+        faults.parse("exit_afer_epoch:1")
+
+
+def test_runlog_queues_while_the_server_is_down_and_the_driver_replays_in_order(tmp_path, monkeypatch):
+    """A RunLog against a port where nothing listens keeps every write (spooled to disk, artifacts
+    copied); the driver's :func:`replay_spool` later sends them, in order, to a store that answers
+    (here a sqlite store holding the same run id)."""
+    monkeypatch.setenv("DETLAB_SPOOL_DIR", str(tmp_path / "spools"))
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = new_run(uri, "replay")
+    uri_down = f"http://127.0.0.1:{free_port()}"
+    spool = spool_dir_for(run_id)
+    log = RunLog(uri_down, run_id, spool)
+    t0 = time.monotonic()
+    log.metrics({"train_loss": 1.0}, 1)
+    log.text("a: 1\n", "config/resolved.yaml")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "x.txt").write_text("x")
+    log.artifacts(tmp_path / "art", "eval")
+    shutil.rmtree(tmp_path / "art")  # the caller's temp dir is gone: the spool has its own copy
+    assert time.monotonic() - t0 < 30  # queued after one quick try, not MLflow's minutes of backoff
+    assert log.pending == 3 and log.failed_writes == 1
+    lines = (spool / "pending.jsonl").read_text().splitlines()
+    assert [json.loads(x)["op"] for x in lines] == ["metrics", "text", "artifacts"]
+    assert Path(json.loads(lines[2])["dir"], "x.txt").read_text() == "x"
+    assert log.close(wait_s=0) == 3  # still down: kept, and close says how many
+    assert replay_spool(uri, run_id) == (3, 0)
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [1.0]
+    assert {f.path for f in client.list_artifacts(run_id, "eval")} == {"eval/x.txt"}
+    assert client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path)).endswith("resolved.yaml")
+    assert not (spool / "pending.jsonl").read_text() and not (spool / "files").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite loss (local mode: the Train loop runs in this process, DETLAB_FAULT reaches it)
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch):
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = new_run(uri, "nan")
+    monkeypatch.setenv(faults.ENV, "nan_at_steps:2/3")
+    cell = tiny_cell("train.epochs=2")
+    result = fit_cell(cell.cfg, name="nan", run_name=cell.run_name, storage_path=tmp_path / "ray",
+                      run_id=run_id, tracking_uri=uri)
+    assert result["nonfinite_steps"] == 2
+    client = MlflowClient(uri)
+    per_epoch = {m.step: m.value for m in client.get_metric_history(run_id, "nonfinite_steps")}
+    assert per_epoch == {1: 1.0, 2: 1.0}  # step 2 in epoch 1, step 3 in epoch 2
+    weights = torch.load(result["weights"], weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert "AP" in result["metrics"]
+
+
+@pytest.mark.slow
+def test_too_many_nonfinite_steps_in_a_row_abort_naming_the_step(tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "nan_at_steps:1/2/3")
+    cell = tiny_cell("train.epochs=2", "train.max_nonfinite=1")
+    with pytest.raises(Exception) as info:
+        fit_cell(cell.cfg, name="nan", run_name=cell.run_name, storage_path=tmp_path / "ray")
+    text = str(info.value)
+    assert "non-finite loss nan at epoch 1 step 2 (global step 2), 2 step(s) in a row" in text
+    assert "train.max_nonfinite=1" in text and "classification" in text  # the loss terms are named
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow unreachable at start
+
+
+def test_unreachable_tracking_server_fails_before_anything_starts(tmp_path):
+    port = free_port()  # nothing listens here
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(BIN / "detlab"), "table", "2", "--profile", "smoke", "--out", str(tmp_path / "out"),
+         "--tracking-uri", f"http://user:s3cr3t@127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    seconds = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"MLflow tracking server http://user:***@127.0.0.1:{port} is unreachable" in out, out
+    assert "s3cr3t" not in out
+    assert not (tmp_path / "out" / "ray").exists()  # no cell started, no Ray storage written
+    assert "Started a local Ray instance" not in out
+    print(f"unreachable-server message after {seconds:.1f}s")
+    assert seconds < 60
+
+
+# ---------------------------------------------------------------------------------------------
+# A Train worker process dies (os._exit in one rank of a 2-worker DDP run)
+
+#: two 1-CPU gloo workers, three epochs of two steps; one retry allowed
+DDP = ["scaling.workers=2", "scaling.cpus_per_worker=1", "scaling.max_failures=1", "train.epochs=3"]
+
+
+def epoch_history(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    return {k: history_steps(client, run_id, k) for k in ("train_loss", "step_loss", "AP")}
+
+
+def run_one_cell(tmp: Path, cell, env: dict[str, str] | None = None, ray_address: str | None = None):
+    """The cell through the runner (which owns its MLflow run), ``env`` set in the driver meanwhile."""
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp}/mlruns/mlflow.db")
+    opts = runner.RunOptions(tracking_uri=uri, experiment="detlab-test-faults", out=tmp / "results",
+                             ray_address=ray_address)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        t0 = time.monotonic()
+        (outcome,) = runner.run_cells([cell], opts)
+        return outcome, uri, time.monotonic() - t0
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ddp_baseline(local_ray, tmp_path_factory):
+    """The same 2-worker cell, uninterrupted: what a recovered run must match."""
+    outcome, uri, seconds = run_one_cell(tmp_path_factory.mktemp("baseline"), tiny_cell(*DDP))
+    assert outcome.status == "FINISHED", outcome.error
+    return outcome
+
+
+@pytest.mark.slow
+def test_worker_process_crash_recovers_from_checkpoint_into_one_run(local_ray, ddp_baseline, tmp_path):
+    outcome, uri, seconds = run_one_cell(tmp_path, tiny_cell(*DDP), env={faults.ENV: "exit_after_epoch:0"})
+    assert outcome.status == "FINISHED", outcome.error
+    client = MlflowClient(uri)
+    runs = tracking.search_all_runs(uri, "detlab-test-faults")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run, closed
+    hist = epoch_history(client, outcome.run_id)
+    assert hist["train_loss"] == [1, 2, 3] and hist["AP"] == [3]  # no epoch twice, none missing
+    assert hist["step_loss"] == [1, 2, 3, 4, 5, 6]
+    assert {m.step: m.value for m in client.get_metric_history(outcome.run_id, "resumed_from_epoch")} == {1: 1.0}
+    # recovered from the epoch-1 checkpoint with the same RNG states: the same numbers as the baseline
+    for key in ("train_loss", "AP", "AP50"):
+        assert outcome.metrics[key] == pytest.approx(ddp_baseline.metrics[key], rel=1e-4, abs=1e-4), key
+    print(f"worker crash: recovered, cell wall {seconds:.0f}s against {ddp_baseline.seconds:.0f}s uninterrupted")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracking server goes away mid-run and comes back
+
+
+def start_mlflow(workdir: Path, port: int) -> subprocess.Popen:
+    from test_jobs_e2e import wait_http
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+         "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(workdir / "mlflow.log", "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    from test_jobs_e2e import kill_tree
+
+    kill_tree([psutil.Process(proc.pid)])
+
+
+_FIT_SCRIPT = """
+import json, sys
+from lab.config import user_overrides
+from lab.experiments import load_profile, single_cell
+from lab.train import fit_cell
+sets, storage, run_id, uri = json.loads(sys.argv[1])
+cell = single_cell(load_profile("smoke"), user_overrides(sets=sets), "shapes")
+out = fit_cell(cell.cfg, name="outage", run_name=cell.run_name, storage_path=storage, run_id=run_id, tracking_uri=uri)
+print("RESULT " + json.dumps({k: out[k] for k in ("mlflow", "metrics", "start_epoch")}))
+"""
+
+
+@pytest.mark.slow
+def test_tracking_server_gone_mid_run_loses_nothing(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow(tmp_path, port)
+    try:
+        client = MlflowClient(uri)
+        run_id = new_run(uri, "outage")
+        spool = tmp_path / "spool"
+        env = {**os.environ, "DETLAB_SPOOL_DIR": str(spool), faults.ENV: "pause_after_epoch:0:6",
+               "PYTHONPATH": str(ROOT)}
+        sets = [*TINY, "train.epochs=4"]
+        child = subprocess.Popen([sys.executable, "-c", _FIT_SCRIPT, json.dumps([sets, str(tmp_path / "ray"), run_id, uri])],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        deadline = time.monotonic() + 300
+        while not history_steps(client, run_id, "train_loss") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stop(server)  # epoch 1 is in; the rest of the run happens without a server
+        t_down = time.monotonic()
+        pending = spool / run_id / "pending.jsonl"
+        while child.poll() is None and time.monotonic() < deadline:
+            if pending.is_file() and len(pending.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.5)
+        queued_at_restart = len(pending.read_text().splitlines()) if pending.is_file() else 0
+        server = start_mlflow(tmp_path, port)  # same port, same database: "the server is back"
+        t_up = time.monotonic()
+        output, _ = child.communicate(timeout=300)
+        t_done = time.monotonic()
+        assert child.returncode == 0, output
+        result = json.loads(output.split("RESULT ", 1)[1])
+        assert queued_at_restart >= 4, output
+        assert result["mlflow"]["failed_writes"] >= 1 and result["mlflow"]["unsent"] == 0
+        assert result["mlflow"]["late_writes"] >= queued_at_restart
+        assert "MLflow write failed" in output
+        # everything arrived, once
+        assert history_steps(client, run_id, "train_loss") == [1, 2, 3, 4]
+        assert history_steps(client, run_id, "step_loss") == list(range(1, 9))
+        assert history_steps(client, run_id, "AP") == [4]
+        files = {f.path for f in client.list_artifacts(run_id, "eval")}
+        assert "eval/detections.json" in files, files
+        assert not pending.read_text().strip()  # the spool is empty once sent
+        print(f"tracking outage: {t_up - t_down:.0f}s down with {queued_at_restart} writes queued; "
+              f"all sent {t_done - t_up:.0f}s after the server came back "
+              f"({result['mlflow']['late_writes']} late writes)")
+    finally:
+        stop(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver is SIGKILLed mid-table; the same command is run again
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("DETLAB_TEST_MARK") == mark:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_driver_sigkill_mid_table_then_rerun_resumes(tmp_path):
+    """One Train worker per cell (Ray Train's local mode, ``workers: 0``, keeps no checkpoints)."""
+    import uuid
+
+    from test_jobs_e2e import kill_tree
+
+    mark = uuid.uuid4().hex
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [str(BIN / "detlab"), "table", "1", "--profile", "smoke", "--rows", "retinanet,gfl",
+           "--max-concurrent", "1", "--workers", "1", "--out", str(tmp_path / "out"), "--tracking-uri", uri,
+           "--set", "train.epochs=8", "--set", "train.system_metrics_s=0"]
+    env = {**os.environ, "DETLAB_TEST_MARK": mark, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    seen: list[str] = []
+    finished, victim = None, None
+    deadline = time.monotonic() + 400
+    for line in driver.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if m := re.match(r"\[(\S+)\] FINISHED", line):
+            finished = m[1]
+        if finished and (m := re.search(r"\[(\S+)\] epoch (\d+)/8 step 1/", line)) and m[1] != finished and int(m[2]) >= 4:
+            victim = m[1]  # epochs 1-3 are checkpointed
+            break
+        if time.monotonic() > deadline:
+            break
+    assert finished and victim, "".join(seen[-30:])
+    t_kill = time.monotonic()
+    driver.kill()  # SIGKILL: no finally, no atexit, no run closed
+    driver.wait()
+    time.sleep(5)
+    leftovers = _marked(mark)
+    kill_tree(leftovers)  # whatever of its Ray outlived it must not compete with the rerun
+
+    exp = tracking.experiment_name(1)
+    running = tracking.search_all_runs(uri, exp, "attributes.status = 'RUNNING'")
+    assert [r.info.run_name for r in running] == [victim]  # the kill left exactly this one dangling
+    dangling_id = running[0].info.run_id
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    t_done = time.monotonic()
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert f"[{finished}] skipped: FINISHED run" in out
+    assert re.search(rf"\[{victim}\] reusing run {dangling_id}, left RUNNING by driver pid \d+, which is gone", out), out
+    resumed = re.search(rf"\[{victim}\] resumed from the epoch-(\d+) checkpoint", out)
+    assert resumed and int(resumed[1]) >= 3, out[-3000:]
+    runs = [r for r in tracking.search_all_runs(uri, exp) if r.data.tags.get(tracking.TAG_KIND) == "cell"]
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted([(finished, "FINISHED"), (victim, "FINISHED")])
+    client = MlflowClient(uri)
+    assert history_steps(client, dangling_id, "train_loss") == list(range(1, 9))  # once each, none missing
+    print(f"driver SIGKILL: {len(leftovers)} of its processes outlived it; rerun resumed {victim} from epoch "
+          f"{resumed[1]} and finished {t_done - t_kill:.0f}s after the kill")
+
+
+# ---------------------------------------------------------------------------------------------
+# The disk fills up while a checkpoint is written
+
+_DISK_SCRIPT = """
+import glob, json, os, sys, threading, time
+from pathlib import Path
+import ray, torch
+from lab.config import user_overrides
+from lab.experiments import load_profile, single_cell
+from lab.train import STATE_FILE, fit_cell
+sets, storage = json.loads(sys.argv[1])
+storage = Path(storage)
+ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2, logging_level="WARNING")
+cell = single_cell(load_profile("smoke"), user_overrides(sets=sets), "shapes")
+kw = dict(name="diskfull", run_name=cell.run_name, storage_path=storage)
+report = {}
+
+def fill():  # once the epoch-1 checkpoint is in, leave half a checkpoint of free space
+    while not glob.glob(str(storage / "*" / "checkpoint_*" / STATE_FILE)):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    first = [c for c in glob.glob(str(storage / "*" / "checkpoint_*")) if os.path.isdir(c)][0]
+    size, last = -1, -2
+    while size != last:  # Ray may still be copying it
+        last, size = size, sum(f.stat().st_size for f in Path(first).iterdir())
+        time.sleep(0.5)
+    free = os.statvfs(storage).f_bavail * os.statvfs(storage).f_frsize
+    with open(storage / "filler", "wb") as f:
+        f.write(b"0" * max(free - size // 2, 0))
+    report["checkpoint_bytes"] = size
+    report["free_after_fill"] = os.statvfs(storage).f_bavail * os.statvfs(storage).f_frsize
+    report["fill_at_s"] = time.monotonic() - t0
+
+t0 = time.monotonic()
+threading.Thread(target=fill, daemon=True).start()
+try:
+    fit_cell(cell.cfg, **kw)
+    report["first"] = "finished"
+except Exception as e:
+    report["first"] = str(e)
+report["seconds_to_error"] = time.monotonic() - t0
+ckpts = sorted(c for c in glob.glob(str(storage / "*" / "checkpoint_*")) if os.path.isdir(c))
+report["checkpoints"] = [os.path.basename(c) for c in ckpts]
+report["intact_epochs"] = []
+for c in ckpts:
+    try:
+        report["intact_epochs"].append(torch.load(Path(c) / STATE_FILE, weights_only=False)["epoch"])
+    except Exception as e:
+        report.setdefault("unreadable", []).append(f"{os.path.basename(c)}: {type(e).__name__}")
+(storage / "filler").unlink()  # the user frees space and runs the same command again
+out = fit_cell(cell.cfg, **kw)
+report["second_start_epoch"] = out["start_epoch"]
+report["checkpoints_after"] = sorted(os.path.basename(c) for c in glob.glob(str(storage / "*" / "checkpoint_*")) if os.path.isdir(c))
+report["weights"] = os.path.isfile(out["weights"])
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
+    """A real full filesystem: a small tmpfs mounted in a private user+mount namespace
+    (``unshare -rm``, no root needed), holding the run's storage."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("unshare -rm (user namespaces) is not available here: no private tmpfs to fill")
+    small = tmp_path / "small"
+    small.mkdir()
+    sets = [*TINY, "train.epochs=3", "scaling.workers=1", "scaling.cpus_per_worker=1"]
+    script = tmp_path / "disk.py"
+    script.write_text(_DISK_SCRIPT)
+    shell = (f"mount -t tmpfs -o size=400m tmpfs {small} && "
+             f"exec {sys.executable} {script} '{json.dumps([sets, str(small / 'ray')])}'")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "",
+                               # in the raylet's environment, so the Train worker sees it; the rerun
+                               # resumes past epoch 1 and is not paused again
+                               faults.ENV: "pause_after_epoch:0:8"}, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    report = json.loads(out.split("REPORT ", 1)[1].splitlines()[0])
+    first = report["first"]
+    assert "writing the epoch-2 checkpoint failed" in first and "No space left on device" in first, (report, out[-3000:])
+    assert "the epoch-1 checkpoint is intact" in first
+    assert 0 in report["intact_epochs"]  # the previous checkpoint loads
+    assert report["second_start_epoch"] == 1 and report["weights"]  # resumed from it once space was freed
+    assert len(report["checkpoints"]) == 2 and len(report["checkpoints_after"]) == 1  # the half-written one went
+    print(f"disk full: error after {report['seconds_to_error']:.0f}s (checkpoint {report['checkpoint_bytes'] / 1e6:.0f} MB); "
+          f"checkpoints left {report['checkpoints']}, loadable epochs {report['intact_epochs']}, "
+          f"unreadable {report.get('unreadable', [])}; rerun resumed at epoch {report['second_start_epoch'] + 1}")
