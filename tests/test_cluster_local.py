@@ -119,20 +119,31 @@ def _all_members(state) -> list[int]:
     return [m.pid for p in state.procs for m in _session_members(p.sid)]
 
 
-def _cluster_nodes(state) -> list[dict]:
-    from lab.cluster import list_nodes
+def _in_subprocess(state, code: str) -> str:
+    """Run ``code`` in a fresh interpreter holding the cluster's token.
 
-    return list_nodes(state)
+    Ray reads its auth mode and token once per process, so this test process (which other tests'
+    local clusters share) must never take the cluster's token into its own environment.
+    """
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **state.ray_env()}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _cluster_nodes(state) -> list[dict]:
+    code = ("import json; from pathlib import Path; from lab.cluster import ClusterState, list_nodes; "
+            f"print(json.dumps(list_nodes(ClusterState.load(Path({state.state_dir!r}))), default=str))")
+    return json.loads(_in_subprocess(state, code))
 
 
 def _job_status(state, sid: str) -> str:
-    os.environ.update(state.ray_env())
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return str(JobSubmissionClient(state.dashboard_url).get_job_status(sid))
-    except RuntimeError as e:  # never submitted: the test on the status shows the CLI's output
-        return f"not found ({e})"
+    code = ("from ray.job_submission import JobSubmissionClient\n"
+            "try:\n"
+            f"    print(JobSubmissionClient({state.dashboard_url!r}).get_job_status({sid!r}))\n"
+            "except RuntimeError as e:\n"
+            "    print(f'not found ({e})'.replace(chr(10), ' '))\n")
+    return _in_subprocess(state, code)
 
 
 def _runs(uri: str) -> list:
