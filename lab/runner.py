@@ -267,12 +267,14 @@ def _init_ray(address: str | None) -> None:
         # store barely matters here, so keep it modest.
         address = "local"
         kwargs.update(include_dashboard=True, object_store_memory=512 * 1024**2)
-    ray.init(
+    context = ray.init(
         address=address,
         log_to_driver=True,  # progress lines are printed by the cells' processes
         logging_level=logging.WARNING,
         **kwargs,
     )
+    if starting_local and context.dashboard_url:  # where to watch the cells (Ray's own line is muted)
+        print(f"detlab: Ray dashboard http://{context.dashboard_url}", flush=True)
 
 
 def _task_env(uri: str, gcs_address: str) -> dict[str, str]:

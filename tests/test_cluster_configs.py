@@ -610,3 +610,12 @@ def test_heads_declare_the_sweep_trial_resource() -> None:
     assert head["resources"]["CPU"] == 0 and head["resources"][TRIAL_RESOURCE] >= 100
     params = _one(RAYCLUSTER, "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]
     assert _get_custom_resources({}, params, "headgroup") == {TRIAL_RESOURCE: 1000}
+
+
+def test_aws_mlflow_server_sets_allowed_hosts():
+    """The head's MLflow server names the Host headers it accepts (DNS-rebinding guard) explicitly."""
+    cfg = yaml.safe_load(AWS.read_text())
+    (cmd,) = [c for c in cfg["head_setup_commands"] if "mlflow server" in c]
+    args = shlex.split(cmd.split("nohup", 1)[1].split(">", 1)[0])
+    hosts = args[args.index("--allowed-hosts") + 1].split(",")
+    assert "localhost:5000" in hosts and any("hostname -I" in h for h in hosts), hosts

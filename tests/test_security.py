@@ -9,6 +9,7 @@ MLflow params, tags and text artifacts. Ray's own processes must listen on 127.0
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -53,6 +54,21 @@ def _listening(mark: str) -> set[tuple[str, int, str]]:
     return found
 
 
+def _dashboard_refuses_without_token(out: str) -> int | None:
+    """HTTP status of the job list asked without Ray's token (token auth on: 401/403)."""
+    import urllib.error
+    import urllib.request
+
+    m = re.search(r"detlab: Ray dashboard (http://\S+)", out)
+    if not m:
+        return None
+    try:
+        urllib.request.urlopen(f"{m[1]}/api/jobs/", timeout=10).close()
+        return 200
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 @pytest.mark.slow
 def test_no_secret_reaches_logs_params_or_artifacts_and_ray_listens_on_localhost(tmp_path):
     mark = uuid.uuid4().hex
@@ -68,14 +84,15 @@ def test_no_secret_reaches_logs_params_or_artifacts_and_ray_listens_on_localhost
            "--set", f"eval.test_dev_split=val?token={FAKE_SECRET}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     listening: set = set()
-    while proc.poll() is None:
-        if (tmp_path / "paused").exists() and not listening:
+    lines: list[str] = []
+    refused = None
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if "paused after epoch" in line and not listening:
             listening = _listening(mark)
-        try:
-            proc.wait(0.5)
-        except subprocess.TimeoutExpired:
-            pass
-    out = proc.stdout.read()  # type: ignore[union-attr]
+            refused = _dashboard_refuses_without_token("".join(lines))
+    proc.wait()
+    out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
 
     secrets = (FAKE_SECRET, FAKE_KEY_ID, FAKE_PASSWORD)
@@ -95,9 +112,9 @@ def test_no_secret_reaches_logs_params_or_artifacts_and_ray_listens_on_localhost
     # 2.60's core gRPC servers (GCS, raylet, workers) bind every interface whatever the node IP,
     # and token auth is what guards them (it must stay on).
     assert listening, "no listening socket found while the cell ran"
-    dashboard = {x for x in listening if x[1] == 8265 or "dashboard" in x[2].lower() and x[0] == "127.0.0.1"}
-    assert dashboard and all(ip == "127.0.0.1" for ip, _, _ in dashboard), sorted(listening)
+    port = int(re.search(r"detlab: Ray dashboard http://127\.0\.0\.1:(\d+)", out)[1])
+    assert {ip for ip, p, _ in listening if p == port} == {"127.0.0.1"}, sorted(listening)
     exposed = sorted({x for x in listening if x[0] not in ("127.0.0.1", "::1")})
     print(f"listening beyond localhost while a cell ran (Ray core, token-guarded): {len(exposed)} sockets, "
           f"processes {sorted({x[2] for x in exposed})}")
-    assert "Token authentication is enabled" in out  # Ray's own line: token auth stays on
+    assert refused in (401, 403), f"the dashboard answered a client without the token: {refused}"
