@@ -287,6 +287,12 @@ def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any
             client.set_terminated(run.info.run_id, status=status)
         elif run is not None and run.info.status != status and status == "FAILED":
             client.set_terminated(run.info.run_id, status=status)
+        elif run is not None and run.info.status == "FAILED" and status == "KILLED":
+            # Tune stopped the trial without an error, but the trial's own handler saw its Train run
+            # torn down first and closed it FAILED (a race at the stop): Tune's verdict wins, and the
+            # run keeps its detlab.error tag
+            record_stop(client, run.info.run_id, done, epochs, plan.metric, value)
+            client.set_terminated(run.info.run_id, status="KILLED")
         config = result.config or {}
         values = resolve_sample(plan.space, config, plan.base) if all(p.name in config for p in plan.space.values()) else {}
         rows.append(TrialRow(trial_id, run.info.run_id if run else None, status, done, value, values, error))
