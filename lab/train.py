@@ -56,8 +56,10 @@ from lab import evaluation, faults  # noqa: E402
 from lab.config import LabConfig, config_from_dict, dump_config  # noqa: E402
 from lab.runlog import SPOOL_WAIT_S, RunLog, spool_dir_for  # noqa: E402
 from lab import storage  # noqa: E402
+from lab.resume import (  # noqa: E402
+    STATE_FILE, choose_resume_checkpoint, complete_checkpoint_epoch, remove_checkpoints, write_checkpoint_meta,
+)
 
-STATE_FILE = "state.pt"
 #: final weights of a cell, written beside its Ray checkpoints; CL-B cells and ``detlab predict`` read it.
 WEIGHTS_FILE = "model.pt"
 #: Ray Train polls workers every 2 s; a checkpoint reported less than that before a crash may not be
@@ -271,6 +273,8 @@ class LoopArgs:
 
     name: str
     weights_path: str  #: absolute path of the final ``model.pt``
+    #: the Ray run's directory (URI) holding its ``checkpoint_*`` dirs; "" = do not look there
+    run_dir: str = ""
     run_id: str | None = None
     tracking_uri: str | None = None
     #: fault injection for tests: the last rank raises once after this epoch's checkpoint.
@@ -336,6 +340,9 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
     start_epoch, metrics = 0, {}
     # a restored trial resumes from the last epoch Tune kept; a Train run from its latest checkpoint
     checkpoint = ray.tune.get_checkpoint() if in_tune else ray.train.get_checkpoint()
+    adopted: tuple[Any, str] | None = None  # (fs, path): a complete checkpoint Ray had not registered
+    if not in_tune and args.run_dir:
+        checkpoint, adopted = _resume_checkpoint(args, checkpoint, rank, world)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -354,8 +361,6 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
             if rank == 0:
                 print(f"[{args.name}] resumed with {world} worker(s) instead of {len(rngs)}: lr {cfg.lr:.3g}, "
                       f"schedule at iteration {start_epoch * iters} of {t.epochs * iters}", flush=True)
-        if rank == 0 and not in_tune:
-            _drop_partial_checkpoints(checkpoint, args.name)
         if rank == 0:
             log.skip_logged()  # what the failed attempt logged after this checkpoint is not logged twice
             # a point at each epoch a recovery restarted from (shown beside the loss curves)
@@ -395,6 +400,7 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
                      "epoch": epoch, "rng": rngs, "metrics": metrics},
                     Path(d) / STATE_FILE,
                 )
+                write_checkpoint_meta(d, epoch)  # lets a resume tell a complete copy from a partial one
                 ckpt = Checkpoint.from_directory(d)
             # Ray copies the directory into storage (a new checkpoint_* dir) and only then drops
             # the previous one (num_to_keep=1): a failed copy leaves the last good checkpoint registered.
@@ -403,6 +409,10 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
                 ray.tune.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
             else:
                 ray.train.report({"epoch": epoch + 1, **metrics}, checkpoint=ckpt)
+        if adopted is not None and rank == 0:
+            # a newer checkpoint is now in storage; Ray never deletes the one it did not register
+            remove_checkpoints(adopted[0], [adopted[1]], args.name, "superseded by this attempt's checkpoint")
+            adopted = None
         if rank == world - 1:
             _inject_after_epoch(plan, args, epoch)
 
@@ -467,21 +477,40 @@ class NonFiniteGuard:
         return loss, False
 
 
-def _drop_partial_checkpoints(restored: Checkpoint, name: str) -> None:
-    """Delete the run's other ``checkpoint_*`` directories when resuming.
+def _resume_checkpoint(args: LoopArgs, registered: Checkpoint | None, rank: int, world: int
+                       ) -> tuple[Checkpoint | None, tuple[Any, str] | None]:
+    """The checkpoint to resume from: the newest complete one of the run (:mod:`lab.resume`).
 
-    With ``num_to_keep=1`` the restored checkpoint is the only registered one; any other is what a
-    failed attempt left half-copied (a full disk, a node lost mid-upload), which Ray never deletes.
-    Left there, it would fill the disk again on the rerun that was meant to recover.
+    Rank 0 decides and tells the other ranks (they must load the same epoch), then deletes the
+    run's half-written or superseded checkpoint directories. Returns the checkpoint (None = start
+    fresh) and, when it is one Ray had not registered, ``(filesystem, path)`` for deleting it once
+    this attempt has written a newer one.
     """
-    import pyarrow.fs as pafs
+    fs, run_dir = storage.filesystem(args.run_dir)
+    choice = None
+    if rank == 0:
+        choice = choose_resume_checkpoint(fs, run_dir, registered.path if registered is not None else None)
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    assert choice is not None
+    if rank == 0:
+        remove_checkpoints(fs, choice.remove, args.name,
+                           "a checkpoint a failed attempt did not finish writing, or an older one")
+    if not choice.adopted:
+        return registered, None
+    if rank == 0:
+        reg = f"the epoch-{_registered_epoch(registered)} one Ray registered" if registered is not None else "none registered"
+        print(f"[{args.name}] resuming from the complete epoch-{choice.epoch + 1} checkpoint {choice.path}, newer "
+              f"than {reg} (the previous attempt ended before Ray recorded it)", flush=True)
+    return Checkpoint(path=choice.path, filesystem=fs), (fs, choice.path)
 
-    fs, here = restored.filesystem, restored.path.rstrip("/")
-    parent = here.rsplit("/", 1)[0]
-    for info in fs.get_file_info(pafs.FileSelector(parent)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.path.rstrip("/") != here:
-            fs.delete_dir(info.path)
-            print(f"[{name}] removed {info.path}: a checkpoint a failed attempt did not finish writing", flush=True)
+
+def _registered_epoch(checkpoint: Checkpoint) -> str:
+    """The 1-based epoch of a registered checkpoint, from its meta file ("?" when it has none)."""
+    e = complete_checkpoint_epoch(checkpoint.filesystem, checkpoint.path.rstrip("/"))
+    return "?" if e is None else str(e + 1)
 
 
 @contextmanager
@@ -736,6 +765,7 @@ def fit_cell(
     args = LoopArgs(
         name=name,
         weights_path=storage.join(root, run_name, WEIGHTS_FILE),
+        run_dir=storage.join(root, run_name),
         run_id=run_id, tracking_uri=tracking_uri, fail_after_epoch=fail_after_epoch,
         report_to_tune=report_to_tune,
     )

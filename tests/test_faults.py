@@ -216,6 +216,39 @@ def test_worker_process_crash_recovers_from_checkpoint_into_one_run(local_ray, d
     print(f"worker crash: recovered, cell wall {seconds:.0f}s against {ddp_baseline.seconds:.0f}s uninterrupted")
 
 
+@pytest.mark.slow
+def test_complete_checkpoint_ray_never_registered_is_resumed_from(local_ray, tmp_path):
+    """A driver killed after a checkpoint's upload but before Ray registered it (a window of
+    a few seconds; CI hit it once) left a complete newer checkpoint that Ray's
+    ``get_checkpoint()`` does not return. Made deterministic here: a 2-epoch DDP run, then a
+    complete epoch-3 checkpoint placed beside the registered epoch-2 one, then the run goes on to
+    4 epochs. Both ranks must resume from epoch 3 (rank 0 decides and broadcasts)."""
+    import torch
+
+    from lab.resume import META_FILE, STATE_FILE, write_checkpoint_meta
+    from lab.train import fit_cell
+
+    first = tiny_cell(*DDP, "train.epochs=2")
+    kw = dict(name="adopt", run_name=first.run_name, storage_path=tmp_path / "ray")
+    assert fit_cell(first.cfg, **kw)["start_epoch"] == 0
+    run_dir = tmp_path / "ray" / first.run_name
+    (registered,) = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    assert (registered / META_FILE).is_file()
+    state = torch.load(registered / STATE_FILE, weights_only=False)
+    assert state["epoch"] == 1
+    state["epoch"] = 2  # what the epoch-3 upload would have written
+    unregistered = run_dir / "checkpoint_9999-12-31_23-59-59.999999"
+    unregistered.mkdir()
+    torch.save(state, unregistered / STATE_FILE)
+    write_checkpoint_meta(unregistered, 2)
+
+    out = fit_cell(tiny_cell(*DDP, "train.epochs=4").cfg, **kw)
+    assert out["start_epoch"] == 3  # from the unregistered epoch-3 checkpoint, not Ray's epoch-2 one
+    left = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    assert unregistered not in left and registered not in left  # superseded: deleted by us and by Ray
+    assert len(left) == 1 and torch.load(left[0] / STATE_FILE, weights_only=False)["epoch"] == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # The tracking server goes away mid-run and comes back
 
@@ -440,7 +473,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     sets = [*TINY, "train.epochs=3", "scaling.workers=1", "scaling.cpus_per_worker=1"]
     script = tmp_path / "disk.py"
     script.write_text(_DISK_SCRIPT)
-    shell = (f"mount -t tmpfs -o size=400m tmpfs {small} && "
+    shell = (f"mount -t tmpfs -o size=640m tmpfs {small} && "
              f"exec {sys.executable} {script} '{json.dumps([sets, str(small / 'ray')])}'")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "",
