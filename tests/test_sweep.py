@@ -398,3 +398,38 @@ def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path) -> None
     # resumed, not retrained: epoch 1 was logged once, by the first attempt
     history = MlflowClient(uri).get_metric_history(trial.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2]
+
+
+def test_reconcile_lets_the_schedulers_stop_win_over_a_teardown_error(tmp_path: Path) -> None:
+    """ASHA stopped a trial; while Tune tore its worker group down the trial saw an error, closed
+    its run FAILED, and Tune reported the error too (the race that failed CI once). The driver's
+    record of the scheduler's verdict makes it KILLED; a trial that failed on its own stays FAILED."""
+    from types import SimpleNamespace
+
+    from lab import tracking
+    from lab.sweep.plan import TAG_PARENT, TAG_TRIAL
+    from lab.sweep.tuner import _reconcile
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = sweep.build_plan(_args("--out", str(tmp_path), "--metric", "train_loss"))  # smoke: 2 epochs
+    exp = tracking.init_store(uri, plan.experiment)
+    client = MlflowClient(uri)
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    ids = {}
+    for trial in ("a", "b"):
+        run = client.create_run(exp, run_name=trial, tags={TAG_PARENT: parent, TAG_TRIAL: trial}).info.run_id
+        client.log_metric(run, "train_loss", 2.5, step=1)
+        client.set_tag(run, "detlab.error", "worker group torn down")
+        client.set_terminated(run, status="FAILED")  # the trial's own handler
+        ids[trial] = run
+    err = RuntimeError("TrainingFailedError: worker group shut down")
+    grid = [SimpleNamespace(path=str(tmp_path / f"trial_{t}"), metrics={"epoch": 1, "train_loss": 2.5}, error=err,
+                            config={}) for t in ("a", "b")]
+    rows = {r.trial_id: r for r in _reconcile(client, uri, parent, plan, grid, stopped={"a"})}
+    assert (rows["a"].status, rows["b"].status) == ("KILLED", "FAILED")
+    stopped, failed = client.get_run(ids["a"]), client.get_run(ids["b"])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["detlab.stopped_by"].startswith("ASHA after epoch 1 of 2")
+    assert stopped.data.tags["detlab.error"] == "worker group torn down"  # kept for the record
+    assert failed.info.status == "FAILED" and "detlab.stopped_by" not in failed.data.tags
+    # without the scheduler's record, the error decides (the old behaviour, kept for restored sweeps)
+    assert _reconcile(client, uri, parent, plan, grid[:1])[0].status == "FAILED"

@@ -51,12 +51,12 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail
     parent_id = _open_parent_run(client, exp_id, plan)
     status = "FAILED"
     try:
-        tuner, concurrency = _make_tuner(plan, uri, exp_id, parent_id, fail_after_epoch)
+        tuner, concurrency, stopped = _make_tuner(plan, uri, exp_id, parent_id, fail_after_epoch)
         print(f"detlab sweep: {plan.name}: {plan.num_samples} trial(s), up to {concurrency} at a time, "
               f"metric {plan.metric} ({plan.mode}), MLflow {uri} experiment {plan.experiment} parent run {parent_id}",
               flush=True)
         grid = tuner.fit()
-        rows = _reconcile(client, uri, parent_id, plan, grid)
+        rows = _reconcile(client, uri, parent_id, plan, grid, stopped)
         best = best_trial(rows, plan.mode)
         log_parent_run(client, parent_id, plan, rows, best, time.time() - t0)
         print(summarize(rows, plan.metric))
@@ -166,7 +166,8 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
                  **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})},
     }
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_res)
-    scheduler = _LetLastEpochFinish(plan.cfg.train.epochs, time_attr="epoch", max_t=plan.cfg.train.epochs,
+    stopped: set[str] = set()  # trial ids the scheduler stopped, filled by it as Tune runs
+    scheduler = _LetLastEpochFinish(plan.cfg.train.epochs, stopped, time_attr="epoch", max_t=plan.cfg.train.epochs,
                                     grace_period=min(plan.grace_period, plan.cfg.train.epochs),
                                     reduction_factor=plan.reduction_factor)
     # s3://: "bucket/prefix" on an explicit pyarrow S3FileSystem (endpoint from AWS_ENDPOINT_URL)
@@ -184,7 +185,7 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
         print(f"detlab sweep: resuming {plan.sweep_dir} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=ray_fs)
-        return tuner, concurrency
+        return tuner, concurrency, stopped  # the restored scheduler is Tune's copy: stays empty
     if plan.resume:
         print(f"detlab sweep: nothing to resume under {plan.sweep_dir}; starting the sweep", flush=True)
     tuner = tune.Tuner(
@@ -202,18 +203,26 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
         ),
         run_config=run_config,
     )
-    return tuner, concurrency
+    return tuner, concurrency, stopped
 
 
-def _LetLastEpochFinish(epochs: int, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
+def _LetLastEpochFinish(epochs: int, stopped: set[str], **kwargs: Any) -> Any:  # noqa: N802 - a class factory
     """ASHA that never stops a trial on its last epoch's report: that trial is done anyway, and
-    letting it return shuts its Train worker group down cleanly instead of killing the process."""
+    letting it return shuts its Train worker group down cleanly instead of killing the process.
+
+    Every trial it stops is added to ``stopped``: the driver's record of the scheduler's verdict,
+    which the trial's own end (an error seen as its worker group is torn down) cannot overrule.
+    """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class LetLastEpochFinish(ASHAScheduler):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
-            return TrialScheduler.CONTINUE if result.get("epoch", 0) >= epochs else action
+            if result.get("epoch", 0) >= epochs:
+                return TrialScheduler.CONTINUE
+            if action == TrialScheduler.STOP:
+                stopped.add(trial.trial_id)
+            return action
 
     return LetLastEpochFinish(**kwargs)
 
@@ -255,8 +264,13 @@ def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
     return run_id
 
 
-def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any) -> list[TrialRow]:
-    """Rows for every trial, and no child run left RUNNING (Tune kills stopped trials' processes)."""
+def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any,
+               stopped: set[str] | frozenset[str] = frozenset()) -> list[TrialRow]:
+    """Rows for every trial, and no child run left RUNNING (Tune kills stopped trials' processes).
+
+    ``stopped``: trial ids the scheduler stopped. Such a trial is KILLED even when Tune also
+    reports an error for it: its worker group can fail while Tune tears it down (a race seen in CI).
+    """
     from mlflow.entities import Metric
 
     children = {
@@ -270,7 +284,9 @@ def _reconcile(client: Any, uri: str, parent_id: str, plan: SweepPlan, grid: Any
         metrics = result.metrics or {}
         done = int(metrics.get("epoch", 0) or 0)
         value = float(metrics.get(plan.metric, float("nan")))
-        if result.error is not None:
+        if trial_id in stopped and done < epochs:
+            status, error = "KILLED", ""
+        elif result.error is not None:
             status, error = "FAILED", str(result.error).strip().splitlines()[-1][:300]
         else:
             status, error = ("FINISHED" if done >= epochs else "KILLED"), ""
