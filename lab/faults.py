@@ -1,7 +1,7 @@
 """Fault injection for the recovery tests: what a worker does wrong, and when.
 
 The tests set ``DETLAB_FAULT`` in the driver's environment; the runner forwards it to every cell
-task and Train worker (``lab.runner._FORWARD_ENV``), so a fault reaches a real worker process
+task and Train worker (``lab.workerenv.FORWARD_ENV``), so a fault reaches a real worker process
 through the same path as the tracking URI. Unset, nothing here does anything.
 
 Grammar: items separated by ``;``, each ``kind:arg[:arg]``; every fault fires on the last rank

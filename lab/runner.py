@@ -59,6 +59,7 @@ from detector.config import flatten, to_dict  # noqa: E402
 from lab import tracking  # noqa: E402
 from lab.config import ConfigError  # noqa: E402
 from lab.experiments import Cell  # noqa: E402
+from lab.workerenv import forwarded_env  # noqa: E402
 
 #: tags beyond lab.tracking's: where the cell's Ray run and final weights live, what it reused.
 TAG_RAY_RUN = "detlab.ray_run"
@@ -67,10 +68,6 @@ TAG_REUSED = "detlab.reused_from"
 #: ``host:pid:start_time`` of the driver that holds a RUNNING run: a rerun can tell a dead driver's
 #: run (reuse it) from a live one's (refuse to run the cell twice).
 TAG_DRIVER = "detlab.driver"
-#: env vars forwarded to cell tasks and their Train workers (credentials for a tracking server).
-_FORWARD_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_HTTP_REQUEST_TIMEOUT", "DETLAB_DATA", "TORCH_HOME",
-                "DETLAB_FAULT", "DETLAB_FAULT_FILE", "DETLAB_SPOOL_DIR")
 
 
 @dataclass
@@ -285,9 +282,7 @@ def _task_env(uri: str, gcs_address: str) -> dict[str, str]:
     commit = tracking.git_commit()  # a working_dir package has no .git
     if commit:
         env["DETLAB_GIT_COMMIT"] = commit
-    from lab.storage import FORWARD_ENV as storage_env  # S3 endpoint + credentials: every node reads storage
-
-    env.update({k: os.environ[k] for k in (*_FORWARD_ENV, *storage_env) if k in os.environ})
+    env.update(forwarded_env())  # tracking credentials, S3 store, data dirs, fault hooks
     return env
 
 

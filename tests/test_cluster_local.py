@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import procs  # noqa: E402
 from s3server import moto_s3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,18 +37,6 @@ pytestmark = pytest.mark.slow
 def _detlab(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _listening(pids: list[int]) -> set[str]:
-    out: set[str] = set()
-    for pid in pids:
-        try:
-            for c in psutil.Process(pid).net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    out.add(c.laddr.ip)
-        except psutil.Error:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +68,7 @@ def _cluster_run(workdir: Path, bystander: subprocess.Popen):
         info: dict = {"state": state, "s3": s3, "up_stdout": up.stdout, "up_s": up_s, "bystander": bystander}
         try:
             members = sorted({p.pid for proc in state.procs for p in _session_members(proc.sid)})
-            info["listening"] = _listening(members)
+            info["listening"] = {ip for ip, _, _ in procs.listening(members)}
             info["nodes_before"] = _cluster_nodes(state)
             sid = f"detlab-cluster-{uuid.uuid4().hex[:8]}"
             entry = (f"python jobs/table2.py --profile smoke --workers 2 --storage {state.storage} "
@@ -101,6 +90,7 @@ def _cluster_run(workdir: Path, bystander: subprocess.Popen):
                 text=True, timeout=120, env={**{k: v for k, v in env.items() if not k.startswith("RAY_AUTH")},
                                              "RAY_AUTH_MODE": "disabled"})
             info["runs"] = _runs(state.tracking_uri)
+            info["sweep_env"] = _sweep_worker_env(state, f"/tmp/detlab-probe-{uuid.uuid4().hex}")
             info["keys"] = s3.keys("detlab", "e2e/")
         finally:
             recorded = sorted({pid for p in state.procs for pid in p.pids} | set(_all_members(state)))
@@ -144,6 +134,19 @@ def _job_status(state, sid: str) -> str:
             "except RuntimeError as e:\n"
             "    print(f'not found ({e})'.replace(chr(10), ' '))\n")
     return _in_subprocess(state, code)
+
+
+def _sweep_worker_env(state, probe: str) -> dict:
+    """What a Ray task of a sweep driver connected to this cluster sees of the driver's forwarded
+    variables. The nodes were started without ``probe``: only the sweep's runtime_env can carry it."""
+    code = ("import json, os\n"
+            f"os.environ['DETLAB_SPOOL_DIR'] = {probe!r}\n"
+            "import ray\n"
+            "from lab.sweep.tuner import _init_ray\n"
+            f"started = _init_ray({state.gcs_address!r})\n"
+            "seen = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get('DETLAB_SPOOL_DIR')).remote())\n"
+            "print(json.dumps({'started': started, 'seen': seen, 'probe': os.environ['DETLAB_SPOOL_DIR']}))\n")
+    return json.loads(_in_subprocess(state, code))
 
 
 def _runs(uri: str) -> list:
@@ -210,6 +213,12 @@ def test_checkpoints_and_weights_in_the_bucket_and_clb_reads_them(cluster_run):
         assert any(k.startswith(f"e2e/{run_dir}/checkpoint") for k in keys), run_dir
     # the server's artifact store is the bucket too
     assert any(k.startswith("e2e/mlflow-artifacts/") and k.endswith("eval/metrics.json") for k in keys)
+
+
+def test_sweep_forwards_the_drivers_variables_to_an_existing_cluster(cluster_run):
+    seen = cluster_run["sweep_env"]
+    assert seen["started"] is False  # connected to the cluster, did not start one
+    assert seen["seen"] == seen["probe"]  # through the sweep's runtime_env, not the nodes' environment
 
 
 def test_down_leaves_nothing_of_its_own(cluster_run):

@@ -27,6 +27,7 @@ from lab.sweep.plan import TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, SweepPlan
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run, summarize, write_best
 from lab.sweep.space import resolve_sample, space_text
 from lab.sweep.trial import record_stop, trial_fn
+from lab.workerenv import forwarded_env
 
 #: custom Ray resource a trial's driver process reserves when it has workers (they reserve the CPUs/GPUs).
 TRIAL_RESOURCE = "detlab_trial_driver"
@@ -97,13 +98,17 @@ def _init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     starting_local = not (address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
-    kwargs: dict[str, Any] = {}
+    # trials and their Train workers inherit the job's runtime_env; on an existing cluster that is
+    # the only way they see the driver's credentials and data dirs (inside `ray job submit`, Ray
+    # merges these env_vars into the submitted job's runtime_env)
+    env = forwarded_env()
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if starting_local:
         root = str(Path(__file__).resolve().parents[2])
-        env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-               # trial processes import lab/detector whatever the driver's cwd
-               "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+        env.update({"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                    # trial processes import lab/detector whatever the driver's cwd
+                    "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)})
         commit = tracking.git_commit()
         if commit:
             env["DETLAB_GIT_COMMIT"] = commit
