@@ -50,6 +50,11 @@ class RunLog:
         self.late_writes = 0  #: queued writes sent later
         self.last_error = ""
 
+    @property
+    def spool(self) -> Path | None:
+        """Where writes that could not be sent are kept (None when nothing is logged)."""
+        return self._spool
+
     # -- what the loop calls
 
     def metrics(self, values: dict[str, float], step: int) -> None:

@@ -425,7 +425,7 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
     unsent = log.close(SPOOL_WAIT_S)
     if unsent:
         print(f"[{args.name}] {unsent} MLflow write(s) could not be sent ({log.last_error}); they are kept in "
-              f"{log._spool} for the driver to replay", flush=True)
+              f"{log.spool} for the driver to replay", flush=True)
     _log_node_ids(args, world, rank)  # which Ray nodes this cell's ranks ran on (a collective)
     return {
         "metrics": metrics, "start_epoch": start_epoch, "world_size": world,
