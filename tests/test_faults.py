@@ -182,16 +182,6 @@ def run_one_cell(tmp: Path, cell, env: dict[str, str] | None = None, ray_address
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def ddp_baseline(local_ray, tmp_path_factory):
     """The same 2-worker cell, uninterrupted: what a recovered run must match."""
     outcome, uri, seconds = run_one_cell(tmp_path_factory.mktemp("baseline"), tiny_cell(*DDP))
@@ -338,22 +328,12 @@ def test_tracking_server_gone_mid_run_loses_nothing(tmp_path):
 # The driver is SIGKILLed mid-table; the same command is run again
 
 
-def _marked(mark: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("DETLAB_TEST_MARK") == mark:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
-
-
 @pytest.mark.slow
 def test_driver_sigkill_mid_table_then_rerun_resumes(tmp_path):
     """One Train worker per cell (Ray Train's local mode, ``workers: 0``, keeps no checkpoints)."""
     import uuid
 
+    from procs import marked
     from test_jobs_e2e import kill_tree
 
     mark = uuid.uuid4().hex
@@ -380,7 +360,7 @@ def test_driver_sigkill_mid_table_then_rerun_resumes(tmp_path):
     driver.kill()  # SIGKILL: no finally, no atexit, no run closed
     driver.wait()
     time.sleep(5)
-    leftovers = _marked(mark)
+    leftovers = marked(mark)
     kill_tree(leftovers)  # whatever of its Ray outlived it must not compete with the rerun
 
     exp = tracking.experiment_name(1)

@@ -15,11 +15,13 @@ import sys
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 
 from lab import scrub, tracking
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import procs  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FAKE_SECRET = "FAKEsecretKEY0123456789abcdefFAKE"
@@ -37,21 +39,6 @@ def test_scrub_masks_secret_keys_url_passwords_and_key_ids():
     assert out["note"] == "id *** here" and out["url"] == "https://host/x?token=***&b=1"
     assert out["model.weights"] == "/w/model.pt" and out["num_keys"] == 3  # not secrets: untouched
     assert data["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET  # the input is not changed
-
-
-def _listening(mark: str) -> set[tuple[str, int, str]]:
-    """(ip, port, process name) of every listening TCP socket of the processes carrying ``mark``."""
-    found = set()
-    for p in psutil.process_iter(["name"]):
-        try:
-            if p.environ().get("DETLAB_TEST_MARK") != mark:
-                continue
-            for c in p.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    found.add((c.laddr.ip, c.laddr.port, p.info["name"]))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
 
 
 def _dashboard_refuses_without_token(out: str) -> int | None:
@@ -89,7 +76,7 @@ def test_no_secret_reaches_logs_params_or_artifacts_and_ray_listens_on_localhost
     for line in proc.stdout:  # type: ignore[union-attr]
         lines.append(line)
         if "paused after epoch" in line and not listening:
-            listening = _listening(mark)
+            listening = procs.listening(procs.marked(mark))
             refused = _dashboard_refuses_without_token("".join(lines))
     proc.wait()
     out = "".join(lines)

@@ -129,19 +129,8 @@ def test_s3_round_trip_and_cache(s3, tmp_path):
         storage.download("s3://detlab/unit/missing.pt", cache=tmp_path / "cache")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": never attach to another cluster on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_train_checkpoints_in_s3_and_resume(s3, ray_local, tmp_path):
+def test_train_checkpoints_in_s3_and_resume(s3, local_ray, tmp_path):
     """A 1-worker Ray Train fit checkpoints into s3:// and dies after epoch 1; refitted under the
     same name it resumes at epoch 2 from the bucket. The final weights land in the bucket and are
     read back from it by a CL-B evaluation and by ``detlab predict``."""

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 
@@ -161,17 +160,8 @@ def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
     assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # address="local": never attach to another cluster on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_ddp_two_workers_resume_after_failure(ray_cluster, tmp_path):
+def test_ddp_two_workers_resume_after_failure(local_ray, tmp_path):
     """A real 2-worker gloo DDP fit dies after its epoch-1 checkpoint; resubmitted with the same
     run name, it resumes at epoch 2 from that checkpoint."""
     from ray.train import TrainingFailedError
