@@ -137,15 +137,6 @@ COCO_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(COCO_CASES))
-def test_train_refuses_bad_coco_before_ray_and_mlflow(tmp_path: Path, case: str) -> None:
-    corrupt, needles = COCO_CASES[case]
-    root = coco_root(tmp_path / "coco")
-    corrupt(root)
-    res, secs = run_cli(tmp_path, "train", "--set", "data.dataset=coco", "--set", f"data.root={root}")
-    assert_refused_before_cluster(tmp_path, res, secs, "data.dataset=coco", *needles)
-
-
 VOC_CASES = {
     "unparseable XML": (lambda r: (r / "train/img1.xml").write_text("<annotation><filename>img1.png</filename>"),
                         ["img1.xml", "is not valid XML"]),
@@ -160,13 +151,13 @@ VOC_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(VOC_CASES))
-def test_train_refuses_bad_voc_before_ray_and_mlflow(tmp_path: Path, case: str) -> None:
-    corrupt, needles = VOC_CASES[case]
-    root = voc_root(tmp_path / "voc")
+@pytest.mark.parametrize(("fmt", "case"), [("coco", c) for c in COCO_CASES] + [("voc", c) for c in VOC_CASES])
+def test_train_refuses_bad_data_before_ray_and_mlflow(tmp_path: Path, fmt: str, case: str) -> None:
+    corrupt, needles = (COCO_CASES if fmt == "coco" else VOC_CASES)[case]
+    root = (coco_root if fmt == "coco" else voc_root)(tmp_path / fmt)
     corrupt(root)
-    res, secs = run_cli(tmp_path, "train", "--set", "data.dataset=voc", "--set", f"data.root={root}")
-    assert_refused_before_cluster(tmp_path, res, secs, "data.dataset=voc", *needles)
+    res, secs = run_cli(tmp_path, "train", "--set", f"data.dataset={fmt}", "--set", f"data.root={root}")
+    assert_refused_before_cluster(tmp_path, res, secs, f"data.dataset={fmt}", *needles)
 
 
 def _voc_devkit(root: Path) -> Path:
