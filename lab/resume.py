@@ -63,12 +63,14 @@ class ResumeChoice:
     ``adopted``: ``path`` is complete but not registered with Ray. Ray never deletes it, so the
     loop does, once a newer checkpoint has been written.
     ``remove``: the run's other checkpoint directories, half-written or superseded.
+    ``registered_epoch``: the 0-based epoch of Ray's registered checkpoint (None: none, or no meta file).
     """
 
     path: str | None
     epoch: int | None
     adopted: bool
     remove: tuple[str, ...]
+    registered_epoch: int | None = None
 
 
 def choose_resume_checkpoint(fs: pafs.FileSystem, run_dir: str, registered: str | None) -> ResumeChoice:
@@ -103,7 +105,7 @@ def choose_resume_checkpoint(fs: pafs.FileSystem, run_dir: str, registered: str 
     else:
         keep, epoch, adopted = best, best_epoch, True
     remove = tuple(d for d in dirs if d != keep and d != reg_path)
-    return ResumeChoice(keep, epoch, adopted, remove)
+    return ResumeChoice(keep, epoch, adopted, remove, reg_epoch)
 
 
 def remove_checkpoints(fs: pafs.FileSystem, paths: tuple[str, ...] | list[str], name: str, why: str) -> None:

@@ -57,7 +57,7 @@ from lab.config import LabConfig, config_from_dict, dump_config  # noqa: E402
 from lab.runlog import SPOOL_WAIT_S, RunLog, spool_dir_for  # noqa: E402
 from lab import storage  # noqa: E402
 from lab.resume import (  # noqa: E402
-    STATE_FILE, choose_resume_checkpoint, complete_checkpoint_epoch, remove_checkpoints, write_checkpoint_meta,
+    STATE_FILE, choose_resume_checkpoint, remove_checkpoints, write_checkpoint_meta,
 )
 
 #: final weights of a cell, written beside its Ray checkpoints; CL-B cells and ``detlab predict`` read it.
@@ -501,16 +501,14 @@ def _resume_checkpoint(args: LoopArgs, registered: Checkpoint | None, rank: int,
     if not choice.adopted:
         return registered, None
     if rank == 0:
-        reg = f"the epoch-{_registered_epoch(registered)} one Ray registered" if registered is not None else "none registered"
+        if registered is None:
+            reg = "none registered"
+        else:
+            e = choice.registered_epoch
+            reg = f"the epoch-{'?' if e is None else e + 1} one Ray registered"
         print(f"[{args.name}] resuming from the complete epoch-{choice.epoch + 1} checkpoint {choice.path}, newer "
               f"than {reg} (the previous attempt ended before Ray recorded it)", flush=True)
     return Checkpoint(path=choice.path, filesystem=fs), (fs, choice.path)
-
-
-def _registered_epoch(checkpoint: Checkpoint) -> str:
-    """The 1-based epoch of a registered checkpoint, from its meta file ("?" when it has none)."""
-    e = complete_checkpoint_epoch(checkpoint.filesystem, checkpoint.path.rstrip("/"))
-    return "?" if e is None else str(e + 1)
 
 
 @contextmanager

@@ -54,7 +54,7 @@ def test_complete_unregistered_newer_checkpoint_is_adopted(tmp_path):
     reg = ckpt(tmp_path, "2", 1)
     newer = ckpt(tmp_path, "3", 2)
     c = choose_resume_checkpoint(FS, str(tmp_path), reg)
-    assert (c.path, c.epoch, c.adopted) == (newer, 2, True)
+    assert (c.path, c.epoch, c.adopted, c.registered_epoch) == (newer, 2, True, 1)
     assert c.remove == ()  # the registered one stays: Ray rotates it out at the next registration
 
 
