@@ -32,6 +32,7 @@ from lab.config import PROFILES
 from lab.experiments import TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, single_cell, table_cells
 from lab.joboptions import add_job_options, user_layer
 from lab.pretrain import PretrainConfig
+from lab.scrub import scrub_text
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -170,7 +171,7 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
         cells = attach_pretrained(cells, pretrain, out, uri)
     from lab import runner  # imports Ray: only once the config is known to be good
 
-    print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {tracking.redact_url(uri)} "
+    print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {scrub_text(uri)} "
           f"(experiment {experiment}), results {out}")
     t0 = time.time()
     opts = runner.RunOptions(tracking_uri=uri, experiment=experiment, out=out, force=args.force,

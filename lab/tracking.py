@@ -135,6 +135,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     import requests
 
     from lab.config import ConfigError
+    from lab.scrub import scrub_text  # the URL's password masked
 
     if urlparse(uri).scheme not in ("http", "https"):
         return
@@ -144,18 +145,10 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     except requests.RequestException as e:
         reason = str(e.__context__ or e).splitlines()[0][:200]
         raise ConfigError(
-            f"MLflow tracking server {redact_url(uri)} is unreachable ({type(e).__name__}: {reason}); start it "
+            f"MLflow tracking server {scrub_text(uri)} is unreachable ({type(e).__name__}: {reason}); start it "
             f"(`detlab cluster up`, or `mlflow server --host 127.0.0.1 ...`) or pass --tracking-uri "
             f"sqlite:////abs/path/mlflow.db"
         ) from None
-
-
-def redact_url(uri: str) -> str:
-    """``uri`` without a password in it (``http://user:***@host``), for messages and logs."""
-    parsed = urlparse(uri)
-    if parsed.password is None:
-        return uri
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
