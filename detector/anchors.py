@@ -7,7 +7,9 @@ training; :func:`fit_anchor_sizes` searches the base size (sizes doubling per le
 RetinaNet) that leaves the fewest boxes below the IoU threshold, like YOLO's auto-anchor but
 keeping RetinaNet's 3 scales x 3 ratios per level.
 
-Boxes are ``x1, y1, x2, y2`` in the pixels of the image the model sees (after its resize).
+Boxes are ``x1, y1, x2, y2`` in the pixels of the image the model sees (after its resize). The
+anchors are the ones torchvision lays over that image: on the grid of its size padded to a multiple
+of 32 (``GeneralizedRCNNTransform``'s ``size_divisible``), as in a batch of one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ LEVELS: tuple[str, ...] = ("P3", "P4", "P5", "P6", "P7")
 STRIDES: tuple[int, ...] = (8, 16, 32, 64, 128)
 SCALES: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
 RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: torchvision's ``GeneralizedRCNNTransform`` pads the batch to a multiple of this (``size_divisible``).
+SIZE_DIVISIBLE = 32
 
 
 @dataclass
@@ -60,6 +64,7 @@ class AnchorFit:
 def level_anchors(base_size: float, stride: int, height: int, width: int) -> torch.Tensor:
     """Anchors of one level as torchvision's ``AnchorGenerator`` makes them: Float[H' * W' * 9, 4] xyxy.
 
+    ``height, width``: the padded input (the batch tensor's size, :func:`image_anchors`).
     ``H' = ceil(height / stride)`` (the feature map's size); 3 octave scales (int-truncated, as in
     ``build_anchor_generator``) x 3 aspect ratios, centred at ``(i * height // H', j * width // W')``:
     torchvision derives the effective stride from the sizes, so P6/P7 of a 160-px image step 53/80 px.
@@ -78,6 +83,38 @@ def level_anchors(base_size: float, stride: int, height: int, width: int) -> tor
     return (shifts[:, None, :] + cell[None, :, :]).reshape(-1, 4)
 
 
+def image_anchors(anchor_sizes: Sequence[float], height: int, width: int,
+                  size_divisible: int = SIZE_DIVISIBLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """All anchors (P3..P7) of one resized ``height x width`` image, as RetinaNet lays them.
+
+    torchvision pads the image to a multiple of ``size_divisible`` before the backbone, so the
+    feature maps, the grid steps and the anchors follow the padded size (a 1333-px side is 1344
+    wide: P3 steps 8 px, not 1333 // 167 = 7).
+
+    Returns:
+        anchors Float[A, 4] ``x1, y1, x2, y2`` (levels concatenated) and each anchor's level LongTensor[A].
+    """
+    h, w = (math.ceil(x / size_divisible) * size_divisible for x in (height, width))
+    parts = [level_anchors(s, st, h, w) for s, st in zip(anchor_sizes, STRIDES)]
+    return torch.cat(parts), torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
+
+
+def positive_anchors(iou: torch.Tensor, fg_threshold: float) -> torch.Tensor:
+    """Anchors torchvision's ``Matcher`` (``allow_low_quality_matches=True``) makes positive.
+
+    An anchor is positive when its IoU with some GT reaches ``fg_threshold``, or when it is one of
+    the anchors tied for a GT's highest IoU (every tied anchor, as ``set_low_quality_matches_``;
+    like it, a GT that overlaps no anchor ties at 0 with all of them).
+
+    Args:
+        iou: Float[N, A], GT boxes x anchors.
+    Returns:
+        BoolTensor[A].
+    """
+    best = iou.max(dim=1, keepdim=True).values  # [N, 1]
+    return (iou >= fg_threshold).any(dim=0) | (iou == best).any(dim=0)
+
+
 def anchor_fit(
     images: Iterable[tuple[np.ndarray, int, int]],
     anchor_sizes: Sequence[int],
@@ -86,7 +123,8 @@ def anchor_fit(
     """Measure the fit of ``anchor_sizes`` (P3..P7 base sizes) to GT boxes.
 
     Args:
-        images: per image ``(boxes Float[N, 4] xyxy, height, width)`` in the model's input pixels.
+        images: per image ``(boxes Float[N, 4] xyxy, height, width)`` in the model's input pixels,
+            unpadded (:func:`dataset_boxes`); the anchors are laid over the padded size (:func:`image_anchors`).
         anchor_sizes: 5 base sizes, one per level.
         fg_threshold: IoU at which an anchor is positive (``assign.fg_threshold``).
     """
@@ -98,15 +136,11 @@ def anchor_fit(
         if gt.numel() == 0:
             continue
         if (height, width) not in cache:
-            parts = [level_anchors(s, st, height, width) for s, st in zip(anchor_sizes, STRIDES)]
-            level = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
-            cache[(height, width)] = (torch.cat(parts), level)
+            cache[(height, width)] = image_anchors(anchor_sizes, height, width)
         anchors, level = cache[(height, width)]
         iou = box_iou(gt, anchors)  # [N, A]
-        best, best_idx = iou.max(dim=1)
-        best_all.append(best)
-        positive = (iou >= fg_threshold).any(dim=0)
-        positive[best_idx] = True  # torchvision's low-quality matches
+        best_all.append(iou.max(dim=1).values)
+        positive = positive_anchors(iou, fg_threshold)
         per_level += torch.bincount(level[positive], minlength=len(LEVELS)).double()
     if not best_all:
         raise ValueError("anchor_fit: no GT boxes")
@@ -143,14 +177,21 @@ def fit_anchor_sizes(
 
 
 def dataset_boxes(records: Iterable, min_size: int, max_size: int) -> list[tuple[np.ndarray, int, int]]:
-    """``(boxes, height, width)`` per image record, scaled as the model's transform resizes it."""
+    """``(boxes, height, width)`` per image record, scaled as the model's transform resizes it.
+
+    torchvision's ``_resize_image_and_masks``: ``scale = min(min_size / shorter, max_size / longer)``,
+    each side ``floor(side * scale)`` (``interpolate`` with ``recompute_scale_factor``), and
+    ``resize_boxes`` scales x and y by the float32 ratios new / old side of each axis.
+    """
     out = []
     for r in records:
         scale = min(min_size / min(r.width, r.height), max_size / max(r.width, r.height))
-        h, w = round(r.height * scale), round(r.width * scale)
+        h, w = math.floor(r.height * scale), math.floor(r.width * scale)
+        ratio = np.array([w, h, w, h], dtype=np.float32) / np.array([r.width, r.height] * 2, dtype=np.float32)
         keep = ~np.asarray(r.difficult, dtype=bool)
-        out.append((np.asarray(r.boxes, dtype=np.float32)[keep] * scale, h, w))
+        out.append((np.asarray(r.boxes, dtype=np.float32)[keep].reshape(-1, 4) * ratio, h, w))
     return out
 
 
-__all__ = ["AnchorFit", "LEVELS", "STRIDES", "anchor_fit", "dataset_boxes", "fit_anchor_sizes", "level_anchors"]
+__all__ = ["AnchorFit", "LEVELS", "SIZE_DIVISIBLE", "STRIDES", "anchor_fit", "dataset_boxes", "fit_anchor_sizes",
+           "image_anchors", "level_anchors", "positive_anchors"]

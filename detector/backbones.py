@@ -19,6 +19,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detector.dcn import add_dcn
+from detector.digest import file_sha256
 
 
 def resnet_basic(layers: list[int], width: int, norm_layer: Callable[..., nn.Module] | None = None) -> resnet.ResNet:
@@ -85,13 +86,20 @@ def gn_layer(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
-def load_backbone_weights(body: resnet.ResNet, path: str | Path) -> None:
+def load_backbone_weights(body: resnet.ResNet, path: str | Path, sha256: str | None = None) -> None:
     """Load a torchvision-format ResNet state_dict from a local file into ``body``.
 
     The classifier (``fc.*``) is ignored. Raises ``ValueError`` naming the file when a backbone key
-    is missing or has the wrong shape: silently training on half-loaded weights wastes a run.
+    is missing or has the wrong shape: silently training on half-loaded weights wastes a run; and,
+    with ``sha256``, when the file's content hash differs (naming both hashes): a cell keyed on one
+    file must not train from another.
     """
     path = Path(path)
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise ValueError(f"model.weights_backbone={str(path)!r} has sha256 {actual}, but the cell expects "
+                             f"{sha256} (model.weights_backbone_sha256): the file changed after the cell was keyed")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -116,6 +124,7 @@ def build_backbone(
     *,
     norm: str = "bn",
     weights_backbone: str | None = None,
+    weights_sha256: str | None = None,
     trainable_layers: int = 3,
     width: int = 64,
     fpn_channels: int = 256,
@@ -131,6 +140,7 @@ def build_backbone(
         name: one of ``detector.config.BACKBONES``.
         norm: normalisation of the body ("frozen_bn", "bn", "gn").
         weights_backbone: local path to a torchvision-format state_dict, or None (random init).
+        weights_sha256: the file's expected sha256 (checked at load), or None.
         trainable_layers: stages trained, counted from the top (5 = all); only applied with
             ``weights_backbone``: a random body must be trained entirely.
         width: first-stage channels of a basic-block body (resnet10/18/34; 64 is torchvision's).
@@ -148,7 +158,7 @@ def build_backbone(
     if dcn_stages:
         add_dcn(body, tuple(dcn_stages), dcn_mask)  # before loading: the weights keep their conv2 keys
     if weights_backbone is not None:
-        load_backbone_weights(body, weights_backbone)
+        load_backbone_weights(body, weights_backbone, weights_sha256)
     else:
         trainable_layers = 5
     # torchvision's extractor freezes the untrained stages; its FPN has 256 channels

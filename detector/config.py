@@ -38,6 +38,17 @@ BACKBONES = (
 #: torchvision detectors for retrained comparison rows (plain NMS, no paper components).
 DETECTORS = ("retinanet", "gfl", "fcos", "faster_rcnn")
 
+#: ``model.anchor_sizes`` when it is left empty, per detector (P3..P7, strides 8..128): GFL's
+#: published single square anchor of 8 x stride (mmdet ``octave_base_scale=8``); every other
+#: detector RetinaNet's 4 x stride (with its 3 octave scales x 3 ratios; FCOS has no anchors).
+DEFAULT_ANCHOR_SIZES: dict[str, tuple[int, ...]] = {"gfl": (64, 128, 256, 512, 1024)}
+RETINANET_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
+
+
+def default_anchor_sizes(detector: str) -> tuple[int, ...]:
+    """The anchor base sizes (P3..P7, pixels) ``detector`` gets when ``model.anchor_sizes`` is empty."""
+    return DEFAULT_ANCHOR_SIZES.get(detector, RETINANET_ANCHOR_SIZES)
+
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key (``section.key``) and the value."""
@@ -67,6 +78,9 @@ class ModelConfig:
     head_convs: int = 4
     #: local path to a backbone state_dict (e.g. ImageNet weights), or None for random init.
     weights_backbone: str | None = None
+    #: expected sha256 (64 hex digits) of ``weights_backbone``, checked when it is loaded: a file
+    #: replaced under a cell that was keyed on the old one is an error, not a silent change.
+    weights_backbone_sha256: str | None = None
     #: local path to a whole-detector state_dict (``model.state_dict()``), or None.
     weights: str | None = None
     #: how many of the ResNet stages (counted from the top) are trained when weights_backbone is set.
@@ -82,8 +96,11 @@ class ModelConfig:
     #: multi-scale training: shorter sides drawn uniformly per batch in training; () = min_size
     #: only. Evaluation always uses min_size.
     train_min_sizes: tuple[int, ...] = ()
-    #: base anchor size of P3..P7; each gets 3 octave scales and 3 aspect ratios.
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    #: base anchor size of P3..P7 in pixels; RetinaNet gives each 3 octave scales and 3 aspect ratios.
+    #: Empty (``[]``, or not set) = the detector's default (:func:`default_anchor_sizes`: GFL 8 x
+    #: stride, the others 4 x stride), filled in when the config is built: a built config always
+    #: names its sizes (so switching ``model.detector`` on a built config keeps the old ones).
+    anchor_sizes: tuple[int, ...] = ()
     #: regression loss: "l1" (RetinaNet v1), "smooth_l1", "giou".
     reg_loss: str = "l1"
     focal_alpha: float = 0.25
@@ -99,6 +116,10 @@ class ModelConfig:
     score_thresh: float = 0.05
     topk_candidates: int = 1000
     detections_per_img: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.anchor_sizes:  # the per-detector default, resolved here so params and cell keys show it
+            self.anchor_sizes = default_anchor_sizes(self.detector)
 
     def validate(self) -> None:
         check_choice("model.detector", self.detector, DETECTORS)
@@ -134,6 +155,9 @@ class ModelConfig:
             raise ConfigError(f"model.gfl_loss_weights={list(self.gfl_loss_weights)} must be 3 weights >= 0 (QFL, DFL, GIoU)")
         if len(self.anchor_sizes) != 5:
             raise ConfigError(f"model.anchor_sizes={self.anchor_sizes} must give 5 sizes (P3..P7)")
+        sha = self.weights_backbone_sha256
+        if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise ConfigError(f"model.weights_backbone_sha256={sha!r} must be 64 lowercase hex digits")
         for key in ("weights_backbone", "weights"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():

@@ -26,9 +26,11 @@ boxes (its soft target is the IoU); DC then also raises their weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -75,7 +77,40 @@ def level_points(feature_sizes: list[tuple[int, int]], strides: list[int], ancho
     return torch.cat(boxes), torch.cat(per_anchor_stride), counts
 
 
-def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, topk: int = 9) -> Tensor:
+def valid_points(anchors: Tensor, image_sizes: list[tuple[int, int]], size_divisible: int) -> Tensor:
+    """Which points of a padded batch belong to each image: mmdet's ``valid_flags``.
+
+    mmdet keeps, per image, the feature cells below ``ceil(pad / stride)``, with ``pad`` the image's
+    own size rounded up to ``size_divisible`` (its ``pad_shape``), not the batch's: that is a
+    point whose centre lies below the image's own padded size. The rest lies in padding added only
+    because a larger image shares the batch; it is neither an ATSS candidate nor a QFL sample.
+
+    Args:
+        anchors: Tensor[A, 4] ``x1, y1, x2, y2`` (:func:`level_points`), in the batch's pixels.
+        image_sizes: per image ``(height, width)`` after the resize, before padding
+            (``ImageList.image_sizes``).
+        size_divisible: the transform's padding multiple (32 in torchvision and mmdet).
+    Returns:
+        BoolTensor[B, A].
+    """
+    pad = torch.tensor([[math.ceil(w / size_divisible) * size_divisible, math.ceil(h / size_divisible) * size_divisible]
+                        for h, w in image_sizes], dtype=anchors.dtype, device=anchors.device)  # [B, 2] (x, y)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    return (centres[None] < pad[:, None]).all(dim=2)
+
+
+def reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over the ranks of the default process group, as mmdet's ``reduce_mean``: sum
+    over ranks / world size. ``x`` itself without torch.distributed or with one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out)  # SUM
+    return out / dist.get_world_size()
+
+
+def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, topk: int = 9,
+                valid: Tensor | None = None) -> Tensor:
     """Adaptive Training Sample Selection (Zhang et al., CVPR 2020), as GFL uses it.
 
     For each GT: on every level take the ``topk`` anchors whose centres are closest to the GT's
@@ -89,21 +124,28 @@ def atss_assign(anchors: Tensor, num_per_level: list[int], gt_boxes: Tensor, top
         num_per_level: anchors per level (sums to A).
         gt_boxes: Tensor[G, 4], same format.
         topk: candidates per level and GT (9 in ATSS/GFL).
+        valid: BoolTensor[A] or None (all): only these anchors are candidates, as mmdet assigns
+            among its ``inside_flags`` (``min(topk, valid anchors of the level)`` per level).
     Returns:
-        LongTensor[A]: the matched GT index, or -1 (background).
+        LongTensor[A]: the matched GT index, or -1 (background; always for invalid anchors).
     """
     num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
     matched = torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device)
+    if valid is not None and not bool(valid.all()):
+        keep = torch.where(valid)[0]
+        counts = torch.stack([v.sum() for v in valid.split(num_per_level)]).tolist()  # one device sync
+        matched[keep] = atss_assign(anchors[keep], counts, gt_boxes, topk)
+        return matched
     if num_gt == 0 or num_anchors == 0:
         return matched
     ious = box_iou(anchors, gt_boxes)  # [A, G]
     a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
     g_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    dist = torch.cdist(a_ctr, g_ctr)  # [A, G]
+    centre_dist = torch.cdist(a_ctr, g_ctr)  # [A, G]
     candidates, start = [], 0
     for n in num_per_level:
         k = min(topk, n)
-        _, idx = dist[start:start + n].topk(k, dim=0, largest=False)  # [k, G]
+        _, idx = centre_dist[start:start + n].topk(k, dim=0, largest=False)  # [k, G]
         candidates.append(idx + start)
         start += n
     cand = torch.cat(candidates)  # [K, G]
@@ -236,10 +278,15 @@ class GFLTargets:
 class GFLLoss(nn.Module):
     """QFL + DFL + GIoU, normalised as GFL (mmdet's ``GFLHead``) does, with optional DC (eq. 3).
 
-    * QFL (weight ``w_qfl``) over all points, divided by the number of positives (>= 1);
+    * QFL (weight ``w_qfl``) over the valid points (all, or ``valid``: not batch padding),
+      divided by the number of positives (>= 1);
     * GIoU (``w_giou``) and DFL (``w_dfl``; the 4 sides averaged) over positives, each weighted by
       the positive's detached max class probability and divided by the sum of those weights
       (>= 1). Boxes are compared in stride units, as GFL does.
+
+    Both normalisers are averaged over the ranks when torch.distributed runs with several
+    (:func:`reduce_mean`, as mmdet): every rank then divides by the same number, so a rank with
+    few positives does not weigh its loss up.
 
     With ``dc``, each positive's QFL is multiplied by lambda' (see the module docstring).
     """
@@ -253,8 +300,10 @@ class GFLLoss(nn.Module):
         #: lambda' percentiles of the last forward (``dc`` only, as RetinaNetLoss.last_stats)
         self.last_stats: dict[str, float] = {}
 
-    def forward(self, cls_logits: Tensor, reg: Tensor, anchors: Tensor, strides: Tensor, t: GFLTargets) -> dict[str, Tensor]:
-        """cls_logits [B, A, C], reg [B, A, 4 (reg_max + 1)], anchors [A, 4], strides [A]."""
+    def forward(self, cls_logits: Tensor, reg: Tensor, anchors: Tensor, strides: Tensor, t: GFLTargets,
+                valid: Tensor | None = None) -> dict[str, Tensor]:
+        """cls_logits [B, A, C], reg [B, A, 4 (reg_max + 1)], anchors [A, 4] x1y1x2y2, strides [A];
+        ``valid`` BoolTensor[B, A] (None: all): the points that get a QFL term (mmdet's label weights)."""
         B, A, C = cls_logits.shape
         b, a = t.batch, t.anchor
         stride = strides[a][:, None]
@@ -269,14 +318,20 @@ class GFLLoss(nn.Module):
         labels[b, a] = t.labels
         q = torch.zeros((B, A), device=cls_logits.device)
         q[b, a] = quality
-        per_point = quality_focal_loss(cls_logits.reshape(B * A, C), labels.reshape(-1), q.reshape(-1),
-                                       self.qfl_beta).reshape(B, A)
+        if valid is None:
+            per_point = quality_focal_loss(cls_logits.reshape(B * A, C), labels.reshape(-1), q.reshape(-1),
+                                           self.qfl_beta).reshape(B, A)
+        else:  # padding points are left out of the loss (not multiplied by 0: their logits may be anything)
+            inside = quality_focal_loss(cls_logits[valid], labels[valid], q[valid], self.qfl_beta)
+            per_point = inside.new_zeros((B, A))
+            per_point[valid] = inside
         self.last_stats = {}
         if self.dc and b.numel():
             per_point = self._dc_reweight(per_point, pred.detach() * stride, t)
-        num_pos = max(float(b.numel()), 1.0)
+        # one all-reduce for both normalisers (mmdet: two reduce_mean calls, same values)
+        num_pos, avg = reduce_mean(torch.stack([torch.tensor(float(b.numel()), device=weight.device),
+                                                weight.sum()])).clamp(min=1.0).unbind()
         loss_qfl = per_point.sum() / num_pos
-        avg = weight.sum().clamp(min=1.0)
         if b.numel():
             loss_giou = (giou_loss(pred, target) * weight).sum() / avg
             dist_t = bbox2distance(points, target, self.reg_max)
@@ -382,14 +437,19 @@ class DetLabGFL(DetectorState, nn.Module):
         strides = [2 ** (3 + level) for level in range(len(sizes))]
         anchors, per_anchor_stride, counts = level_points(sizes, strides, list(self.anchor_sizes), cls_logits.device)
         if self.training:
-            return self.compute_loss(targets, cls_logits, reg, anchors, per_anchor_stride, counts)
+            valid = valid_points(anchors, images_t.image_sizes, self.transform.size_divisible)
+            return self.compute_loss(targets, cls_logits, reg, anchors, per_anchor_stride, counts, valid)
         dets = self.postprocess_detections(cls_logits, reg, anchors, per_anchor_stride, counts, images_t.image_sizes)
         return self.transform.postprocess(dets, images_t.image_sizes, original_sizes)
 
     def compute_loss(self, targets, cls_logits: Tensor, reg: Tensor, anchors: Tensor, strides: Tensor,
-                     counts: list[int]) -> dict[str, Tensor]:
+                     counts: list[int], valid: Tensor | None = None) -> dict[str, Tensor]:
+        """Targets (boxes x1y1x2y2 in the batch's pixels) -> the three losses. ``valid`` BoolTensor[B, A]
+        (:func:`valid_points`; None: all): per image, the points that are ATSS candidates and QFL samples."""
         self.num_iters += 1
-        matched = torch.stack([atss_assign(anchors, counts, t["boxes"], self.atss_topk) for t in targets])
+        per_image: list[Tensor | None] = [None] * len(targets) if valid is None else list(valid)
+        matched = torch.stack([atss_assign(anchors, counts, t["boxes"], self.atss_topk, v)
+                               for t, v in zip(targets, per_image)])
         b, a = torch.where(matched >= 0)
         gt_idx = matched[b, a]
         gt_boxes = torch.cat([targets[i]["boxes"][gt_idx[b == i]] for i in range(len(targets))]) if b.numel() else \
@@ -397,7 +457,7 @@ class DetLabGFL(DetectorState, nn.Module):
         labels = torch.cat([targets[i]["labels"][gt_idx[b == i]] for i in range(len(targets))]) if b.numel() else \
             b.new_zeros((0,))
         # torch.where is row-major, so the concatenation per image keeps the order of (b, a)
-        losses = self.loss(cls_logits, reg, anchors, strides, GFLTargets(b, a, gt_boxes, labels))
+        losses = self.loss(cls_logits, reg, anchors, strides, GFLTargets(b, a, gt_boxes, labels), valid)
         self.assign_stats = {"positives_per_image": float(b.numel()) / len(targets),
                              "iac_score_positives_per_image": 0.0, "iac_active": 0.0}
         self.dc_stats = dict(self.loss.last_stats)
@@ -433,4 +493,5 @@ class DetLabGFL(DetectorState, nn.Module):
 __all__ = [
     "DetLabGFL", "GFLHead", "GFLLoss", "GFLTargets", "atss_assign", "bbox2distance", "distance2bbox",
     "distribution_focal_loss", "giou_loss", "integral_distances", "level_points", "paired_iou", "quality_focal_loss",
+    "reduce_mean", "valid_points",
 ]

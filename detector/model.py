@@ -309,8 +309,8 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
     if m.num_classes <= 0:
         raise ConfigError("model.num_classes must be > 0 (set it from the dataset before building the model)")
     backbone = build_backbone(
-        m.backbone, norm=m.norm, weights_backbone=m.weights_backbone, trainable_layers=m.trainable_backbone_layers,
-        width=m.backbone_width, fpn_channels=m.fpn_channels, dcn_stages=m.dcn_stages, dcn_mask=m.dcn_mask,
+        m.backbone, norm=m.norm, weights_backbone=m.weights_backbone, weights_sha256=m.weights_backbone_sha256,
+        trainable_layers=m.trainable_backbone_layers, width=m.backbone_width, fpn_channels=m.fpn_channels, dcn_stages=m.dcn_stages, dcn_mask=m.dcn_mask,
     )
     model = _DETECTOR_BUILDERS[m.detector](cfg, backbone)
     if m.train_min_sizes:

@@ -5,7 +5,7 @@ Subcommands::
     detlab table 1|2 [--profile smoke|demo|cpu|paper] [--seeds N] [--set k=v] ...   run a paper table
     detlab train [--config FILE] [--set k=v] ...      one config -> one run (experiment detlab-train)
     detlab tables --table 1|2 [--out DIR]             rebuild a table from MLflow (lab.tables)
-    detlab compare A B [--metric AP]                  two runs' metric, Δ and its image-bootstrap CI
+    detlab compare A B [--metric AP]                  two runs (or A1,A2 B1,B2 per seed): Δ, two-level CI, MDE
     detlab sweep --dataset shapes --num-samples 32    Ray Tune sweep (lab.sweep)
     detlab data shapes|trees|coco|voc [--root DIR]    prepare/check a dataset, print a summary per split
     detlab predict IMAGE... --weights model.pt        boxes JSON + a drawn PNG per image
@@ -23,15 +23,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from detector.config import ConfigError
 from lab import tracking
 from lab.config import PROFILES
-from lab.experiments import TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, single_cell, table_cells
+from lab.experiments import (
+    TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, profile_data, single_cell, table_cells,
+)
 from lab.joboptions import add_job_options, user_layer
-from lab.pretrain import PretrainConfig
+from lab.pretrain import needs_pretraining
 from lab.scrub import scrub_text
 
 
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lab import compare
 
-    p = sub.add_parser("compare", help="two runs (ids or names): metric, delta, image-level paired bootstrap CI")
+    p = sub.add_parser("compare", help="two runs, or runs per seed (A1,A2 B1,B2): metric, delta, two-level CI, P(B > A), MDE")
     compare.add_arguments(p)
 
     p = sub.add_parser("data", help="prepare (shapes, trees) or check (coco, voc) a dataset; print a summary per split")
@@ -127,7 +130,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     methods = [m.strip() for m in args.rows.split(",") if m.strip()] if args.rows else None
     cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root, methods)
-    return _run(cells, args, tracking.experiment_name(args.table), table=args.table, pretrain=profile.pretrain)
+    return _run(cells, args, tracking.experiment_name(args.table), table=args.table,
+                data_for=lambda tag: profile_data(profile, tag, user_layer(args), args.data_root))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -135,11 +139,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dataset and args.dataset not in profile.datasets:
         raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} ({', '.join(profile.datasets)})")
     cell = single_cell(profile, user_layer(args), args.dataset)
-    return _run([cell], args, args.experiment, table=None, pretrain=profile.pretrain)
+    return _run([cell], args, args.experiment, table=None,
+                data_for=lambda tag: profile_data(profile, tag, user_layer(args)))
 
 
 def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: int | None,
-         pretrain: PretrainConfig | None = None) -> int:
+         data_for: Callable[[str], Any] | None = None) -> int:
     """Shared tail of ``table`` and ``train``: resolve where things go, pretrain, run, report."""
     out = args.out.expanduser().resolve()
     if args.storage:  # a bad URI (s3:// without a bucket) fails here, before Ray or MLflow
@@ -147,8 +152,9 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
 
         args.storage = str(storage.parse(args.storage))
     if args.dry_run:
-        if pretrain is not None and pretrain.steps:
-            print(f"(keys before the pretraining stage: {pretrain.steps} steps; cells with a backbone file keep theirs)")
+        if any(needs_pretraining(c.cfg) for c in cells):
+            print("(keys before the pretraining stage: cells that pretrain get their backbone file's sha256 in "
+                  "their key; cells with a backbone file keep theirs)")
         for c in cells:
             extra = f" (evaluates {c.reuse}'s weights)" if c.reuse else ""
             print(f"{c.name:42} key {c.key}{extra}")
@@ -165,10 +171,10 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
         raise ConfigError(f"--tracking-uri: {e}") from None
     _warn_if_ephemeral(out, uri)
     tracking.check_reachable(uri)  # before pretraining and before Ray: seconds, not minutes of retries
-    if pretrain is not None and pretrain.steps:
+    if data_for is not None and any(needs_pretraining(c.cfg) for c in cells):
         from lab.pretrain import attach_pretrained
 
-        cells = attach_pretrained(cells, pretrain, out, uri)
+        cells = attach_pretrained(cells, out, uri, data_for)
     from lab import runner  # imports Ray: only once the config is known to be good
 
     print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {scrub_text(uri)} "
@@ -186,10 +192,11 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
         try:
             paths = tables.write_tables(uri, table, out, profile=args.profile)
             print("\n" + paths["md"].read_text())
+            print(paths["claims_md"].read_text())
             print(f"tables written under {out}")
         except Exception as e:  # noqa: BLE001 - the runs are safe in MLflow; `detlab tables` can redo this
             print(f"detlab: writing the tables failed ({type(e).__name__}: {e}); "
-                  f"rerun `detlab tables --table {table} --tracking-uri {uri}`", file=sys.stderr)
+                  f"rerun `detlab tables --table {table} --tracking-uri {scrub_text(uri)}`", file=sys.stderr)
             return 1
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
 
@@ -219,7 +226,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         tag = tracking.dataset_tag(args.name)
         if tag not in profile.datasets:
             raise ConfigError(f"profile {args.profile!r} has no {tag!r} dataset ({', '.join(profile.datasets)})")
-        resolved = single_cell(profile, overrides_to_dict(sets), tag).cfg
+        resolved = single_cell(profile, overrides_to_dict(sets), tag, check_required=False).cfg  # no training here
         base.data, base.model, base.assign = resolved.data, resolved.model, resolved.assign
     cfg = apply_overrides(base, sets)
     data, model = cfg.data, cfg.model
@@ -304,14 +311,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     if not uri.startswith("sqlite:"):
-        print(f"the tracking store is a server: open {uri}")
+        print(f"the tracking store is a server: open {scrub_text(uri)}")
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
     # MLflow 3.17's UI opens experiments in its GenAI view whatever their kind tag; the query picks
     # the model-training view (the runs table with metrics and the Dataset column)
     print(f"MLflow UI on http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning "
-          f"(store {uri}); Ctrl-C to stop", flush=True)
+          f"(store {scrub_text(uri)}); Ctrl-C to stop", flush=True)
     # no job runner: it starts 7 huey consumers (~2 GiB) that a read-only UI does not need
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, cmd)

@@ -1,4 +1,5 @@
-"""``detlab compare A B``: two runs' metric, the delta and its image-level paired bootstrap CI.
+"""``detlab compare A B``: two runs' metric, the delta, its bootstrap CI, P(B > A) and, for several
+seeds' runs per side (``A1,A2,A3 B1,B2,B3``, paired in order), the two-level CI and the MDE.
 
 Also the MLflow side of :mod:`lab.stats`: :class:`RunMatchesLoader` turns a cell run into
 :class:`lab.stats.VocMatches` / :class:`lab.stats.CocoMatches` from two artifacts, the detections
@@ -31,6 +32,7 @@ from mlflow.exceptions import MlflowException
 
 from detector.config import ConfigError, DataConfig, from_dict
 from lab import stats, tracking
+from lab.scrub import scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +133,16 @@ def matches_for(dataset: Any, detections: list[dict[str, Any]], voc07_exact: boo
 
 @dataclass(frozen=True)
 class Comparison:
-    """``detlab compare``'s result: both runs, the metric (percent) and the bootstrap CI of B − A."""
+    """``detlab compare``'s result: the runs of each side (pair k = ``runs_a[k]``, ``runs_b[k]``), their
+    metric (percent) and :func:`lab.stats.two_level_bootstrap` of B − A over the pairs (with one
+    pair: the image-level bootstrap, ``ci.seed_variance_known`` False)."""
 
-    run_a: Run
-    run_b: Run
+    runs_a: tuple[Run, ...]
+    runs_b: tuple[Run, ...]
     metric: str
-    value_a: float
-    value_b: float
-    ci: stats.BootstrapCI
+    values_a: tuple[float, ...]
+    values_b: tuple[float, ...]
+    ci: stats.TwoLevelCI
     n_images: int
     seed: int
 
@@ -154,7 +158,7 @@ def resolve_run(client: MlflowClient, ref: str, uri: str) -> Run:
     runs = client.search_runs(exp_ids, f"attributes.run_name = {quote}{ref}{quote}",
                               order_by=["attributes.start_time DESC"], max_results=100) if exp_ids else []
     if not runs:
-        raise LookupError(f"no run with id or name {ref!r} in the MLflow store {uri}")
+        raise LookupError(f"no run with id or name {ref!r} in the MLflow store {scrub_text(uri)}")
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if len(runs) > 1:
         log.warning("%d runs are named %r; using the newest %s one (%s)", len(runs), ref,
@@ -162,54 +166,104 @@ def resolve_run(client: MlflowClient, ref: str, uri: str) -> Run:
     return (finished or runs)[0]
 
 
-def compare(uri: str, ref_a: str, ref_b: str, metric: str | None = None,
+def _refs(refs: str | Sequence[str]) -> list[str]:
+    """``"a,b,c"`` or ``["a", "b"]`` → run references."""
+    out = [r.strip() for r in refs.split(",")] if isinstance(refs, str) else [str(r) for r in refs]
+    if not out or not all(out):
+        raise ValueError(f"empty run reference in {refs!r}")
+    return out
+
+
+def compare(uri: str, ref_a: str | Sequence[str], ref_b: str | Sequence[str], metric: str | None = None,
             n_resamples: int = stats.N_RESAMPLES, seed: int = stats.BOOTSTRAP_SEED) -> Comparison:
-    """Compare runs ``ref_a`` and ``ref_b`` (ids or names) on ``metric`` (default AP / mAP by format)."""
+    """Compare runs ``ref_a`` and ``ref_b`` (ids or names) on ``metric`` (default AP / mAP by format).
+
+    Each side may be several runs (a comma-separated string or a list), one per seed: they are
+    paired in order, every pair scored on the same image resamples (all runs must share the val
+    image ids), and the delta gets the two-level bootstrap, P(B > A) and the MDE.
+    """
+    refs_a, refs_b = _refs(ref_a), _refs(ref_b)
+    if len(refs_a) != len(refs_b):
+        raise ValueError(f"A has {len(refs_a)} run(s) and B {len(refs_b)}: give one B run per A run (paired in order)")
     client = MlflowClient(uri)
-    run_a, run_b = resolve_run(client, ref_a, uri), resolve_run(client, ref_b, uri)
-    ds_a = run_a.data.tags.get(tracking.TAG_DATASET)
-    ds_b = run_b.data.tags.get(tracking.TAG_DATASET)
-    if ds_a and ds_b and ds_a != ds_b:
-        raise ValueError(f"runs are on different datasets: {ref_a!r} on {ds_a!r}, {ref_b!r} on {ds_b!r}; "
-                         "a paired comparison needs the same val images")
+    runs_a = [resolve_run(client, r, uri) for r in refs_a]
+    runs_b = [resolve_run(client, r, uri) for r in refs_b]
+    datasets = {(ref, ds) for ref, run in zip(refs_a + refs_b, runs_a + runs_b)
+                if (ds := run.data.tags.get(tracking.TAG_DATASET))}
+    if len({ds for _, ds in datasets}) > 1:
+        named = ", ".join(f"{ref!r} on {ds!r}" for ref, ds in sorted(datasets))
+        raise ValueError(f"runs are on different datasets: {named}; a paired comparison needs the same val images")
     loader = RunMatchesLoader(client)
-    ma, mb = loader.load(run_a.info.run_id), loader.load(run_b.info.run_id)
-    fmt = "coco" if isinstance(ma, stats.CocoMatches) else "voc"
+    ma = [loader.load(r.info.run_id) for r in runs_a]
+    mb = [loader.load(r.info.run_id) for r in runs_b]
+    fmt = "coco" if isinstance(ma[0], stats.CocoMatches) else "voc"
     metric = metric or METRICS_BY_FORMAT[fmt][0]
     if metric not in METRICS_BY_FORMAT[fmt]:
         raise ValueError(f"--metric {metric!r}: {fmt.upper()}-format runs support {', '.join(METRICS_BY_FORMAT[fmt])}")
-    ma, mb = stats.for_metric(ma, metric), stats.for_metric(mb, metric)
+    ma, mb = [stats.for_metric(m, metric) for m in ma], [stats.for_metric(m, metric) for m in mb]
+    for k in range(len(ma)):
+        _check_pair(refs_a[k], ma[k], refs_b[k], mb[k])  # the pair: same val images, by id
+        _check_pair(refs_a[0], ma[0], refs_a[k], ma[k])  # every pair: one shared resample matrix
+    counts = stats.resample_counts(ma[0].image_ids.size, n_resamples, seed)
+    values_a, values_b = [stats.full_metric(m) for m in ma], [stats.full_metric(m) for m in mb]
+    resampled = np.stack([stats.resampled_metric(b, counts) - stats.resampled_metric(a, counts)
+                          for a, b in zip(ma, mb)])
+    ci = stats.two_level_bootstrap([vb - va for va, vb in zip(values_a, values_b)], resampled, seed=seed)
+    return Comparison(tuple(runs_a), tuple(runs_b), metric, tuple(values_a), tuple(values_b), ci,
+                      int(ma[0].image_ids.size), seed)
+
+
+def _check_pair(ref_a: str, a: stats.Matches, ref_b: str, b: stats.Matches) -> None:
+    """:func:`lab.stats.check_pairable`, its message prefixed with both run references."""
     try:
-        stats.check_pairable(ma, mb)
+        stats.check_pairable(a, b)
     except ValueError as e:
         raise ValueError(f"runs {ref_a!r} and {ref_b!r}: {e}") from None
-    ci = stats.paired_bootstrap(ma, mb, n_resamples, seed)
-    return Comparison(run_a, run_b, metric, stats.full_metric(ma), stats.full_metric(mb), ci, int(ma.image_ids.size),
-                      seed)
 
 
 def format_comparison(c: Comparison, digits: int = 2) -> str:
-    """Human-readable lines: A, B (name, id, metric), then Δ = B − A with the bootstrap CI."""
+    """Human-readable lines: the runs of A and B (name, id, seed, metric), then Δ = B − A with its
+    CI, P(B > A) and the MDE (or why the seed variance is unknown)."""
     def line(tag: str, run: Run, value: float) -> str:
         logged = run.data.metrics.get(c.metric)
         note = "" if logged is None or not math.isfinite(value) or abs(logged - value) < 1e-6 else \
             f" (logged {logged:.{digits}f}: computed under another setting)"
-        return f"{tag}  {run.info.run_name or '-':40} run {run.info.run_id}  {c.metric} {value:.{digits}f}{note}"
+        seed = run.data.tags.get(tracking.TAG_SEED, "-")
+        return (f"{tag}  {run.info.run_name or '-':40} run {run.info.run_id}  seed {seed}  "
+                f"{c.metric} {value:.{digits}f}{note}")
 
-    mark = "  *CI excludes 0" if c.ci.excludes_zero else ""
-    return "\n".join([
-        line("A", c.run_a, c.value_a),
-        line("B", c.run_b, c.value_b),
-        f"Δ (B − A) {c.ci.delta:+.{digits}f} {c.metric}, {round(100 * c.ci.level)}% image-level paired bootstrap CI "
-        f"[{c.ci.lo:+.{digits}f}, {c.ci.hi:+.{digits}f}] ({c.ci.n_resamples} resamples of {c.n_images} val images, "
-        f"seed {c.seed}){mark}",
-    ])
+    ci, level = c.ci, round(100 * c.ci.level)
+    interval = f"[{ci.lo:+.{digits}f}, {ci.hi:+.{digits}f}]"
+    out = [line("A", r, v) for r, v in zip(c.runs_a, c.values_a)]
+    out += [line("B", r, v) for r, v in zip(c.runs_b, c.values_b)]
+    if not ci.seed_variance_known:
+        mark = "  (image-only CI excludes 0)" if ci.interval_excludes_zero else ""
+        out += [
+            f"Δ (B − A) {ci.delta:+.{digits}f} {c.metric}, {level}% image-level paired bootstrap CI {interval} "
+            f"({ci.n_resamples} resamples of {c.n_images} val images, seed {c.seed}){mark}",
+            f"P(B > A) {ci.p_better:.2f}: share of the image resamples on which B scores higher (ties ½)",
+            "seed variance unknown (1 run per side): the CI reflects val-image sampling only and the MDE is unknown; "
+            "pass one run per seed on each side, comma-separated and paired in order (A1,A2,A3 B1,B2,B3)",
+        ]
+        return "\n".join(out)
+    mark = "  † (the two-level CI excludes 0)" if ci.excludes_zero else ""
+    mde = "unknown" if ci.mde is None else f"{ci.mde:.{digits}f}"
+    out += [
+        f"Δ (B − A) {ci.delta:+.{digits}f} {c.metric} over {ci.n_pairs} seed pairs, {level}% two-level bootstrap CI "
+        f"{interval} (seed pairs x {ci.n_resamples} resamples of {c.n_images} val images, seed {c.seed}){mark}",
+        f"P(B > A) {ci.p_better:.2f}: share of (seed pair, image resample) outcomes in which B beats A (ties ½)",
+        f"MDE {mde} {c.metric}: the smallest true Δ these {ci.n_pairs} seeds detect with 80% power at two-sided "
+        f"{100 - level}% (seed SD {ci.s_seed:.{digits}f}, image-sampling SD {ci.s_img:.{digits}f})",
+    ]
+    return "\n".join(out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``detlab compare`` (on the subparser ``lab.cli`` makes)."""
-    p.add_argument("run_a", metavar="A", help="MLflow run id or run name (the cell name) of the reference run")
-    p.add_argument("run_b", metavar="B", help="run id or name of the run compared with A (Δ = B − A)")
+    p.add_argument("run_a", metavar="A", help="MLflow run id or run name (the cell name) of the reference run; "
+                   "several seeds' runs comma-separated (A1,A2,A3)")
+    p.add_argument("run_b", metavar="B", help="run id or name of the run compared with A (Δ = B − A); "
+                   "comma-separated, one per A run, paired in order")
     p.add_argument("--metric", default=None, help="AP, AP50, AP75 (COCO-format) or mAP (VOC-format); "
                    "default AP / mAP")
     p.add_argument("--resamples", type=int, default=stats.N_RESAMPLES, help="bootstrap resamples (default 1000)")

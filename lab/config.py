@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from detector.digest import file_sha256 as detector_file_sha256
 from detector.config import (
     ConfigError,
     DetectorConfig,
@@ -85,12 +86,27 @@ class TrainConfig:
     #: many seconds by one worker per node, as ``system/...`` (``system/node<k>/...`` on several
     #: nodes); 0 = off.
     system_metrics_s: float = 10.0
+    #: intra-op threads of each worker (``torch.set_num_threads``). A different count splits the
+    #: reductions differently and so changes the float results: it is part of the cell key.
+    #: 0 = ``scaling.cpus_per_worker`` (resolved by :func:`build_config`).
+    threads: int = 0
+    #: ``torch.use_deterministic_algorithms`` (warn-only on CUDA, where some detection ops have no
+    #: deterministic kernel), ``cudnn.benchmark`` off; see bench/bench_determinism.py for its cost.
+    deterministic: bool = True
+    #: evaluate an exponential moving average of the weights (YOLO / mmdetection's EMAHook):
+    #: decay ``ema_decay * (1 - exp(-updates / ema_warmup))``; 0 = off (evaluate the raw weights).
+    ema_decay: float = 0.0
+    ema_warmup: int = 2000
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "base_lr", "log_every"):
             check_positive(f"train.{key}", getattr(self, key))
-        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip", "system_metrics_s", "max_nonfinite"):
+        for key in ("warmup_iters", "max_iters", "weight_decay", "grad_clip", "system_metrics_s", "max_nonfinite",
+                    "threads"):
             check_min(f"train.{key}", getattr(self, key))
+        check_positive("train.ema_warmup", self.ema_warmup)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must be in [0, 1) (0 = no EMA)")
         for key in ("momentum", "warmup_factor", "lr_gamma", "warmup_frac"):
             check_unit(f"train.{key}", getattr(self, key))
         check_choice("train.lr_schedule", self.lr_schedule, ("step", "cosine"))
@@ -164,12 +180,58 @@ class ScalingOptions:
 
 
 @dataclass
+class PretrainConfig:
+    """Backbone pretraining on object-crop classification (:mod:`lab.pretrain`), the offline stand-in
+    for ImageNet; ``steps: 0`` (the default) means none.
+
+    The file a cell starts from is determined by these settings, the body (backbone, width, norm),
+    the pretraining data and the code and torch version, and the cell key sees it through its
+    sha256 only (``pretrain.*`` are left out of :func:`cell_key`).
+    """
+
+    steps: int = 0
+    batch_size: int = 64
+    #: side of the square crops, pixels.
+    crop_size: int = 64
+    lr: float = 0.002
+    weight_decay: float = 0.05
+    #: None: the cell's ``train.seed``, so every seed of a table pretrains its own file and the
+    #: seed CIs include the pretraining; an int: that seed for every cell (one shared file).
+    seed: int | None = None
+    #: dataset tags (of the profile's ``datasets:``) whose *train* splits give the crops; () = the
+    #: cell's own dataset. Fixed by the profile, never by the datasets a job happens to run.
+    datasets: tuple[str, ...] = ()
+    #: intra-op threads of the pretraining process (a different count gives a different file).
+    threads: int = 1
+    #: held-out crops, cut from the *val* splits of the same datasets, for the accuracy curve.
+    val_crops: int = 2000
+
+    def validate(self) -> None:
+        check_min("pretrain.steps", self.steps)
+        for key in ("batch_size", "crop_size", "lr", "threads", "val_crops"):
+            check_positive(f"pretrain.{key}", getattr(self, key))
+        check_min("pretrain.weight_decay", self.weight_decay)
+        if self.seed is not None:
+            check_min("pretrain.seed", self.seed)
+
+    def seed_for(self, train_seed: int) -> int:
+        """The pretraining seed of a cell whose ``train.seed`` is ``train_seed``."""
+        return train_seed if self.seed is None else self.seed
+
+
+@dataclass
 class LabConfig(DetectorConfig):
     """A fully resolved experiment: detector sections plus train / eval / scaling."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingOptions = field(default_factory=ScalingOptions)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads per worker: ``train.threads``, else ``scaling.cpus_per_worker``."""
+        return self.train.threads or self.scaling.cpus_per_worker
 
     @property
     def global_batch(self) -> int:
@@ -195,10 +257,20 @@ WEIGHT_KEYS = ("model.weights_backbone", "model.weights")
 
 
 def cell_key(cfg: LabConfig) -> str:
-    """Stable 12-hex-digit hash of the resolved config (the ``detlab.key`` tag, the Ray run name)."""
-    items = {k: v for k, v in flatten(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    """Stable 12-hex-digit hash of the resolved config (the ``detlab.key`` tag, the Ray run name).
+
+    Weight files count by content: the declared ``model.weights_backbone_sha256`` when set, else the
+    file's sha256. ``pretrain.*`` do not count: the pretrained file they make enters through its
+    sha256. The thread count counts as resolved (:attr:`LabConfig.threads`), since it changes the
+    float results.
+    """
+    items = {k: v for k, v in flatten(cfg).items() if k not in NON_SEMANTIC_KEYS and not k.startswith("pretrain.")}
+    items["train.threads"] = cfg.threads
+    declared = items.pop("model.weights_backbone_sha256", None)
     for k in WEIGHT_KEYS:
-        if items.get(k) and Path(items[k]).is_file():
+        if k == "model.weights_backbone" and items.get(k) and declared:
+            items[k] = "sha256:" + declared
+        elif items.get(k) and Path(items[k]).is_file():
             items[k] = "sha256:" + file_sha256(items[k])
     blob = json.dumps(items, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -213,11 +285,7 @@ def file_sha256(path: str | Path) -> str:
     st = p.stat()
     memo = (str(p), st.st_size, st.st_mtime_ns)
     if memo not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[memo] = h.hexdigest()
+        _SHA_CACHE[memo] = detector_file_sha256(p)
     return _SHA_CACHE[memo]
 
 
@@ -231,6 +299,7 @@ def build_config(*layers: dict[str, Any], source: str = "config") -> LabConfig:
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    cfg.train.threads = cfg.threads  # explicit in the logged params, not "0"
     return cfg
 
 
@@ -278,6 +347,7 @@ __all__ = [
     "EvalConfig",
     "LabConfig",
     "PROFILES",
+    "PretrainConfig",
     "ScalingOptions",
     "TrainConfig",
     "apply_overrides",

@@ -21,7 +21,6 @@ from typing import Any
 
 from detector.config import DETECTORS, ConfigError, flatten, from_dict, merge_dicts, overrides_to_dict
 from lab.config import PROFILES, PROFILES_DIR, LabConfig, build_config, cell_key, read_yaml_mapping
-from lab.pretrain import PretrainConfig
 from lab.tracking import DATASETS, dataset_tag
 
 #: Table 2 rows: the components switched on (IAC assignment, DC loss, CL-B NMS).
@@ -99,8 +98,6 @@ class Profile:
     table2: TableSpec = field(default_factory=TableSpec)
     #: dotted keys the user must set (e.g. data.root for real datasets).
     required: list[str] = field(default_factory=list)
-    #: backbone pretraining before the cells train (``steps: 0`` = none; see :mod:`lab.pretrain`).
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def table(self, table: int) -> TableSpec:
         return {1: self.table1, 2: self.table2}[table]
@@ -144,10 +141,6 @@ def load_profile(name: str) -> Profile:
     for tag in prof.datasets:
         if tag not in DATASETS:
             raise ConfigError(f"{path}: datasets.{tag}: unknown dataset tag; known: {DATASETS}")
-    try:
-        prof.pretrain.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
     for t in (1, 2):
         for tag in prof.table(t).datasets:
             if tag not in prof.datasets:
@@ -265,14 +258,34 @@ def _table1_plan(profile: Profile, spec: TableSpec, methods: list[str] | None) -
     return plan
 
 
-def single_cell(profile: Profile, user: dict[str, Any], dataset: str | None = None, row: str = "custom") -> Cell:
-    """One cell from a profile plus user overrides (``detlab train``); table is 0 (none)."""
+def profile_data(profile: Profile, tag: str, user: dict[str, Any] | None = None,
+                 data_roots: list[str] | None = None) -> Any:
+    """The ``data`` section of the profile's dataset ``tag`` as a job resolves it (profile config,
+    the dataset's layer, the user's overrides, ``--data-root``): what ``pretrain.datasets`` reads."""
+    if tag not in profile.datasets:
+        raise KeyError(f"{tag!r} is not a dataset of profile {profile.name!r} ({', '.join(profile.datasets)})")
+    mine = [r for r in data_roots or [] if r.partition("=")[0] == tag or "=" not in r]
+    layers = [profile.config, profile.datasets[tag], user or {}, data_root_overrides(mine, [tag]).get(tag, {})]
+    return build_config(_expand_backbone(layers), source=f"profile {profile.name} dataset {tag}").data
+
+
+def single_cell(profile: Profile, user: dict[str, Any], dataset: str | None = None, row: str = "custom",
+                check_required: bool = True) -> Cell:
+    """One cell from a profile plus user overrides (``detlab train``, ``detlab sweep``); table is 0
+    (none). ``check_required``: refuse it, as a table cell, when a key of the profile's ``required``
+    is unset (off for ``detlab data``, which trains nothing)."""
     tag = dataset or next(iter(profile.table2.datasets or profile.datasets), None)
     base = merge_dicts(profile.config, profile.datasets.get(tag, {})) if tag else profile.config
     # the detector layer of the detector this cell builds (the user's choice, else the profile's)
     detector = (user.get("model") or {}).get("detector") or (base.get("model") or {}).get("detector") or "retinanet"
     base = merge_dicts(base, profile.detectors.get(str(detector), {}))
-    cfg = build_config(base, user, source=f"detlab train (profile {profile.name})")
+    source = f"detlab train (profile {profile.name})"
+    if check_required:  # --set works for every command (detlab train has no --data-root)
+        _check_required(merge_dicts(base, user), profile, source, {
+            "data.root": " (pass --set data.root=PATH)",
+            "model.weights_backbone": " (pass --set model.weights_backbone=PATH: a local ImageNet state_dict of "
+                                      "model.backbone; frozen BN over random weights would train from noise)"})
+    cfg = build_config(base, user, source=source)
     return Cell(0, row, dataset_tag(cfg.data.dataset), cfg.train.seed, profile.name, cfg, cell_key(cfg))
 
 
@@ -290,8 +303,9 @@ def _expand_backbone(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _check_required(merged: dict[str, Any], profile: Profile, where: str) -> None:
-    """The profile's required keys must be given (checked first: the hint says how)."""
+def _check_required(merged: dict[str, Any], profile: Profile, where: str, hints: dict[str, str] | None = None) -> None:
+    """The profile's required keys must be given (checked first: the hint says how; ``hints`` replace
+    the table job's hint per key)."""
     flat = flatten(LabConfig())
     for key in profile.required:
         if key not in flat:
@@ -304,6 +318,7 @@ def _check_required(merged: dict[str, Any], profile: Profile, where: str) -> Non
                 "data.root": " (pass --data-root [TAG=]PATH)",
                 "model.weights_backbone": " (pass --set model.weights_backbone=/weights/{backbone}.pth: a local"
                 " ImageNet state_dict; {backbone} is replaced by each row's backbone)",
+                **(hints or {}),
             }.get(key, f" (pass --set {key}=...)")
             raise ConfigError(f"{where}: {key} must be set{hint}")
 

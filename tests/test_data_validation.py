@@ -392,3 +392,24 @@ def test_validate_data_checks_across_splits_and_the_model(tmp_path: Path) -> Non
     _edit_json(root / "annotations/instances_train.json", lambda d: [a.update(iscrowd=1) for a in d["annotations"]])
     with pytest.raises(ConfigError, match="train split 'train': no image with a usable"):
         validate_data(data)
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "sub/../../outside.png", "..\\outside.png", "ABSOLUTE"])
+def test_coco_file_name_cannot_leave_the_images_directory(tmp_path: Path, escape: str) -> None:
+    """Issue #17 finding 15: a file_name that is absolute or holds '..' is refused, named; the file
+    it points at exists, so only the check stops the loader from reading it."""
+    ann = _coco_split(tmp_path, "train", n=2)
+    _image(tmp_path / "outside.png")
+    name = str(tmp_path / "outside.png") if escape == "ABSOLUTE" else escape
+    _edit_json(ann, lambda d: d["images"][1].update(file_name=name))
+    with pytest.raises(DatasetError, match=r"instances_train\.json.*image id=2 has file_name=.*outside\.png.*which "
+                                           r"leaves the images directory"):
+        CocoDetection(tmp_path / "train", ann, train=False)
+
+
+def test_coco_file_name_in_a_subdirectory_is_fine(tmp_path: Path) -> None:
+    ann = _coco_split(tmp_path, "train", n=2)
+    (tmp_path / "train" / "sub").mkdir()
+    (tmp_path / "train" / "img2.png").rename(tmp_path / "train" / "sub" / "img2.png")
+    _edit_json(ann, lambda d: d["images"][1].update(file_name="sub/img2.png"))
+    assert CocoDetection(tmp_path / "train", ann, train=False).records[1].path == tmp_path / "train" / "sub" / "img2.png"

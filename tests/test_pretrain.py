@@ -1,6 +1,8 @@
 """Backbone pretraining: the crop task, weights that load through model.weights_backbone, the cached
 and tracked stage of a table job, and cell keys that see weight files by content."""
 
+import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,12 +11,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from detector.config import DetectorConfig, apply_overrides
+from detector.config import DataConfig, DetectorConfig, apply_overrides, merge_dicts
+from detector.data import build_dataset
 from detector.model import build_detector
 from detector.pretrain import CropSource, pretrain_backbone, sample_crops
-from lab.config import build_config, cell_key
-from lab.experiments import load_profile, table_cells
-from lab.pretrain import EXPERIMENT, PretrainConfig, attach_pretrained
+from lab.config import PretrainConfig, build_config, cell_key, file_sha256
+from lab.experiments import load_profile, profile_data, table_cells
+from lab.pretrain import EXPERIMENT, Body, PretrainJob, attach_pretrained, make_pretrained, pretrain_job
 
 
 def _source() -> CropSource:
@@ -61,53 +64,148 @@ def test_cell_key_sees_weight_files_by_content(tmp_path):
     assert key[a] == key[b] != key[c]
 
 
-def test_table_stage_pretrains_once_per_body_and_reuses_the_file(tmp_path, monkeypatch):
+_BODY = {"model": {"backbone": "resnet10", "backbone_width": 16, "norm": "bn"},
+         "pretrain": {"steps": 3, "batch_size": 4, "crop_size": 32, "val_crops": 40}}
+
+
+def _attach(cells, profile, user, out, uri):
+    return attach_pretrained(cells, out, uri, lambda tag: profile_data(profile, tag, user))
+
+
+def test_table_stage_pretrains_a_file_per_seed_and_dataset_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
     profile = load_profile("smoke")
-    cells = table_cells(2, profile, 1, {"model": {"backbone": "resnet10", "backbone_width": 16, "norm": "bn"}})
+    cells = table_cells(2, profile, 2, _BODY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    pcfg = PretrainConfig(steps=2, batch_size=4, crop_size=32)
     out = tmp_path / "out"
-    first = attach_pretrained(cells, pcfg, out, uri)
-    paths = {c.cfg.model.weights_backbone for c in first}
-    assert len(paths) == 1 and all(c.cfg.model.trainable_backbone_layers == 5 for c in first)
+    first = _attach(cells, profile, _BODY, out, uri)
+    files = {(c.dataset, c.seed): c.cfg.model.weights_backbone for c in first}
+    # pretrain.seed follows train.seed and pretrain.datasets is empty (each cell's own dataset):
+    # one file per (dataset, seed), shared by the four rows
+    assert len(set(files.values())) == 4
+    for c in first:
+        path = Path(c.cfg.model.weights_backbone)
+        assert path.name == f"backbone-{c.cfg.model.weights_backbone_sha256}.pt"  # named by its content
+        assert file_sha256(path) == c.cfg.model.weights_backbone_sha256
+        assert c.cfg.model.trainable_backbone_layers == 5 and c.key == cell_key(c.cfg)
+        assert c.cfg.model.weights_backbone == files[(c.dataset, c.seed)]
     assert all(new.key != old.key for new, old in zip(first, cells))
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["pretrain.classes"].startswith("shapes:")  # shapes and trees, in tag order
-    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "weights")] == ["weights/backbone.pt"]
-    weights = Path(next(iter(paths)))
-    mtime = weights.stat().st_mtime_ns
-    again = attach_pretrained(cells, pcfg, out, uri)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.params["pretrain.data"] for r in runs} == {"shapes", "trees"}
+    assert {r.data.tags["detlab.seed"] for r in runs} == {"0", "1"}
+    assert all(r.data.tags["mlflow.source.git.commit"] and r.data.tags["detlab.env.threads"] == "1" for r in runs)
+    mtimes = {p: Path(p).stat().st_mtime_ns for p in files.values()}
+    again = _attach(cells, profile, _BODY, out, uri)
     assert [c.key for c in again] == [c.key for c in first]
-    assert len(client.search_runs([runs[0].info.experiment_id])) == 1  # reused, not retrained
-    assert weights.stat().st_mtime_ns == mtime
+    assert len(client.search_runs([runs[0].info.experiment_id])) == 4  # reused, not retrained
+    assert {p: Path(p).stat().st_mtime_ns for p in files.values()} == mtimes
     # a cell that names its own weights keeps them
-    named = table_cells(2, profile, 1, {"model": {"backbone": "resnet10", "backbone_width": 16, "norm": "bn",
-                                                  "weights_backbone": str(weights)}})
-    assert attach_pretrained(named, pcfg, out, uri)[0].cfg.model.trainable_backbone_layers == 3
+    named = table_cells(2, profile, 1, merge_dicts(_BODY, {"model": {"weights_backbone": files[("shapes", 0)]}}))
+    assert _attach(named, profile, _BODY, out, uri)[0].cfg.model.trainable_backbone_layers == 3
+
+
+def test_the_same_pretraining_twice_gives_the_same_bytes_and_keys(tmp_path, monkeypatch):
+    """Fresh output dirs, same settings: byte-identical files (so identical cell keys), in parallel
+    processes or not; a shared pretrain.seed gives every seed one file."""
+    monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
+    profile = load_profile("smoke")
+    cells = [c for c in table_cells(2, profile, 2, _BODY) if c.row == "baseline" and c.dataset == "shapes"]
+    a = _attach(cells, profile, _BODY, tmp_path / "a", None)
+    b = _attach(cells[:1], profile, _BODY, tmp_path / "b", None)  # alone: no second process beside it
+    assert a[0].cfg.model.weights_backbone_sha256 == b[0].cfg.model.weights_backbone_sha256
+    assert Path(a[0].cfg.model.weights_backbone).read_bytes() == Path(b[0].cfg.model.weights_backbone).read_bytes()
+    assert a[0].key == b[0].key and a[0].key != a[1].key
+    shared = merge_dicts(_BODY, {"pretrain": {"seed": 7}})
+    s = _attach(table_cells(2, profile, 2, shared)[:1] + table_cells(2, profile, 2, shared)[4:5], profile, shared,
+                tmp_path / "a", None)
+    assert s[0].seed != s[1].seed and s[0].cfg.model.weights_backbone == s[1].cfg.model.weights_backbone
+
+
+def test_the_thread_count_and_the_pretraining_data_are_in_the_key():
+    job = PretrainJob(PretrainConfig(steps=2, seed=0), Body("resnet10", 16, "bn"), (("shapes", DataConfig()),),
+                      ("a:b",))
+    assert job.key != dataclasses.replace(job, pcfg=PretrainConfig(steps=2, seed=0, threads=2)).key
+    assert job.key != dataclasses.replace(job, data=(("shapes", DataConfig()), ("trees", DataConfig("trees"))),
+                                          digests=("a:b", "c:d")).key
+    assert job.key == dataclasses.replace(job, data=(("shapes", DataConfig(hflip_prob=0.0)),)).key  # augmentation
+    assert job.key != dataclasses.replace(job, digests=("a:c",)).key  # the same settings over other records
+    # and a cell's own thread count is in its key, as resolved (train.threads=0 -> cpus_per_worker)
+    one, two = build_config({"scaling": {"cpus_per_worker": 1}}), build_config({"scaling": {"cpus_per_worker": 2}})
+    assert one.train.threads == 1 and two.train.threads == 2 and cell_key(one) != cell_key(two)
+    pinned = build_config({"train": {"threads": 1}, "scaling": {"cpus_per_worker": 2}})
+    assert cell_key(pinned) == cell_key(one)  # more CPUs reserved, same threads: the same cell
+
+
+def _race(out: str, data: str, barrier) -> tuple[str, str]:
+    import os
+
+    os.environ["DETLAB_DATA"] = data
+    profile = load_profile("smoke")
+    cell = table_cells(2, profile, 1, _BODY)[4]
+    job = pretrain_job(cell.cfg, cell.dataset, lambda tag: profile_data(profile, tag, _BODY))
+    barrier.wait()
+    res = make_pretrained(job, Path(out))
+    return res["path"], str(res["reused"])
+
+
+def test_two_jobs_racing_for_one_key_make_one_file_and_both_use_it(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
+    table_cells(2, load_profile("smoke"), 1, _BODY)  # the data exists before the race
+    build_dataset(profile_data(load_profile("smoke"), "shapes", _BODY), "train", train=False)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_race, [(str(tmp_path / "out"), str(tmp_path / "data"), barrier)] * 2)
+    assert results[0][0] == results[1][0]  # one file, named in both
+    assert sorted(r[1] for r in results) == ["False", "True"]  # one made it, the other waited and reused it
+    assert len(list((tmp_path / "out" / "pretrain").glob("*/backbone-*.pt"))) == 1
+
+
+def test_a_changed_file_is_refused_naming_both_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
+    profile = load_profile("smoke")
+    cell = _attach(table_cells(2, profile, 1, _BODY)[4:5], profile, _BODY, tmp_path / "out", None)[0]
+    path, sha = Path(cell.cfg.model.weights_backbone), cell.cfg.model.weights_backbone_sha256
+    state = torch.load(path, weights_only=True)
+    state["conv1.weight"] += 1.0
+    torch.save(state, path)
+    cfg = copy.deepcopy(cell.cfg)
+    cfg.model.num_classes = 3
+    with pytest.raises(ValueError, match=f"has sha256 {file_sha256(path)}, but the cell expects {sha}"):
+        build_detector(cfg)
+    with pytest.raises(ValueError, match=f"but its manifest records {sha}"):
+        _attach(table_cells(2, profile, 1, _BODY)[4:5], profile, _BODY, tmp_path / "out", None)
 
 
 def test_pretrain_settings_are_checked():
     with pytest.raises(Exception, match="pretrain.crop_size=0 must be > 0"):
         PretrainConfig(crop_size=0).validate()
+    with pytest.raises(Exception, match="pretrain.datasets names 'voc07'"):
+        cell = table_cells(2, load_profile("smoke"), 1, {"pretrain": {"steps": 1, "datasets": ["voc07"]}})[0]
+        pretrain_job(cell.cfg, cell.dataset, lambda tag: profile_data(load_profile("smoke"), tag))
 
 
 def test_a_sweep_starts_from_the_tables_pretrained_backbone(tmp_path, monkeypatch):
-    """No Ray: the plan only. The sweep's base names the file the Table 2 job of the profile makes."""
+    """No Ray: the plan only. The sweep's base names the file the Table 2 cell of that seed starts from."""
     from lab.sweep import build_parser, build_plan, with_pretrained_backbone
 
     monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
-    sets = ["--set", "model.backbone=resnet10", "--set", "model.backbone_width=16", "--set", "model.norm=bn"]
+    sets = ["--set", "model.backbone=resnet10", "--set", "model.backbone_width=16", "--set", "model.norm=bn",
+            "--set", "pretrain.steps=3", "--set", "pretrain.batch_size=4", "--set", "pretrain.crop_size=32",
+            "--set", "pretrain.val_crops=40"]
     args = build_parser().parse_args(["--profile", "smoke", "--dataset", "shapes", "--out", str(tmp_path / "out"), *sets])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    pcfg = PretrainConfig(steps=2, batch_size=4, crop_size=32)
-    plan = with_pretrained_backbone(build_plan(args), args, uri, pretrain=pcfg)
-    table = attach_pretrained(table_cells(2, load_profile("smoke"), 1, {"model": {
-        "backbone": "resnet10", "backbone_width": 16, "norm": "bn"}}), pcfg, tmp_path / "out", uri)
-    assert plan.cfg.model.weights_backbone == table[0].cfg.model.weights_backbone
+    plan = with_pretrained_backbone(build_plan(args), args, uri)
+    profile = load_profile("smoke")
+    table = _attach(table_cells(2, profile, 1, _BODY), profile, _BODY, tmp_path / "out", uri)
+    shapes = next(c for c in table if c.dataset == "shapes")
+    assert plan.cfg.model.weights_backbone == shapes.cfg.model.weights_backbone
     assert plan.base["model"]["weights_backbone"] == plan.cfg.model.weights_backbone
     assert plan.cfg.model.trainable_backbone_layers == 5
     client = MlflowClient(uri)
-    assert len(client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])) == 1  # made once
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 2  # shapes made once (by the sweep), trees by the table

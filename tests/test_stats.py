@@ -1,4 +1,5 @@
-"""lab.stats (seed-paired CI, image-level paired bootstrap) and lab.compare (``detlab compare``).
+"""lab.stats (seed-paired CI, image-level and two-level bootstrap, P(B > A), verdicts) and lab.compare
+(``detlab compare``). The power / MDE simulations are in tests/test_power.py.
 
 The bootstrap's weighted re-accumulation is checked against the real evaluators on explicitly
 duplicated images; ``detlab compare`` runs against a sqlite MLflow store with logged artifacts.
@@ -7,6 +8,7 @@ duplicated images; ``detlab compare`` runs against a sqlite MLflow store with lo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,7 @@ def test_identical_predictions_give_zero_delta_and_zero_width_ci() -> None:
     a, b = stats.voc_matches(gts, dets, NAMES), stats.voc_matches(gts, dets, NAMES)
     ci = stats.paired_bootstrap(a, b, 200, seed=1)
     assert (ci.delta, ci.lo, ci.hi) == (0.0, 0.0, 0.0) and not ci.excludes_zero
+    assert ci.p_better == 0.5  # every resample a tie
 
 
 def test_extra_true_positives_give_ci_above_zero() -> None:
@@ -164,7 +167,10 @@ def test_extra_true_positives_give_ci_above_zero() -> None:
     better = _with_extra_tp(gts, dets)
     a, b = stats.voc_matches(gts, dets, NAMES), stats.voc_matches(gts, better, NAMES)
     ci = stats.paired_bootstrap(a, b, 1000, seed=0)
-    assert ci.delta > 0 and ci.lo > 0 and ci.excludes_zero
+    assert ci.delta > 0 and ci.lo > 0 and ci.interval_excludes_zero
+    # one pair of runs: image sampling only, so it is never marked as excluding 0 (no seed variance)
+    assert ci.n_pairs == 1 and not ci.seed_variance_known and not ci.excludes_zero and ci.mde is None
+    assert ci.p_better > 0.95  # B >= A on every resample, > on most
     # same seed, same resamples: reproducible; swapping A and B mirrors the interval
     assert stats.paired_bootstrap(a, b, 1000, seed=0) == ci
     rev = stats.paired_bootstrap(b, a, 1000, seed=0)
@@ -175,19 +181,98 @@ def test_unpairable_runs_are_refused() -> None:
     gts, dets = _scene(6)
     a = stats.voc_matches(gts, dets, NAMES)
     b = stats.voc_matches(gts[:-1], dets[:-1], NAMES)
-    with pytest.raises(ValueError, match="different images"):
-        stats.paired_bootstrap(a, b, 10)
+    with pytest.raises(ValueError, match="different images .0 of A's 29 image ids are not among B's, 1 of B's 30 not"):
+        stats.paired_bootstrap(b, a, 10)
+    shifted = stats.voc_matches([{**g, "image_id": g["image_id"] + 28} for g in gts],
+                                [{**d, "image_id": d["image_id"] + 28} for d in dets], NAMES)
+    with pytest.raises(ValueError, match="28 of A's 30 image ids are not among B's, 28 of B's 30 not among A's"):
+        stats.check_pairable(a, shifted)  # same count, other ids: refused (pairing is by id, not count)
+    order = np.random.default_rng(0).permutation(len(gts))
+    shuffled = stats.voc_matches([gts[i] for i in order], [dets[i] for i in order], NAMES)
+    with pytest.raises(ValueError, match="the same 30 image ids in another order"):
+        stats.check_pairable(a, shuffled)
     with pytest.raises(ValueError, match=r"shape \[B, 30\]"):
         stats.resampled_metric(a, np.ones((2, 29), dtype=np.int64))
     with pytest.raises(ValueError, match="'AP50'"):
         stats.for_metric(a, "AP50")
 
 
-def test_pooled_bootstrap_averages_pairs_per_resample() -> None:
-    ci = stats.pooled_bootstrap_ci([1.0, 3.0], [np.array([0.0, 1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0, 5.0])],
-                                   level=0.5)
-    # per resample means: 1, 2, 3, 4 -> 25% / 75% quantiles 1.75, 3.25
-    assert (ci.delta, ci.lo, ci.hi, ci.n_pairs, ci.n_resamples) == (2.0, 1.75, 3.25, 2, 4)
+# ---------------------------------------------------------------------------------------------
+# two-level bootstrap (seed pairs x image resamples) on constructed delta matrices
+
+
+def test_two_level_without_image_variance_is_a_seed_bootstrap() -> None:
+    # D[s, j] = d_s: each replicate is the mean of 2 drawn seed deltas: 0 (p 1/4), 1 (1/2), 2 (1/4)
+    ci = stats.two_level_bootstrap([0.0, 2.0], np.repeat([[0.0], [2.0]], 50, axis=1))
+    assert (ci.delta, ci.n_pairs, ci.n_resamples) == (1.0, 2, 50)
+    # the interval: delta ± t_{0.975, 1} · s_seed / sqrt(2) = 1 ± 12.706 (two seeds say little)
+    assert (ci.lo, ci.hi) == pytest.approx((1.0 - 12.7062, 1.0 + 12.7062), abs=1e-3)
+    assert ci.seed_variance_known and ci.s_seed == pytest.approx(np.sqrt(2)) and ci.s_img == 0.0
+    assert ci.se == pytest.approx(np.sqrt(0.5), rel=0.02)  # plug-in SD / sqrt(n) = 1 / sqrt(2)
+    assert ci.p_better == 0.75  # half the outcomes are +2, half ties at 0
+    d = np.array([0.3, -0.4, 1.1, 0.2, 0.8])
+    ci5 = stats.two_level_bootstrap(d, np.repeat(d[:, None], 20, axis=1), n_boot=40_000)
+    assert ci5.se == pytest.approx(np.std(d) / np.sqrt(5), rel=0.02)  # np.std: the plug-in (ddof 0) SD
+    assert ci5.delta == pytest.approx(d.mean()) and ci5.lo < d.mean() < ci5.hi
+
+
+def test_two_level_with_one_seed_pair_is_the_image_bootstrap() -> None:
+    gts, dets = _scene(5, n_img=40)
+    a, b = stats.voc_matches(gts, dets, NAMES), stats.voc_matches(gts, _with_extra_tp(gts, dets), NAMES)
+    counts = stats.resample_counts(40, 500, seed=2)
+    d = stats.resampled_metric(b, counts) - stats.resampled_metric(a, counts)
+    ci = stats.two_level_bootstrap([stats.full_metric(b) - stats.full_metric(a)], d[None, :])
+    assert (ci.lo, ci.hi) == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])), abs=1e-12)
+    assert ci.se == pytest.approx(np.std(d, ddof=1)) and ci.s_img == pytest.approx(np.std(d, ddof=1))
+    assert ci.n_boot == 500 and ci.s_seed is None and ci.mde is None
+    assert ci.interval_excludes_zero and not ci.excludes_zero and not ci.seed_variance_known
+    assert stats.paired_bootstrap(a, b, 500, seed=2) == ci
+
+
+def test_two_level_widens_with_seed_variance_and_keeps_shared_image_noise() -> None:
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0.5, 0.2, 1000)  # image-sampling error common to every pair (same val images)
+    noise = rng.normal(0.0, 0.05, (4, 1000))  # pair-specific part
+    quiet = stats.two_level_bootstrap(np.full(4, 0.5), shared + noise)
+    offsets = np.array([-1.0, 0.0, 1.0, 2.0]) - 0.5  # seed noise, mean 0
+    loud = stats.two_level_bootstrap(0.5 + offsets, shared + noise + offsets[:, None])
+    assert loud.delta == pytest.approx(quiet.delta) == pytest.approx(0.5)
+    assert loud.hi - loud.lo > 2 * (quiet.hi - quiet.lo) and loud.lo < 0 < quiet.lo
+    assert loud.s_img == pytest.approx(quiet.s_img) and loud.s_seed > 1.0 and quiet.s_seed == 0.0
+    # the shared image part does not average out over seeds; drawn independently per pair, it would
+    assert quiet.se == pytest.approx(np.std(shared + noise.mean(0)), rel=0.03)
+    nested = stats.two_level_bootstrap(np.full(4, 0.5), shared + noise, shared_images=False)
+    assert nested.se == pytest.approx(quiet.se / 2, rel=0.05)
+
+
+def test_two_level_leaves_out_nan_resamples_and_checks_shapes() -> None:
+    big = np.array([[1.0, np.nan, 3.0, -1.0], [2.0, np.nan, 1.0, 0.0]])
+    ci = stats.two_level_bootstrap([1.0, 1.0], big, n_boot=2000)
+    assert math.isfinite(ci.lo) and math.isfinite(ci.se) and 1000 < ci.n_boot < 2000  # ~1/4 drew column 1
+    assert stats.prob_better(big) == pytest.approx((4 + 0.5) / 6)
+    assert ci.s_img == pytest.approx(np.std([1.5, 2.0, -0.5], ddof=1))
+    with pytest.raises(ValueError, match=r"\[n, J\]"):
+        stats.two_level_bootstrap([1.0, 2.0], np.zeros((3, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts
+
+
+@pytest.mark.parametrize(("paper", "lo", "hi", "mde", "expected"), [
+    (0.6, 0.1, 1.2, 0.9, stats.REPLICATED),
+    (-0.6, -1.2, -0.1, 0.9, stats.REPLICATED),
+    (0.6, -1.5, -0.2, 0.5, stats.CONTRADICTED),
+    (0.6, -0.3, 0.4, 0.5, stats.NOT_REPLICATED),
+    (0.6, -0.3, 0.4, 0.6, stats.NOT_REPLICATED),  # MDE at most |paper delta|
+    (-0.6, -0.3, 0.4, 0.5, stats.NOT_REPLICATED),
+    (0.6, -0.3, 1.5, 1.8, stats.UNDERPOWERED),
+    (0.6, 0.2, 3.0, 1.8, stats.REPLICATED),  # an interval that excludes 0 settles the sign whatever the power
+    (0.6, 0.2, 1.0, None, stats.UNDERPOWERED_ONE_SEED),  # 1 seed: image-only interval, even though it excludes 0
+    (0.6, -0.5, 0.5, None, stats.UNDERPOWERED_ONE_SEED),
+])
+def test_verdict(paper: float, lo: float, hi: float, mde: float | None, expected: str) -> None:
+    assert stats.verdict(paper, lo, hi, mde) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +335,8 @@ def compare_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         client = MlflowClient(uri)
         exp = tracking.init_store(uri, tracking.experiment_name(2))
         preds = {}
-        for name, miss in (("baseline-shapes-s0", 0.5), ("iac-shapes-s0", 0.0)):
+        for name, miss in (("baseline-shapes-s0", 0.5), ("iac-shapes-s0", 0.0), ("baseline-shapes-s1", 0.4),
+                           ("iac-shapes-s1", 0.1)):
             dets = []
             for g in gts:
                 boxes = g["boxes"].numpy().astype(np.float64)
@@ -260,7 +346,8 @@ def compare_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 dets.append({"image_id": g["image_id"], "boxes": noisy, "scores": rng.uniform(0.5, 1, int(keep.sum())),
                              "labels": g["labels"].numpy()[keep]})
             preds[name] = dets
-            run = client.create_run(exp, run_name=name, tags=tracking.run_tags(2, name.split("-")[0], "shapes", 0, name, "t"))
+            run = client.create_run(exp, run_name=name,
+                                    tags=tracking.run_tags(2, name.split("-")[0], "shapes", int(name[-1]), name, "t"))
             client.log_text(run.info.run_id, dump_config(cfg), "config/resolved.yaml")
             client.log_text(run.info.run_id, json.dumps(det_eval.predictions_to_coco(dets, val.label_to_cat_id)),
                             "eval/detections.json")
@@ -285,15 +372,38 @@ def test_detlab_compare_prints_metrics_delta_and_ci(compare_store: dict, capsys)
     ap = {k: det_eval.coco_evaluate(val.coco, det_eval.predictions_to_coco(v, val.label_to_cat_id))["AP"]
           for k, v in compare_store["preds"].items()}
     assert c.metric == "AP" and c.n_images == 12
-    assert c.value_a == pytest.approx(ap["baseline-shapes-s0"], abs=1e-9)
-    assert c.value_b == pytest.approx(ap["iac-shapes-s0"], abs=1e-9)
-    assert c.ci.delta == pytest.approx(c.value_b - c.value_a) and c.ci.lo <= c.ci.delta <= c.ci.hi
+    assert c.values_a[0] == pytest.approx(ap["baseline-shapes-s0"], abs=1e-9)
+    assert c.values_b[0] == pytest.approx(ap["iac-shapes-s0"], abs=1e-9)
+    assert c.ci.delta == pytest.approx(c.values_b[0] - c.values_a[0]) and c.ci.lo <= c.ci.delta <= c.ci.hi
+    assert c.ci.n_pairs == 1 and not c.ci.seed_variance_known and c.ci.mde is None and 0.5 < c.ci.p_better <= 1
     # by run id too, and through the CLI
-    assert compare.compare(uri, c.run_a.info.run_id, c.run_b.info.run_id, n_resamples=300).ci == c.ci
+    assert compare.compare(uri, c.runs_a[0].info.run_id, c.runs_b[0].info.run_id, n_resamples=300).ci == c.ci
     code = cli.main(["compare", "baseline-shapes-s0", "iac-shapes-s0", "--tracking-uri", uri, "--resamples", "300",
                      "--metric", "AP50"])
     out = capsys.readouterr().out
     assert code == 0 and "AP50" in out and "Δ (B − A)" in out and "bootstrap CI [" in out and "300 resamples" in out
+    assert "seed variance unknown (1 run per side)" in out and "P(B > A) " in out and "MDE" in out
+
+
+def test_detlab_compare_several_seeds_per_side(compare_store: dict, capsys) -> None:
+    from lab import cli, compare
+
+    uri, val = compare_store["uri"], compare_store["val"]
+    c = compare.compare(uri, "baseline-shapes-s0,baseline-shapes-s1", ["iac-shapes-s0", "iac-shapes-s1"],
+                        n_resamples=300)
+    ap = {k: det_eval.coco_evaluate(val.coco, det_eval.predictions_to_coco(v, val.label_to_cat_id))["AP"]
+          for k, v in compare_store["preds"].items()}
+    full = [ap[f"iac-shapes-s{s}"] - ap[f"baseline-shapes-s{s}"] for s in (0, 1)]
+    assert c.ci.n_pairs == 2 and c.ci.seed_variance_known and c.ci.delta == pytest.approx(np.mean(full), abs=1e-9)
+    assert c.ci.s_seed == pytest.approx(np.std(full, ddof=1), abs=1e-9) and c.ci.mde is not None
+    assert c.ci.mde == pytest.approx(stats.mde(c.ci.s_seed, c.ci.s_img, 2))
+    code = cli.main(["compare", "baseline-shapes-s0,baseline-shapes-s1", "iac-shapes-s0,iac-shapes-s1",
+                     "--tracking-uri", uri, "--resamples", "300"])
+    out = capsys.readouterr().out
+    assert code == 0 and "over 2 seed pairs" in out and "two-level bootstrap CI [" in out and "seed 1" in out
+    assert f"MDE {c.ci.mde:.2f} AP" in out and "seed variance unknown" not in out
+    with pytest.raises(ValueError, match="A has 2 run.s. and B 1"):
+        compare.compare(uri, "baseline-shapes-s0,baseline-shapes-s1", "iac-shapes-s0")
 
 
 def test_detlab_compare_errors_name_runs(compare_store: dict, capsys) -> None:

@@ -17,7 +17,15 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats
 
-from lab import paper, tables, tracking
+from lab import paper, provenance, tables, tracking
+from lab import stats as lab_stats
+from lab.tables.render import (
+    build_claims_sections,
+    render_claims_html,
+    render_claims_markdown,
+    render_claims_tex,
+)
+from lab.tables.rows import NO_VERDICT, claims
 from lab.tracking import TAG_KIND
 
 # SQLAlchemy 2.1 deprecation inside MLflow's store; not ours (lab.tracking filters it outside pytest).
@@ -27,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
 T2_TREES = {
     "baseline": {0: 60.0, 1: 61.0, 2: 62.5},
     "iac": {0: 61.0, 1: 62.5, 2: 63.1},
-    "iac_dc": {0: 62.0, 1: 63.0, 2: 63.5, 3: 65.0},  # extra seed → Welch delta vs iac
+    "iac_dc": {0: 62.0, 1: 63.0, 2: 63.5, 3: 65.0},  # extra seed: paired on the 3 shared seeds vs iac
 }
 T2_SHAPES_AP = {
     "baseline": {0: 40.0, 1: 42.0},
@@ -139,10 +147,12 @@ def test_deltas_paired_and_welch(store: dict) -> None:
     assert iac.delta.mean == pytest.approx(np.mean(list(a.values())) - np.mean(list(b.values())))
     assert iac.delta.ci95 == pytest.approx((hi - lo) / 2)
     assert iac.paper_delta == pytest.approx(78.6 - 78.2)
-    dc = _row(rows, "iac_dc", "trees")  # 4 seeds vs 3 → Welch
-    lo, hi = stats.ttest_ind(list(T2_TREES["iac_dc"].values()), list(a.values()),
-                             equal_var=False).confidence_interval(0.95)
-    assert dc.delta_method == "welch" and dc.delta.ci95 == pytest.approx((hi - lo) / 2)
+    dc = _row(rows, "iac_dc", "trees")  # 4 seeds vs 3: paired on the 3 shared seeds, seed 3 left out
+    shared = (0, 1, 2)
+    lo, hi = stats.ttest_rel([T2_TREES["iac_dc"][s] for s in shared], [a[s] for s in shared]).confidence_interval(0.95)
+    assert dc.delta_method == "paired" and dc.delta.n == 3
+    assert dc.delta.mean == pytest.approx(np.mean([T2_TREES["iac_dc"][s] - a[s] for s in shared]))
+    assert dc.delta.ci95 == pytest.approx((hi - lo) / 2)
     clb = _row(rows, "iac_dc_clb", "shapes")
     assert clb.delta.mean == pytest.approx(42.75 - 42.25) and clb.paper_delta == pytest.approx(0.4)
 
@@ -161,11 +171,19 @@ def test_table1_rows_n1_and_missing(store: dict) -> None:
     assert "| Ours | resnet50 | 1 | 25.5 | — |" in md
     assert "| RetinaNet | resnet50 | 0 | — | — |" in md
     assert "| IoU-Net | ResNet-101 | 40.0 | 59.0 | — | — | — | — |" in md  # other detectors as reported
+    # claims: one line per delta the paper has a number for (resnet50 has none); no detections logged here
+    assert [(c.label, c.paper_delta, c.verdict) for c in claims(rows)] == [
+        ("ours − RetinaNet (resnet101)", pytest.approx(1.5), NO_VERDICT)]
+    assert "| ours − RetinaNet (resnet101) | +1.5 | — |" in render_claims_markdown(rows, 1)
 
 
 def test_write_tables_files_parquet_and_tables_run(store: dict, tmp_path: Path) -> None:
     paths = tables.write_tables(store["uri"], 2, tmp_path / "out")
-    assert set(paths) == {"md", "tex", "csv", "html", "parquet", "png"}
+    assert set(paths) == {"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html"}
+    assert {p.name for p in paths.values() if p.name.startswith("claims")} == {"claims2.md", "claims2.tex",
+                                                                              "claims2.html"}
+    claims_md = paths["claims_md"].read_text()  # the store's runs logged no detections: no two-level CI
+    assert "| +IAC vs RetinaNet R-50 (baseline) | +0.4 | — |" in claims_md and NO_VERDICT in claims_md
     for p in paths.values():
         assert p.is_absolute() and p.stat().st_size > 0
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -232,6 +250,13 @@ def test_statistics_helpers() -> None:
     assert tables.fmt_stat(None) == "—" and tables.fmt_stat(tables.Stat(1.25, 0.5, 2), 2) == "1.25 ± 0.50"
     assert tables.fmt_stat(tables.Stat(-0.31, None, 1), signed=True) == "-0.3"
     assert tables.delta_stat({0: 1.0}, {}) is None
+    # fewer than 2 shared seeds: Welch on the means (each side n >= 2), else no CI
+    a, b = {0: 61.0, 1: 62.5, 2: 63.1}, {2: 60.0, 3: 61.0, 4: 62.5}
+    welch, method = tables.delta_stat(a, b)
+    lo, hi = stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False).confidence_interval(0.95)
+    assert method == "welch" and welch.mean == pytest.approx(np.mean([61.0, 62.5, 63.1]) - np.mean([60.0, 61.0, 62.5]))
+    assert welch.ci95 == pytest.approx((hi - lo) / 2)
+    assert tables.delta_stat({0: 2.0}, {0: 1.0, 1: 3.0}) == (tables.Stat(0.0, None, 1), "none")
     assert tables.tex_escape("a_b & 50% #1 ✓ —") == r"a\_b \& 50\% \#1 \checkmark{} ---"
 
 
@@ -309,9 +334,14 @@ def test_find_finished_run_and_close_dangling(store: dict) -> None:
 
 def test_run_tags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DETLAB_GIT_COMMIT", "abc123")
+    provenance.source_tags.cache_clear()  # memoised per process: the commit does not change under a job
     tags = tracking.run_tags(2, "iac", "voc", 3, "key-1", "paper")
+    provenance.source_tags.cache_clear()
+    code = {k: tags.pop(k) for k in ("detlab.git_dirty", "detlab.source_digest")}
+    assert code["detlab.git_dirty"] in ("true", "false", "unknown") and len(code["detlab.source_digest"]) == 16
     assert tags == {"detlab.table": "2", "detlab.kind": "cell", "detlab.row": "iac", "detlab.dataset": "voc07",
-                    "detlab.seed": "3", "detlab.key": "key-1", "detlab.profile": "paper", "detlab.git_commit": "abc123"}
+                    "detlab.seed": "3", "detlab.key": "key-1", "detlab.profile": "paper", "detlab.git_commit": "abc123",
+                    "mlflow.source.git.commit": "abc123"}
     assert tracking.run_tags(1, None, None, None, None, "paper", kind="sweep")[tracking.TAG_KIND] == "sweep"
     with pytest.raises(ValueError, match="seed"):
         tracking.run_tags(2, "iac", "trees", None, "k", "p")
@@ -322,7 +352,7 @@ def test_run_tags(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="table=3"):
         tracking.experiment_name(3)
     monkeypatch.delenv("DETLAB_GIT_COMMIT")
-    sha = tracking.git_commit()
+    sha = provenance.git_commit()
     assert sha is None or len(sha) == 40
 
 
@@ -337,61 +367,146 @@ def test_paper_data() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Table 2: seed-CI marker and image-level bootstrap CI column (records and matches built here)
+# Table 2: seed-CI marker, two-level bootstrap columns, claims (records and matches built here, no MLflow)
 
 
-def _voc_run(n_found: int, n_images: int = 20):
+def _voc_run(n_found: int, n_images: int = 20, first_id: int = 0):
     """VOC matches of a run that finds the first ``n_found`` of ``n_images`` one-GT images."""
-    from lab import stats as lab_stats
-
-    gts = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "labels": [0]} for i in range(n_images)]
-    dets = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "scores": [1.0 - 0.01 * i], "labels": [0]}
-            for i in range(n_found)]
+    ids = range(first_id, first_id + n_images)
+    gts = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "labels": [0]} for i in ids]
+    dets = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "scores": [1.0 - 0.01 * k], "labels": [0]}
+            for k, i in enumerate(ids) if k < n_found]
     return lab_stats.voc_matches(gts, dets, ["tree"])
 
 
-def test_table2_bootstrap_ci_column_and_markers() -> None:
-    from lab import stats as lab_stats
-
-    found = {"baseline": 4, "iac": 9, "iac_dc": 9, "iac_dc_clb": 10}  # + seed
+def _bootstrapped(found: dict[str, list[int | None]], profile: str = "small", n_resamples: int = 300,
+                  **run_kwargs) -> tuple[list[tables.Row], dict]:
+    """Table 2 rows on trees from runs finding ``found[row][seed]`` images (None: no detections logged)."""
     matches, records = {}, []
-    for row, n in found.items():
-        for seed in (0, 1, 2):
-            m = _voc_run(n + seed)
-            run_id = f"{row}-{seed}"
-            matches[run_id] = None if row == "iac_dc_clb" else m  # CL-B: an old run without detections
-            records.append(tables.RunRecord(run_id, run_id, None, None, row, "trees", seed, "small", None, None,
+    for row, per_seed in found.items():
+        for seed, n in enumerate(per_seed):
+            m = _voc_run(n if n is not None else 0, **run_kwargs)
+            run_id = f"{row}-{profile}-{seed}"
+            matches[run_id] = None if n is None else m
+            records.append(tables.RunRecord(run_id, run_id, None, None, row, "trees", seed, profile, None, None,
                                             {"mAP": lab_stats.full_metric(m)}, {}))
     rows = tables.aggregate_records(records, 2)
-    tables.add_bootstrap(rows, records, matches.get, n_resamples=300)
+    tables.add_bootstrap(rows, records, matches.get, n_resamples=n_resamples)
+    return rows, matches
 
+
+def _cells(md: str, first: list[str]) -> list[str]:
+    ours = md.split("## Paper")[0]  # our section, not the paper's table as reported
+    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in ours.splitlines() if ln.startswith("| ")]
+    return next(c for c in lines if c[: len(first)] == first)
+
+
+def test_table2_two_level_columns_and_markers() -> None:
+    # seeds 0, 1, 2; iac finds a superset of baseline's images, iac_dc the same as iac; CL-B: no detections
+    rows, matches = _bootstrapped({"baseline": [4, 5, 6], "iac": [9, 10, 11], "iac_dc": [9, 10, 11],
+                                   "iac_dc_clb": [None, None, None]})
     iac = _row(rows, "iac", "trees")
-    full = [lab_stats.full_metric(matches[f"iac-{s}"]) - lab_stats.full_metric(matches[f"baseline-{s}"]) for s in range(3)]
-    assert iac.boot.n_pairs == 3 and iac.boot.n_resamples == 300
-    assert iac.boot.delta == pytest.approx(np.mean(full)) == pytest.approx(iac.delta.mean)
-    assert iac.boot.lo > 0 and iac.boot.excludes_zero  # iac finds a superset of baseline's images
-    dc = _row(rows, "iac_dc", "trees")  # same detections as iac: Δ 0, CI [0, 0]
-    assert (dc.boot.delta, dc.boot.lo, dc.boot.hi) == (0.0, 0.0, 0.0) and not dc.boot.excludes_zero
+    full = [lab_stats.full_metric(matches[f"iac-small-{s}"]) - lab_stats.full_metric(matches[f"baseline-small-{s}"])
+            for s in range(3)]
+    b = iac.boot
+    assert b.n_pairs == 3 and b.n_resamples == 300 and b.seed_variance_known
+    assert b.delta == pytest.approx(np.mean(full)) == pytest.approx(iac.delta.mean)
+    assert b.s_seed == pytest.approx(np.std(full, ddof=1)) and b.s_seed > 0
+    assert b.lo > 0 and b.excludes_zero and b.p_better > 0.9  # never worse on any resample
+    assert b.mde == pytest.approx(lab_stats.mde(b.s_seed, b.s_img, 3))
+    dc = _row(rows, "iac_dc", "trees")  # same detections as iac: Δ 0 on every resample
+    assert (dc.boot.delta, dc.boot.lo, dc.boot.hi, dc.boot.p_better, dc.boot.mde) == (0.0, 0.0, 0.0, 0.5, 0.0)
     assert _row(rows, "iac_dc_clb", "trees").boot is None and _row(rows, "baseline", "trees").boot is None
 
     md = tables.render_markdown(rows, 2)
     header = next(ln for ln in md.splitlines() if ln.startswith("| IAC |"))
-    assert "ΔmAP image-bootstrap 95% CI" in header
-    ours = md.split("## Paper")[0]  # our section, not the paper's table as reported
-    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in ours.splitlines() if ln.startswith("| ✓ |")]
-    line_iac = next(c for c in lines if c[:3] == ["✓", "", ""])
+    assert "| ΔmAP ours | ΔmAP two-level 95% CI | MDE | P(B > A) | ΔmAP paper |" in header
+    line_iac = _cells(md, ["✓", "", ""])
     assert line_iac[6].endswith(f" {tables.SEED_MARK}")  # 3 seeds, consistent gain: seed CI excludes 0
-    assert line_iac[7] == f"[{iac.boot.lo:+.1f}, {iac.boot.hi:+.1f}] {tables.BOOT_MARK}"
-    assert line_iac[8] == "+0.4"  # the paper's ΔmAP, beside ours
-    line_dc = next(c for c in lines if c[:3] == ["✓", "✓", ""])
-    assert line_dc[7] == "[+0.0, +0.0]" and not line_dc[6].endswith(tables.SEED_MARK)
-    line_clb = next(c for c in lines if c[:3] == ["✓", "✓", "✓"])
-    assert line_clb[7] == tables.MISSING and line_clb[6] != tables.MISSING  # seed CI only
-    assert "pooled over seeds" in md and tables.BOOT_MARK in md
+    assert line_iac[7:] == [f"[{b.lo:+.1f}, {b.hi:+.1f}] {tables.BOOT_MARK}", f"{b.mde:.1f}", f"{b.p_better:.2f}",
+                            "+0.4"]  # the paper's ΔmAP, beside ours
+    assert _cells(md, ["✓", "✓", ""])[7:] == ["[+0.0, +0.0]", "0.0", "0.50", "+0.6"]
+    line_clb = _cells(md, ["✓", "✓", "✓"])
+    assert line_clb[7:10] == [tables.MISSING] * 3 and line_clb[6] != tables.MISSING  # seed CI only
+    assert "covers seed noise and image sampling" in md and "MDE = the smallest true Δ" in md
 
     tex = tables.render_tex(rows, 2)
-    assert r"\dag{}" in tex and tables.BOOT_MARK not in tex and "image-bootstrap 95" in tex
+    assert r"\dag{}" in tex and tables.BOOT_MARK not in tex and "two-level 95" in tex and "P(B $>$ A)" in tex
     html_text = tables.render_html(rows, 2)
-    assert f"{tables.BOOT_MARK}</td>" in html_text and "image-bootstrap 95% CI</th>" in html_text
+    assert f"{tables.BOOT_MARK}</td>" in html_text and "two-level 95% CI</th>" in html_text
     rec = next(r for r in tables.csv_records(rows, 2) if r.get("row") == "iac" and r["source"] == "ours")
-    assert rec["boot_lo"] == iac.boot.lo and rec["boot_seed_pairs"] == 3 and rec["delta_ci_excludes_0"] is True
+    assert rec["boot_lo"] == b.lo and rec["boot_seed_pairs"] == 3 and rec["delta_ci_excludes_0"] is True
+    assert (rec["boot_excludes_0"], rec["p_better"], rec["mde"], rec["s_seed"]) == (True, b.p_better, b.mde, b.s_seed)
+
+
+def test_one_seed_is_marked_seed_variance_unknown_not_dagger() -> None:
+    rows, _ = _bootstrapped({"baseline": [4], "iac": [12], "iac_dc": [12], "iac_dc_clb": [12]}, profile="one")
+    iac = _row(rows, "iac", "trees")
+    assert iac.boot.interval_excludes_zero and not iac.boot.excludes_zero and iac.boot.mde is None
+    cell = _cells(tables.render_markdown(rows, 2), ["✓", "", ""])[7:9]
+    assert cell == [f"[{iac.boot.lo:+.1f}, {iac.boot.hi:+.1f}] seed variance unknown (1 seed)", "unknown"]
+    assert tables.BOOT_MARK not in tables.fmt_boot(iac.boot)
+
+
+def test_add_bootstrap_pairs_runs_by_image_ids() -> None:
+    found = {"baseline": [4, 5], "iac": [9, 10], "iac_dc": [9, 10], "iac_dc_clb": [9, 10]}
+    rows, _ = _bootstrapped(found)
+    assert _row(rows, "iac", "trees").boot.n_pairs == 2
+    # same number of val images, other ids (a different val set): refused, naming both runs
+    matches = {f"{row}-small-{s}": _voc_run(n, first_id=5 if (row, s) == ("iac", 1) else 0)
+               for row, per_seed in found.items() for s, n in enumerate(per_seed)}
+    records = [tables.RunRecord(k, k, None, None, k.split("-")[0], "trees", int(k[-1]), "small", None, None,
+                                {"mAP": lab_stats.full_metric(m)}, {}) for k, m in matches.items()]
+    rows = tables.aggregate_records(records, 2)
+    with pytest.raises(ValueError, match="runs baseline-small-1 .A. and iac-small-1 .B.: runs were evaluated on "
+                                         "different images .5 of A's 20 image ids are not among B's, 5 of B's 20"):
+        tables.add_bootstrap(rows, records, matches.get, n_resamples=50)
+    # a pair on the same images, but not those of the rest of its section (one resample matrix): refused too
+    matches = {k: _voc_run(n, n_images=19 if k.endswith("-1") else 20)
+               for k, n in ((f"{row}-small-{s}", n) for row, per_seed in found.items() for s, n in enumerate(per_seed))}
+    with pytest.raises(ValueError, match="runs baseline-small-0 .A. and baseline-small-1 .B.: .*.1 of A's 20 image "
+                                         "ids are not among B's"):
+        tables.add_bootstrap(rows, records, matches.get, n_resamples=50)
+
+
+def test_claims_table_gives_every_verdict() -> None:
+    # profile "three": replicated (+IAC), not replicated (+DC: identical detections, MDE 0),
+    # contradicted (+CL-B finds fewer images); "noisy": +IAC's sign flips between seeds (underpowered);
+    # "one": a single seed (underpowered, seed variance unknown)
+    rows = (_bootstrapped({"baseline": [4, 5, 6], "iac": [9, 10, 11], "iac_dc": [9, 10, 11],
+                           "iac_dc_clb": [3, 4, 5]}, profile="three")[0]
+            + _bootstrapped({"baseline": [4, 9, 4], "iac": [9, 4, 9]}, profile="noisy")[0]
+            + _bootstrapped({"baseline": [4], "iac": [9]}, profile="one")[0])
+    verdicts = {(c.profile, c.label): c for c in claims(rows)}
+    assert {k: c.verdict for k, c in verdicts.items()} == {
+        ("three", "+IAC vs RetinaNet R-50 (baseline)"): lab_stats.REPLICATED,
+        ("three", "+DC vs +IAC"): lab_stats.NOT_REPLICATED,
+        ("three", "+CL-B vs +IAC +DC"): lab_stats.CONTRADICTED,
+        ("noisy", "+IAC vs RetinaNet R-50 (baseline)"): lab_stats.UNDERPOWERED,
+        ("noisy", "+DC vs +IAC"): NO_VERDICT,  # its rows have no runs in this profile
+        ("noisy", "+CL-B vs +IAC +DC"): NO_VERDICT,
+        ("one", "+IAC vs RetinaNet R-50 (baseline)"): lab_stats.UNDERPOWERED_ONE_SEED,
+        ("one", "+DC vs +IAC"): NO_VERDICT,
+        ("one", "+CL-B vs +IAC +DC"): NO_VERDICT,
+    }
+    noisy = verdicts[("noisy", "+IAC vs RetinaNet R-50 (baseline)")]
+    assert noisy.paper_delta == pytest.approx(0.4) and noisy.ci.mde > 0.4 and noisy.ci.lo < 0 < noisy.ci.hi
+    assert noisy.seeds.n is None or noisy.seeds.n > 3
+    assert verdicts[("three", "+DC vs +IAC")].seeds.n == 2  # MDE 0 already with 2 seeds
+
+    sections = build_claims_sections(rows, 2)
+    assert [s.title for s in sections] == [f"trees — profile {p}" for p in ("three", "noisy", "one")]
+    assert sections[0].header == ["Claim", "ΔmAP paper", "ΔmAP ours [two-level 95% CI]", "MDE", "P(B > A)",
+                                  "n seeds", "verdict", "seeds for MDE ≤ |paper Δ|"]
+    md = render_claims_markdown(rows, 2)
+    dc = verdicts[("three", "+DC vs +IAC")]
+    assert "| +DC vs +IAC | +0.6 | +0.0 [+0.0, +0.0] | 0.0 | 0.50 | 3 | not replicated | 2 |" in md
+    one = verdicts[("one", "+IAC vs RetinaNet R-50 (baseline)")].ci
+    assert (f"| +IAC vs RetinaNet R-50 (baseline) | +0.4 | {one.delta:+.1f} [{one.lo:+.1f}, {one.hi:+.1f}] image only "
+            f"| unknown | {one.p_better:.2f} | 1 | underpowered (1 seed: seed variance unknown) | ? |") in md
+    assert f"| {NO_VERDICT} | — |" in md and md.startswith("# Table 2 claims") and dc.ci.n_pairs == 3
+    assert "| verdict | seeds for MDE ≤ \\|paper Δ\\| |" in md  # a | inside a cell would split the column
+    tex = render_claims_tex(rows, 2)
+    assert r"$\le$ \textbar{}paper $\Delta$\textbar{}" in tex and "contradicted" in tex and "≤" not in tex
+    html_text = render_claims_html(rows, 2)
+    assert "<td>replicated</td>" in html_text and "P(B &gt; A)</th>" in html_text

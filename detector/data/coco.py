@@ -18,7 +18,7 @@ import io
 import json
 import math
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,19 @@ def _ann_box(ann: dict[str, Any], path: Path) -> list[float]:
             f"COCO annotation file {str(path)!r}: annotation id={ann.get('id')!r} has non-numeric bbox={bbox!r}"
         ) from None
     return [x, y, x + w, y + h]
+
+
+def _check_file_name(im: dict[str, Any], path: Path) -> None:
+    """An image's ``file_name`` must stay inside the images directory: relative, without ``..``
+    (an annotation file from elsewhere must not make the loader read any file on the machine)."""
+    name = im["file_name"]
+    if not isinstance(name, str):
+        raise DatasetError(f"COCO annotation file {str(path)!r}: image id={im['id']} has file_name={name!r}, "
+                           "expected a string")
+    parts = PurePosixPath(name.replace("\\", "/"))
+    if parts.is_absolute() or PureWindowsPath(name).drive or ".." in parts.parts:
+        raise DatasetError(f"COCO annotation file {str(path)!r}: image id={im['id']} has file_name={name!r}, which "
+                           "leaves the images directory (absolute, or with '..'); file names are relative to it")
 
 
 def _subset_coco(data: dict[str, Any], image_ids: set[int]) -> COCO:
@@ -229,6 +242,7 @@ class CocoDetection(DetectionDataset):
                     raise DatasetError(
                         f"COCO annotation file {str(path)!r}: image id={im['id']} has {key}={value!r}, expected a number > 0"
                     )
+            _check_file_name(im, path)
             images[im["id"]] = im
         anns_by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for i, ann in enumerate(data["annotations"]):

@@ -98,9 +98,13 @@ def _read_source(zf: zipfile.ZipFile, stem: str) -> tuple[np.ndarray, np.ndarray
     try:
         with Image.open(io.BytesIO(zf.read(img_name))) as im:
             image = np.asarray(im.convert("RGB"))
+        # the stdlib parser (bandit B314): expat >= 2.4.1 stops entity bombs and ElementTree never
+        # resolves external entities (tests/test_security_xml.py)
         root = ET.fromstring(zf.read(xml_name))
     except KeyError as e:
         raise DatasetError(f"deepforest wheel {zf.filename!r} lacks {e}") from None
+    except ET.ParseError as e:
+        raise DatasetError(f"{xml_name!r} in deepforest wheel {zf.filename!r} is not valid XML: {e}") from None
     boxes = []
     for obj in root.findall("object"):
         bnd = obj.find("bndbox")

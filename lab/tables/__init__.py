@@ -22,16 +22,15 @@ For the built-in datasets the paper's absolute numbers are not comparable; they 
 Missing cells print "—", never 0. Numbers are percent.
 
 Statistics: mean over seeds; 95% CI half-width ``t(0.975, n-1) · s / sqrt(n)`` (blank for n = 1).
-Deltas between two cells: difference of means; CI paired over seeds when both cells have the same
-seeds (e.g. CL-B reuses the IAC+DC checkpoints; :func:`lab.stats.seed_paired_ci`), otherwise Welch;
-blank when either n < 2. ``*`` marks a delta whose seed CI excludes 0.
+Deltas between two cells: difference of means; CI paired over the seeds both cells have (at least
+2; :func:`lab.stats.seed_paired_ci`), otherwise Welch; blank when either n < 2. ``*`` marks a delta
+whose seed CI excludes 0.
 
-Table 2 deltas also get an image-level paired bootstrap CI (:mod:`lab.stats`): the val images are
-resampled with replacement (1000 resamples, seed 0) and both rows are re-scored on the same
-resample. It is **pooled over seeds**: for every seed both rows have (with detections logged), the
-two runs of that seed form a pair; per resample the pairs' deltas are averaged, so the interval is
-that of the seed-mean delta under image sampling (seed noise is the other CI's job). ``†`` marks a
-bootstrap CI that excludes 0; "—" means no seed pair had its detections artifact (older runs).
+Every delta also gets a two-level CI (:func:`lab.stats.two_level_bootstrap`): seed pairs (each
+seed with its own pretrained file) and val images (1000 resamples, seed 0, shared by the pairs,
+both runs re-scored on each; runs paired by image ids), as ``delta ± t_ν · se``; ``†`` marks one that
+excludes 0, and with one seed the table says seed variance is unknown instead. Beside it P(B > A),
+the MDE (80% power) and, in ``claims{N}.*``, a verdict per paper delta (:func:`lab.stats.verdict`).
 
 Read it in this order, one module per step:
 

@@ -14,7 +14,18 @@ from mlflow import MlflowClient
 from lab import tracking
 from lab.tables.rows import Row, build_rows
 from lab.tables.collect import RunRecord, fetch_cell_runs
-from lab.tables.render import csv_records, plot_deltas, render_html, render_markdown, render_tex, runs_table, write_csv
+from lab.tables.render import (
+    csv_records,
+    plot_deltas,
+    render_claims_html,
+    render_claims_markdown,
+    render_claims_tex,
+    render_html,
+    render_markdown,
+    render_tex,
+    runs_table,
+    write_csv,
+)
 
 
 def write_tables(
@@ -27,12 +38,14 @@ def write_tables(
     log_to_mlflow: bool = True,
     bootstrap: bool = True,
 ) -> dict[str, Path]:
-    """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png``.
+    """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png`` and
+    the verdicts on the paper's deltas, ``claims{N}.md/.tex/.html``.
 
-    Returns ``{"md", "tex", "csv", "html", "parquet", "png"}`` → absolute paths. With
-    ``log_to_mlflow`` the files are also logged (under ``tables/``) to a new FINISHED run tagged
-    ``detlab.kind=tables`` in experiment ``detlab-table{N}``. ``bootstrap``: Table 2's image-level
-    bootstrap CIs (see :func:`add_bootstrap`; needs the runs' detections and their val data).
+    Returns ``{"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html"}``
+    → absolute paths. With ``log_to_mlflow`` the files are also logged (under ``tables/``) to a new
+    FINISHED run tagged ``detlab.kind=tables`` in experiment ``detlab-table{N}``. ``bootstrap``: the
+    two-level bootstrap of the deltas (CI, MDE, P(B > A); see :func:`add_bootstrap`; needs the runs'
+    detections and their val data); without it the claims have no verdict.
     """
     experiment = tracking.experiment_name(table)
     if digits < 0:
@@ -45,6 +58,8 @@ def write_tables(
     paths = {
         "md": out / f"{stem}.md", "tex": out / f"{stem}.tex", "csv": out / f"{stem}.csv",
         "html": out / f"{stem}.html", "parquet": out / f"{stem}_runs.parquet", "png": out / f"{stem}_deltas.png",
+        "claims_md": out / f"claims{table}.md", "claims_tex": out / f"claims{table}.tex",
+        "claims_html": out / f"claims{table}.html",
     }
     paths["md"].write_text(render_markdown(rows, table, digits))
     paths["tex"].write_text(render_tex(rows, table, digits))
@@ -52,6 +67,9 @@ def write_tables(
     write_csv(paths["csv"], csv_records(rows, table))
     pq.write_table(runs_table(records, table), paths["parquet"])
     plot_deltas(rows, table, paths["png"])
+    paths["claims_md"].write_text(render_claims_markdown(rows, table, digits))
+    paths["claims_tex"].write_text(render_claims_tex(rows, table, digits))
+    paths["claims_html"].write_text(render_claims_html(rows, table, digits))
     if log_to_mlflow:
         _log_tables_run(uri, experiment, table, profile, paths, records, rows)
     return paths
@@ -81,7 +99,7 @@ def _log_tables_run(uri: str, experiment: str, table: int, profile: str | None, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detlab tables",
-        description="Rebuild the paper's Table 1/2 from MLflow: ours (mean ± 95%% CI over seeds) beside the paper's.",
+        description="Rebuild the paper's Table 1/2 from MLflow: ours (mean ± 95% CI over seeds) beside the paper's.",
     )
     parser.add_argument("--table", type=int, choices=tracking.TABLES, required=True, help="which paper table")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
@@ -93,17 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, like the paper)")
     parser.add_argument("--no-log", action="store_true", help="do not log the files as an MLflow 'tables' run")
     parser.add_argument("--no-bootstrap", action="store_true",
-                        help="skip Table 2's image-level bootstrap CIs (they download each run's detections)")
+                        help="skip the two-level bootstrap of the deltas (CI, MDE, P(B > A), verdicts); it "
+                             "downloads each run's detections")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``detlab tables --table {1,2} [--out DIR] [--tracking-uri URI]``: print Markdown, write files."""
+    """``detlab tables --table {1,2} [--out DIR] [--tracking-uri URI]``: print the table and its claims as
+    Markdown, write the files."""
     args = build_parser().parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     paths = write_tables(uri, args.table, args.out, profile=args.profile, digits=args.digits,
                          log_to_mlflow=not args.no_log, bootstrap=not args.no_bootstrap)
     print(paths["md"].read_text())
+    print(paths["claims_md"].read_text())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}", file=sys.stderr)
     return 0

@@ -1,6 +1,7 @@
 """Rendering: table rows -> sections (header + formatted body) -> Markdown, LaTeX (booktabs) and
-HTML; and the data files: the cells as CSV (full precision), the raw runs as Parquet, the deltas as
-a PNG bar chart. Missing cells print "—", never 0.
+HTML, for the table (``table{N}.*``) and for the verdicts on the paper's deltas (``claims{N}.*``);
+and the data files: the cells as CSV (full precision), the raw runs as Parquet, the deltas as a PNG
+bar chart. Missing cells print "—", never 0.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from lab import paper, stats, tracking
-from lab.stats import BootstrapCI, Stat
-from lab.tables.rows import DATASET_VIEWS, T1_METHOD_LABEL, Row, row_label, t1_backbone, t1_method
+from lab.stats import SeedsNeeded, Stat, TwoLevelCI
+from lab.tables.rows import DATASET_VIEWS, T1_METHOD_LABEL, Claim, Row, claims, row_label, t1_backbone, t1_method
 from lab.tables.collect import RunRecord
 
 MISSING = "—"
-#: markers of a delta whose 95% CI excludes 0: over seeds / image-level bootstrap
+#: markers of a delta whose 95% CI excludes 0: seed-paired t / two-level (seeds x images) bootstrap
 SEED_MARK = "*"
 BOOT_MARK = "†"
+#: in place of † when one seed pair leaves the interval reflecting image sampling only
+ONE_SEED = "seed variance unknown (1 seed)"
 #: metric names cell runs log (percent), in display order; ``misalign_*`` are correlations
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mAP", "misalign_spearman", "misalign_pearson")
 
@@ -49,12 +52,36 @@ def fmt_stat(stat: Stat | None, digits: int = 1, signed: bool = False, mark: boo
     return f"{text} {SEED_MARK}" if mark and stat.excludes_zero else text
 
 
-def fmt_boot(ci: BootstrapCI | None, digits: int = 1) -> str:
-    """``"[+0.3, +2.1] †"`` (``†`` when the interval excludes 0); "—" when there is none."""
+def fmt_boot(ci: TwoLevelCI | None, digits: int = 1) -> str:
+    """``"[+0.3, +2.1] †"`` (``†``: the two-level interval excludes 0); with one seed pair
+    ``"[-2.9, -0.5] seed variance unknown (1 seed)"`` and never a ``†``; "—" when there is none."""
     if ci is None or not (math.isfinite(ci.lo) and math.isfinite(ci.hi)):
         return MISSING
     text = f"[{ci.lo:+.{digits}f}, {ci.hi:+.{digits}f}]"
+    if not ci.seed_variance_known:
+        return f"{text} {ONE_SEED}"
     return f"{text} {BOOT_MARK}" if ci.excludes_zero else text
+
+
+def fmt_mde(ci: TwoLevelCI | None, digits: int = 1) -> str:
+    """The MDE of the delta (80% power, two-sided 5%); "unknown" with one seed pair; "—" without a CI."""
+    if ci is None:
+        return MISSING
+    return "unknown" if ci.mde is None else f"{ci.mde:.{digits}f}"
+
+
+def fmt_p_better(ci: TwoLevelCI | None) -> str:
+    """P(B > A) with two decimals; "—" without a CI."""
+    return MISSING if ci is None or not math.isfinite(ci.p_better) else f"{ci.p_better:.2f}"
+
+
+def fmt_seeds(seeds: SeedsNeeded | None) -> str:
+    """Seeds for MDE <= |paper Δ|: a number, "none: val set too small", "> cap", or "?" (unknown)."""
+    if seeds is None:
+        return "?"
+    if seeds.n is not None:
+        return str(seeds.n)
+    return "none: val set too small" if seeds.reason.startswith("val set") else seeds.reason
 
 
 def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Section]:
@@ -76,7 +103,7 @@ def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Sec
         header = (["IAC", "DC", "CL-B"] if table == 2 else ["Method", "Backbone"]) + ["n"]
         for m in view.metrics:
             header += [f"{m} ours", f"{view.paper_metric[m]} paper"]
-        header += [f"Δ{view.headline} ours", f"Δ{view.headline} image-bootstrap 95% CI"]
+        header += [f"Δ{view.headline} ours", f"Δ{view.headline} two-level 95% CI", "MDE", "P(B > A)"]
         header += [f"Δ{view.paper_metric[view.headline]} paper"]
         body = []
         for r in cells:
@@ -86,8 +113,8 @@ def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Sec
                 + [c for m in view.metrics for c in (fmt_stat(r.stats.get(m) if r.n else None, digits),
                                                       fmt_value(r.paper.get(m), digits))]
                 + ([fmt_stat(r.delta, digits, signed=True, mark=True), fmt_boot(r.boot, digits),
-                    _fmt_signed(r.paper_delta, digits)]
-                   if r.delta_ref is not None else [""] * 3)
+                    fmt_mde(r.boot, digits), fmt_p_better(r.boot), _fmt_signed(r.paper_delta, digits)]
+                   if r.delta_ref is not None else [""] * 5)
             )
         sections.append(Section(f"{dataset} — profile {profile}", note, header, body))
     sections.append(_reported_section(table, digits))
@@ -132,13 +159,17 @@ _TITLES = {
 }
 _LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no CI for n = 1); n = seeds; "
            f"{MISSING} = no finished run (or no paper value); Δ = headline-metric gain over the previous "
-           "row (Table 2) or over the block's baseline (Table 1: RetinaNet, GFL), CI paired over seeds when seeds match (else Welch); "
-           f"{SEED_MARK} = that CI excludes 0. Percent.")
-#: footnote of the bootstrap column (both tables)
-_BOOT_LEGEND = (f"Image-bootstrap CI: 95% percentile interval of Δ over {stats.N_RESAMPLES} resamples of the val "
-                "images (with replacement, seed 0), both rows re-scored on the same resample; pooled over seeds "
-                "(per resample, the mean of the seed pairs' deltas), so it reflects image sampling, not seed noise; "
-                f"{BOOT_MARK} = it excludes 0; {MISSING} = no detections logged for any seed pair.")
+           "row (Table 2) or over the block's baseline (Table 1: RetinaNet, GFL), CI paired over the seeds both "
+           f"rows have (Welch when fewer than 2 are shared); {SEED_MARK} = that CI excludes 0. Percent.")
+#: footnote of the two-level bootstrap columns (both tables)
+_BOOT_LEGEND = (f"Two-level CI (95%): Δ ± t_ν·sqrt(s_seed²/n + s_img²), s_seed the SD of the seed pairs' Δ, s_img "
+                f"the SD of Δ over {stats.N_RESAMPLES} resamples of the val images shared by every seed pair (the "
+                "seeds see the same images), ν by Welch–Satterthwaite; so it covers seed noise and image sampling "
+                f"(a seed's pretrained file is part of its seed); {BOOT_MARK} = it excludes 0; with one seed it is the image-only "
+                f"percentile interval: \"{ONE_SEED}\", never {BOOT_MARK}; {MISSING} = no detections logged for any "
+                "seed pair. MDE = the smallest true Δ detected with 80% power at two-sided 5% with this many seeds "
+                "(from the seed and image variances; unknown with 1 seed). P(B > A) = share of (seed pair, image "
+                "resample) outcomes in which the row beats the one it is compared with (ties ½).")
 
 
 def _legend(table: int) -> str:
@@ -147,11 +178,26 @@ def _legend(table: int) -> str:
 
 def render_markdown(rows: Sequence[Row], table: int, digits: int = 1) -> str:
     """The table as Markdown (what ``detlab tables`` prints)."""
-    out = [f"# {_TITLES[table]}", "", _legend(table), ""]
-    if not rows:
-        out += [f"_No finished cell runs in experiment `{tracking.experiment_name(table)}`._", ""]
-    for s in build_sections(rows, table, digits):
-        out += [f"## {s.title}", "", s.note, "", "| " + " | ".join(s.header) + " |",
+    empty = f"_No finished cell runs in experiment `{tracking.experiment_name(table)}`._" if not rows else None
+    return _markdown(_TITLES[table], _legend(table), build_sections(rows, table, digits), empty)
+
+
+def render_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """booktabs tables (needs ``\\usepackage{booktabs,amssymb,graphicx}``), one tabular per section."""
+    return _tex(_TITLES[table], _legend(table), build_sections(rows, table, digits))
+
+
+def render_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """A standalone HTML page with one <table> per section."""
+    return _html(_TITLES[table], _legend(table), build_sections(rows, table, digits))
+
+
+def _markdown(title: str, legend: str, sections: Sequence[Section], empty: str | None = None) -> str:
+    out = [f"# {title}", "", legend, ""]
+    if empty:
+        out += [empty, ""]
+    for s in sections:
+        out += [f"## {s.title}", "", s.note, "", "| " + " | ".join(c.replace("|", "\\|") for c in s.header) + " |",
                 "|" + "|".join("---" for _ in s.header) + "|"]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in s.body]
         out.append("")
@@ -159,23 +205,24 @@ def render_markdown(rows: Sequence[Row], table: int, digits: int = 1) -> str:
 
 
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "|": r"\textbar{}"}
 
 
 def tex_escape(text: str) -> str:
-    """Escape LaTeX specials; ✓, ±, Δ, — become math/text commands."""
+    """Escape LaTeX specials; ✓, ±, Δ, —, †, ≤, ≥, <, > become math/text commands."""
     out = "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
     return (out.replace("✓", r"\checkmark{}").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
-            .replace(BOOT_MARK, r"\dag{}")
+            .replace(BOOT_MARK, r"\dag{}").replace("≤", r"$\le$").replace("≥", r"$\ge$")
+            .replace("<", r"$<$").replace(">", r"$>$").replace("½", r"$\frac{1}{2}$")
             .replace("−", "-").replace(MISSING, "---"))
 
 
-def render_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
-    """booktabs tables (needs ``\\usepackage{booktabs,amssymb,graphicx}``), one tabular per section."""
+def _tex(title: str, legend: str, sections: Sequence[Section]) -> str:
     out = [r"% generated by lab.tables; needs \usepackage{booktabs,amssymb,graphicx}",
            r"\begin{table}[t]", r"\centering",
-           rf"\caption{{{tex_escape(_TITLES[table])}. {tex_escape(_legend(table))}}}"]
-    for s in build_sections(rows, table, digits):
+           rf"\caption{{{tex_escape(title)}. {tex_escape(legend)}}}"]
+    for s in sections:
         out += [rf"\par\smallskip\textbf{{{tex_escape(s.title)}}}\\ {{\footnotesize {tex_escape(s.note)}}}\par",
                 r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{'l' * len(s.header)}}}", r"\toprule",
                 " & ".join(tex_escape(h) for h in s.header) + r" \\", r"\midrule"]
@@ -185,20 +232,82 @@ def render_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
     return "\n".join(out)
 
 
-def render_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
-    """A standalone HTML page with one <table> per section."""
+def _html(title: str, legend: str, sections: Sequence[Section]) -> str:
     e = html.escape
-    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{e(_TITLES[table])}</title>",
+    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
            "<style>table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;"
-           "padding:2px 6px;text-align:right}</style></head><body>", f"<h1>{e(_TITLES[table])}</h1>",
-           f"<p>{e(_legend(table))}</p>"]
-    for s in build_sections(rows, table, digits):
+           "padding:2px 6px;text-align:right}</style></head><body>", f"<h1>{e(title)}</h1>",
+           f"<p>{e(legend)}</p>"]
+    for s in sections:
         out += [f"<h2>{e(s.title)}</h2>", f"<p>{e(s.note)}</p>", "<table>",
                 "<tr>" + "".join(f"<th>{e(h)}</th>" for h in s.header) + "</tr>"]
         out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in line) + "</tr>" for line in s.body]
         out.append("</table>")
     out += ["</body></html>", ""]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# claims: one line per paper delta with our two-level CI, MDE, P(B > A) and a verdict
+
+_CLAIMS_TITLES = {
+    1: "Table 1 claims — the paper's gains over each block's baseline, replicated or not",
+    2: "Table 2 claims — each component's gain in the paper, replicated or not",
+}
+_CLAIMS_LEGEND = ("One line per delta the paper reports, beside ours (percent points). ours: Δ and its two-level 95% "
+                  "CI (seed pairs and val images resampled together; \"image only\" with one seed); MDE: the "
+                  "smallest true Δ our seeds detect with 80% power at two-sided 5%; P(B > A): how often a run of "
+                  "the row beats the paired run of the one it is compared with on a random draw of the val set. "
+                  f"Verdict: {stats.REPLICATED} = same sign as the paper and the CI excludes 0; "
+                  f"{stats.CONTRADICTED} = opposite sign and the CI excludes 0; {stats.NOT_REPLICATED} = the CI covers "
+                  f"0 although MDE ≤ |paper Δ|; {stats.UNDERPOWERED} = the CI covers 0 and MDE > |paper Δ| (with 1 "
+                  "seed the MDE is unknown). Seeds needed: for MDE ≤ |paper Δ| at the measured variances (\"none\" "
+                  "when image sampling alone exceeds it: a larger val set is needed).")
+
+
+def fmt_claim_ours(ci: TwoLevelCI | None, digits: int = 1) -> str:
+    """``"+0.4 [-0.8, +1.6]"``; ``"-1.7 [-2.9, -0.5] image only"`` with one seed pair; "—" without."""
+    if ci is None or not (math.isfinite(ci.lo) and math.isfinite(ci.hi)):
+        return MISSING
+    text = f"{ci.delta:+.{digits}f} [{ci.lo:+.{digits}f}, {ci.hi:+.{digits}f}]"
+    return text if ci.seed_variance_known else f"{text} image only"
+
+
+def build_claims_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Section]:
+    """One section per (dataset, profile) with a line per :class:`lab.tables.rows.Claim`."""
+    by_section: dict[tuple[str, str], list[Claim]] = {}
+    for c in claims(rows):
+        by_section.setdefault((c.dataset, c.profile), []).append(c)
+    sections = []
+    for (dataset, profile), lines in by_section.items():
+        view = DATASET_VIEWS[table][dataset]
+        c0 = lines[0]
+        ref = "same benchmark" if view.comparable else "reference only: a different dataset"
+        note = f"paper Δ: {view.paper_dataset} {c0.paper_metric} ({ref}); ours: Δ{c0.metric}"
+        header = ["Claim", f"Δ{c0.paper_metric} paper", f"Δ{c0.metric} ours [two-level 95% CI]", "MDE", "P(B > A)",
+                  "n seeds", "verdict", "seeds for MDE ≤ |paper Δ|"]
+        body = [[c.label, _fmt_signed(c.paper_delta, digits), fmt_claim_ours(c.ci, digits), fmt_mde(c.ci, digits),
+                 fmt_p_better(c.ci), str(c.n), c.verdict, fmt_seeds(c.seeds) if c.ci is not None else MISSING]
+                for c in lines]
+        sections.append(Section(f"{dataset} — profile {profile}", note, header, body))
+    return sections
+
+
+def render_claims_markdown(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """The verdicts on the paper's deltas as Markdown (``claims{N}.md``)."""
+    sections = build_claims_sections(rows, table, digits)
+    return _markdown(_CLAIMS_TITLES[table], _CLAIMS_LEGEND, sections,
+                     None if sections else "_No delta of ours beside one of the paper's._")
+
+
+def render_claims_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """The verdicts as booktabs tables (``claims{N}.tex``)."""
+    return _tex(_CLAIMS_TITLES[table], _CLAIMS_LEGEND, build_claims_sections(rows, table, digits))
+
+
+def render_claims_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+    """The verdicts as a standalone HTML page (``claims{N}.html``)."""
+    return _html(_CLAIMS_TITLES[table], _CLAIMS_LEGEND, build_claims_sections(rows, table, digits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,8 +335,14 @@ def csv_records(rows: Sequence[Row], table: int) -> list[dict[str, object]]:
             "delta_mean": r.delta.mean if r.delta else None, "delta_ci95": r.delta.ci95 if r.delta else None,
             "delta_ci_method": r.delta_method, "paper_delta": r.paper_delta,
             "delta_ci_excludes_0": r.delta.excludes_zero if r.delta else None,
-            "boot_delta": r.boot.delta if r.boot else None, "boot_lo": r.boot.lo if r.boot else None,
-            "boot_hi": r.boot.hi if r.boot else None, "boot_seed_pairs": r.boot.n_pairs if r.boot else None,
+        })
+        b = r.boot  # the two-level bootstrap (boot_* kept as column names)
+        rec.update({
+            "boot_delta": b.delta if b else None, "boot_lo": b.lo if b else None, "boot_hi": b.hi if b else None,
+            "boot_se": b.se if b else None, "boot_seed_pairs": b.n_pairs if b else None,
+            "boot_seed_variance_known": b.seed_variance_known if b else None,
+            "boot_excludes_0": b.excludes_zero if b else None, "p_better": b.p_better if b else None,
+            "mde": b.mde if b else None, "s_seed": b.s_seed if b else None, "s_img": b.s_img if b else None,
         })
         out.append(rec)
     if table == 1:

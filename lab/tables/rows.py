@@ -1,12 +1,12 @@
 """Statistics: cell runs -> table rows. One :class:`Row` per (row, dataset, profile) with the mean
 and 95% CI over seeds of every metric, the paper's numbers beside ours (through the row's
-:class:`DatasetView`), and the headline-metric delta to the row it adds to, with its seed CI and,
-for Table 2, its image-level bootstrap CI (:func:`add_bootstrap`).
+:class:`DatasetView`), and the headline-metric delta to the row it adds to, with its seed-paired CI
+and its two-level (seeds x val images) bootstrap: CI, P(B > A), MDE (:func:`add_bootstrap`); and
+the verdict on each of the paper's deltas (:func:`claims`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -18,10 +18,8 @@ from scipy import stats as sstats
 
 from lab import paper, stats, tracking
 from lab.experiments import TABLE1_GFL_METHODS, TABLE1_METHODS, split_table1_row
-from lab.stats import BootstrapCI, Stat, summarize
+from lab.stats import SeedsNeeded, Stat, TwoLevelCI, summarize
 from lab.tables.collect import DATASET_ORDER, RunRecord, fetch_cell_runs
-
-log = logging.getLogger(__name__)
 
 TABLE2_ROWS = tuple(r.key for r in paper.TABLE2)
 #: Table 2 component increments: (label, row, the row it adds to)
@@ -86,15 +84,17 @@ DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
 
 
 def delta_stat(a: dict[int, float], b: dict[int, float]) -> tuple[Stat, str] | None:
-    """``mean(a) − mean(b)`` over per-seed values, with its 95% CI and the CI method.
+    """The delta ``a − b`` of per-seed values (seed → percent) with its 95% CI and the CI method.
 
-    Paired t over seeds when both cells have the same seeds (n ≥ 2), else Welch (both n ≥ 2),
-    else no CI. None when either side is empty.
+    "paired" when at least 2 seeds are shared: mean over the shared seeds of ``a[s] − b[s]`` with a
+    Student-t CI (:func:`lab.stats.seed_paired_ci`; seeds only one side has are left out). Else
+    "welch": ``mean(a) − mean(b)`` with a Welch CI (both n ≥ 2); else "none" (no CI). None when either
+    side is empty.
     """
     if not a or not b:
         return None
-    if a.keys() == b.keys() and len(a) >= 2:
-        paired = stats.seed_paired_ci(b, a)  # mean of a[s] − b[s]
+    if len(a.keys() & b.keys()) >= 2:
+        paired = stats.seed_paired_ci(b, a)  # mean of a[s] − b[s] over the shared seeds
         assert paired is not None
         return paired, "paired"
     sa, sb = summarize(list(a.values())), summarize(list(b.values()))
@@ -144,8 +144,8 @@ class Row:
     delta: Stat | None = None
     delta_method: str | None = None
     paper_delta: float | None = None
-    #: Table 2: image-level paired bootstrap CI of the delta, pooled over seed pairs (None: no detections)
-    boot: BootstrapCI | None = None
+    #: two-level (seeds x val images) bootstrap of the delta: CI, P(B > A), MDE (None: no detections)
+    boot: TwoLevelCI | None = None
 
     @property
     def n(self) -> int:
@@ -159,8 +159,8 @@ class Row:
 def aggregate(uri: str, table: int, profile: str | None = None, bootstrap: bool = True) -> list[Row]:
     """Cells of Table ``table`` from the MLflow store at ``uri`` (missing expected cells have n = 0).
 
-    ``bootstrap`` (Table 2): also the image-level bootstrap CIs of the deltas (:func:`add_bootstrap`),
-    from each run's detections and config artifacts.
+    ``bootstrap``: also the two-level bootstrap of the deltas (:func:`add_bootstrap`), from each
+    run's detections and config artifacts.
     """
     return build_rows(uri, fetch_cell_runs(uri, table, profile), table, bootstrap)
 
@@ -309,34 +309,38 @@ def add_bootstrap(
     n_resamples: int = stats.N_RESAMPLES,
     seed: int = stats.BOOTSTRAP_SEED,
 ) -> None:
-    """Set ``row.boot`` for every row with a delta: the image-level paired bootstrap CI of
-    ``headline(row) − headline(delta_ref)``, pooled over the seeds both rows have.
+    """Set ``row.boot`` for every row with a delta: :func:`lab.stats.two_level_bootstrap` of
+    ``headline(row) − headline(delta_ref)`` over the seeds both rows have (one seed pair per seed).
 
     ``load(run_id)`` gives a run's matched detections (None: not available; that seed pair is left
-    out). One resample matrix per (dataset, profile) section, shared by all its rows and seeds, and
-    one resampled metric per run (cached), so a run used twice (as row and as reference) costs once.
+    out). The two runs of a pair are paired by their val ``image_ids`` (:func:`lab.stats.check_pairable`),
+    and every run of a (dataset, profile) section must have the section's image ids, because all its
+    pairs share one resample matrix (the crossed design of the two-level bootstrap): a mismatch raises
+    ValueError naming both run ids and how many ids differ. Each run's resampled metric is computed
+    once (cached), so a run used twice (as row and as reference) costs once.
     """
     run_of = {(r.row, r.dataset, r.profile, r.seed): r.run_id for r in records if r.used}
     by_key = {(r.dataset, r.profile, r.row): r for r in rows}
-    counts: dict[tuple[str, str], np.ndarray] = {}
-    per_run: dict[str, tuple[float, np.ndarray] | None] = {}
+    matches: dict[str, stats.Matches | None] = {}
+    #: section → (its first scored run, that run's matches, the section's resample counts [J, I])
+    sections: dict[tuple[str, str], tuple[str, stats.Matches, np.ndarray]] = {}
+    scored: dict[str, tuple[float, np.ndarray]] = {}
 
-    def resampled(run_id: str, section: tuple[str, str], metric: str) -> tuple[float, np.ndarray] | None:
-        if run_id not in per_run:
+    def matched(run_id: str, metric: str) -> stats.Matches | None:
+        if run_id not in matches:  # a run belongs to one section, so to one headline metric
             m = load(run_id)
-            if m is None:
-                per_run[run_id] = None
-            else:
-                m = stats.for_metric(m, metric)
-                if section not in counts:
-                    counts[section] = stats.resample_counts(m.image_ids.size, n_resamples, seed)
-                if counts[section].shape[1] != m.image_ids.size:
-                    log.warning("run %s has %d val images, others of %s/%s have %d: no bootstrap for it",
-                                run_id, m.image_ids.size, *section, counts[section].shape[1])
-                    per_run[run_id] = None
-                else:
-                    per_run[run_id] = (stats.full_metric(m), stats.resampled_metric(m, counts[section]))
-        return per_run[run_id]
+            matches[run_id] = None if m is None else stats.for_metric(m, metric)
+        return matches[run_id]
+
+    def score(run_id: str, m: stats.Matches, section: tuple[str, str]) -> tuple[float, np.ndarray]:
+        """(full-set metric, metric on each of the section's resamples ``[J]``)."""
+        if section not in sections:
+            sections[section] = (run_id, m, stats.resample_counts(m.image_ids.size, n_resamples, seed))
+        first_id, first, counts = sections[section]
+        _check_pair(first_id, first, run_id, m)
+        if run_id not in scored:
+            scored[run_id] = (stats.full_metric(m), stats.resampled_metric(m, counts))
+        return scored[run_id]
 
     for r in rows:
         base = by_key.get((r.dataset, r.profile, r.delta_ref)) if r.delta_ref else None
@@ -345,10 +349,71 @@ def add_bootstrap(
         metric, section = r.view.headline, (r.dataset, r.profile)
         full, boot = [], []
         for s in sorted(set(r.seeds) & set(base.seeds)):
-            mine = resampled(run_of[(r.row, r.dataset, r.profile, s)], section, metric)
-            ref = resampled(run_of[(base.row, r.dataset, r.profile, s)], section, metric)
-            if mine is not None and ref is not None:
-                full.append(mine[0] - ref[0])
-                boot.append(mine[1] - ref[1])
+            id_b, id_a = run_of[(r.row, r.dataset, r.profile, s)], run_of[(base.row, r.dataset, r.profile, s)]
+            mb, ma = matched(id_b, metric), matched(id_a, metric)
+            if ma is None or mb is None:
+                continue
+            _check_pair(id_a, ma, id_b, mb)  # the pairing point: same val images, by id
+            (full_a, boot_a), (full_b, boot_b) = score(id_a, ma, section), score(id_b, mb, section)
+            full.append(full_b - full_a)
+            boot.append(boot_b - boot_a)
         if full:
-            r.boot = stats.pooled_bootstrap_ci(full, boot)
+            r.boot = stats.two_level_bootstrap(full, np.stack(boot))
+
+
+def _check_pair(id_a: str, a: stats.Matches, id_b: str, b: stats.Matches) -> None:
+    """:func:`lab.stats.check_pairable`, its message prefixed with both run ids."""
+    try:
+        stats.check_pairable(a, b)
+    except ValueError as e:
+        raise ValueError(f"runs {id_a} (A) and {id_b} (B): {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# claims: the paper's deltas, ours beside them, and a verdict
+
+#: verdict of a claim whose two-level CI is missing (no runs, or no detections logged)
+NO_VERDICT = "no verdict (no two-level CI: runs or detections missing)"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's deltas beside ours: a line of ``claims{N}.*``.
+
+    ``label`` e.g. "+DC vs +IAC"; ``metric`` our headline metric, ``paper_metric`` the paper's
+    metric it is shown beside; ``ci`` our two-level bootstrap (None: missing); ``n`` seed pairs;
+    ``seeds`` the seeds needed for MDE <= |paper_delta| (None with one seed or without a CI).
+    """
+
+    dataset: str
+    profile: str
+    label: str
+    metric: str
+    paper_metric: str
+    paper_delta: float
+    ci: TwoLevelCI | None
+    n: int
+    verdict: str
+    seeds: SeedsNeeded | None
+
+
+def claims(rows: Sequence[Row]) -> list[Claim]:
+    """One :class:`Claim` per row with a delta and a paper delta, in row order: Table 2's +IAC, +DC,
+    +CL-B steps and Table 1's "ours − RetinaNet", "+DC +CL-B − GFL" where the paper has both numbers.
+    Verdict: :func:`lab.stats.verdict` of the two-level CI and its MDE, else :data:`NO_VERDICT`."""
+    out = []
+    for r in rows:
+        if r.delta_ref is None or r.paper_delta is None:
+            continue
+        label = r.delta_label or r.row
+        if r.table == 2:
+            label = f"{label} vs {row_label(2, r.delta_ref)}"
+        ci = r.boot
+        if ci is None or not (math.isfinite(ci.lo) and math.isfinite(ci.hi)):
+            verdict, seeds = NO_VERDICT, None
+        else:
+            verdict = stats.verdict(r.paper_delta, ci.lo, ci.hi, ci.mde)
+            seeds = stats.seeds_needed(r.paper_delta, ci.s_seed, ci.s_img) if ci.s_seed is not None else None
+        out.append(Claim(r.dataset, r.profile, label, r.view.headline, r.view.paper_metric[r.view.headline],
+                         r.paper_delta, ci, ci.n_pairs if ci else 0, verdict, seeds))
+    return out
