@@ -53,13 +53,15 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 quiet_ray_console()
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.entities import RunStatus, RunTag  # noqa: E402
 
 from detector.config import flatten, to_dict  # noqa: E402
-from lab import tracking  # noqa: E402
+from lab import provenance, tracking  # noqa: E402
 from lab.config import ConfigError  # noqa: E402
 from lab.experiments import Cell  # noqa: E402
-from lab.workerenv import forwarded_env  # noqa: E402
+from lab.lease import Heartbeat, Lease  # noqa: E402
+from lab.runlog import SPOOL_URI_ENV, TAG_SPOOL, TAG_UNSENT, RunLog, quick_http, spool_dir_for  # noqa: E402
+from lab.workerenv import forwarded_env, init_address  # noqa: E402
 
 #: tags beyond lab.tracking's: where the cell's Ray run and final weights live, what it reused.
 TAG_RAY_RUN = "detlab.ray_run"
@@ -68,6 +70,10 @@ TAG_REUSED = "detlab.reused_from"
 #: ``host:pid:start_time`` of the driver that holds a RUNNING run: a rerun can tell a dead driver's
 #: run (reuse it) from a live one's (refuse to run the cell twice).
 TAG_DRIVER = "detlab.driver"
+#: the storage lease (:mod:`lab.lease`) of the driver that holds a RUNNING run: checked from any host
+TAG_LEASE = "detlab.lease"
+#: seconds a cell's close keeps retrying MLflow before leaving the run for the next run of the command
+CLOSE_WAIT_S = 60.0
 
 
 @dataclass
@@ -112,13 +118,17 @@ def run_cells(cells: list[Cell], opts: RunOptions) -> list[Outcome]:
     tracking.check_reachable(opts.tracking_uri)  # a clear error now, not MLflow's minutes of retries
     tracking.init_store(opts.tracking_uri, opts.experiment)  # before any worker opens the store
     client = MlflowClient(opts.tracking_uri)
+    exp_id = client.get_experiment_by_name(opts.experiment).experiment_id
     outcomes: dict[str, Outcome] = {}
     todo: list[Cell] = []
     for cell in cells:
         done = None if opts.force else tracking.find_finished_run(opts.tracking_uri, opts.experiment, cell.key)
+        sent = None if opts.force or done else finish_unsent(client, opts, exp_id, cell)
         if done:
             outcomes[cell.name] = Outcome(cell, "SKIPPED", done, dict(client.get_run(done).data.metrics))
             print(f"[{cell.name}] skipped: FINISHED run {done} has detlab.key={cell.key} (use --force to rerun)")
+        elif sent:
+            outcomes[cell.name] = Outcome(cell, "FINISHED", sent, dict(client.get_run(sent).data.metrics))
         else:
             todo.append(cell)
     if todo:
@@ -166,29 +176,34 @@ def cell_tags(cell: Cell) -> dict[str, str]:
         return tracking.run_tags(cell.table, cell.row, cell.dataset, cell.seed, cell.key, cell.profile)
     tags = {tracking.TAG_ROW: cell.row, tracking.TAG_DATASET: cell.dataset, tracking.TAG_SEED: str(cell.seed),
             tracking.TAG_KEY: cell.key, tracking.TAG_PROFILE: cell.profile}
-    commit = tracking.git_commit()
-    if commit:
-        tags[tracking.TAG_GIT] = commit
+    tags.update(provenance.source_tags())
     return tags
 
 
-def open_run(client: MlflowClient, experiment_id: str, cell: Cell, extra_tags: dict[str, str]) -> str:
+def open_run(client: MlflowClient, experiment_id: str, cell: Cell, extra_tags: dict[str, str],
+             lease: Lease | None = None) -> str:
     """RUNNING run for ``cell``: the newest FAILED/KILLED run with its key is reopened (so a resumed
-    cell keeps one metric history), and so is a RUNNING one whose driver died (SIGKILL, a lost
+    cell keeps one metric history), and so is a RUNNING one whose driver is gone (SIGKILL, a lost
     head node: nothing closed it); else a new run with the flattened config as params. Either way
     its datasets are logged as inputs (a CL-B cell only evaluates: the val split).
 
-    Raises ConfigError if a live driver on this machine is running the cell now.
+    ``lease``: the cell's storage lease, held by the caller (:func:`claim_cell`). A RUNNING run is
+    judged by the lease its driver recorded (:func:`_driver_is_gone`). Raises ConfigError if a live
+    driver, on this machine or another, is running the cell now: its run is neither reused nor KILLED.
     """
     key_filter = tracking.tag_filter(tracking.TAG_KEY, cell.key)
     old = client.search_runs(
         [experiment_id], f"{key_filter} and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=20,
     )
-    reusable = [r for r in old if r.info.status != "RUNNING" or _driver_is_gone(cell, r)]
+    gone = {r.info.run_id: _driver_is_gone(cell, r, lease) for r in old if r.info.status == "RUNNING"}
+    reusable = [r for r in old if r.info.status != "RUNNING" or gone[r.info.run_id]]
     if reusable:
         run_id = reusable[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for tag in (TAG_UNSENT, TAG_SPOOL):  # this attempt sends that spool, and says again what it could not
+            if tag in reusable[0].data.tags:
+                client.delete_tag(run_id, tag)
         for stale in reusable[1:]:  # older dangling runs of the same cell: never leave one RUNNING
             if stale.info.status == "RUNNING":
                 client.set_terminated(stale.info.run_id, status="KILLED")
@@ -208,11 +223,52 @@ def _driver_id() -> str:
     return f"{socket.gethostname()}:{me.pid}:{me.create_time():.2f}"
 
 
-def _driver_is_gone(cell: Cell, run: Any) -> bool:
-    """Is the driver recorded on this RUNNING run dead? Alive on this machine: ConfigError."""
+def claim_cell(client: MlflowClient, experiment_id: str, cell: Cell, storage_root: str,
+               extra_tags: dict[str, str]) -> tuple[str, Lease]:
+    """Take ``cell``'s storage lease, then open its run (:func:`open_run`); returns the run id and
+    the lease, which the caller refreshes (:class:`lab.lease.Heartbeat`) and releases once the run is
+    closed. The lease makes "search the runs, then reopen one" atomic between drivers, on one host
+    or several. Raises ConfigError (:class:`lab.lease.LeaseHeld`) naming a live holder."""
+    from lab import lease as leases
+
+    held = leases.acquire(leases.lease_uri(storage_root, cell.run_name))
+    try:
+        return open_run(client, experiment_id, cell, {**extra_tags, TAG_LEASE: held.uri}, lease=held), held
+    except BaseException:
+        held.release()
+        raise
+
+
+def _driver_is_gone(cell: Cell, run: Any, lease: Lease | None = None) -> bool:
+    """Is the driver recorded on this RUNNING run gone? A live one (here or on another host):
+    ConfigError. False: cannot tell (its lease is a plain local path of another host), so the run
+    is left alone, neither reused nor KILLED."""
     import psutil
 
+    from lab import lease as leases
+    from lab import storage
+
     held_by = run.data.tags.get(TAG_DRIVER, "")
+    held_at = run.data.tags.get(TAG_LEASE)
+    if held_at:
+        if lease is not None and held_at == lease.uri:  # the caller holds that lease now: its holder is gone
+            print(f"[{cell.name}] reusing run {run.info.run_id}, left RUNNING by driver {held_by or '(unknown)'}, "
+                  f"whose lease has been released or gone stale", flush=True)
+            return True
+        where = storage.parse(held_at)
+        if not where.remote and not where.shared and held_by.partition(":")[0] != socket.gethostname():
+            print(f"[{cell.name}] leaving run {run.info.run_id} alone: it is RUNNING under driver {held_by} with a "
+                  f"lease on that host's own disk ({held_at}), which cannot be checked from here", flush=True)
+            return False
+        current = leases.holder(held_at)
+        if not leases.is_free(current):
+            assert current is not None
+            raise ConfigError(f"{cell.name}: run {run.info.run_id} is RUNNING under a live driver "
+                              f"({current.describe()}; lease {held_at}); wait for it or stop it before running "
+                              f"the cell again")
+        print(f"[{cell.name}] reusing run {run.info.run_id}, left RUNNING by driver {held_by or '(unknown)'}, "
+              f"whose lease is released or stale", flush=True)
+        return True
     host, _, rest = held_by.partition(":")
     pid, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -256,13 +312,11 @@ def _init_ray(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # identical lines from many workers printed once
     kwargs: dict[str, Any] = {}
-    starting_local = not (address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+    address = init_address(address)
+    starting_local = address == "local"
     if starting_local:
-        # A private single-node cluster. address="local": with None, Ray would attach to whatever
-        # cluster /tmp/ray/ray_current_cluster names (someone else's `ray start` on a shared box).
-        # The dashboard is what lets Ray Train clean up placement groups (notes §1.9); the object
-        # store barely matters here, so keep it modest.
-        address = "local"
+        # A private single-node cluster. The dashboard is what lets Ray Train clean up placement
+        # groups (notes §1.9); the object store barely matters here, so keep it modest.
         kwargs.update(include_dashboard=True, object_store_memory=512 * 1024**2)
     context = ray.init(
         address=address,
@@ -274,15 +328,26 @@ def _init_ray(address: str | None) -> None:
         print(f"detlab: Ray dashboard http://{context.dashboard_url}", flush=True)
 
 
-def _task_env(uri: str, gcs_address: str) -> dict[str, str]:
+def spool_root(opts: RunOptions) -> str | None:
+    """Where the cells' MLflow spools go (:mod:`lab.runlog`): the run's storage, which every node and
+    the driver reach (rank 0 is rarely on the driver's host, and an autoscaled pod takes its /tmp
+    with it); None when the user chose a spool directory (``DETLAB_SPOOL_DIR``, node-local)."""
+    from lab import storage
+
+    return None if os.environ.get("DETLAB_SPOOL_DIR") else storage.join(opts.storage, "mlflow-spool")
+
+
+def _task_env(uri: str, gcs_address: str, spool: str | None = None) -> dict[str, str]:
     env = {"MLFLOW_TRACKING_URI": uri, "RAY_TRAIN_V2_ENABLED": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
            # Ray Train's PlacementGroupCleaner calls the State API without an address; with two
            # Ray clusters on one machine it then dies on "Found multiple active Ray instances".
            "RAY_ADDRESS": gcs_address}
-    commit = tracking.git_commit()  # a working_dir package has no .git
+    commit = provenance.git_commit()  # for a package shipped without .git (working_dir excludes)
     if commit:
         env["DETLAB_GIT_COMMIT"] = commit
     env.update(forwarded_env())  # tracking credentials, S3 store, data dirs, fault hooks
+    if spool:
+        env[SPOOL_URI_ENV] = spool
     return env
 
 
@@ -307,13 +372,11 @@ class _Scheduler:
 
         self.ray = ray
         self.pending = list(cells)
-        self.opts, self.client, self.outcomes = opts, client, outcomes
-        self.exp_id = client.get_experiment_by_name(opts.experiment).experiment_id
+        self._setup(opts, client, outcomes, spool_root(opts))
         self.total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         self.used = {"CPU": 0.0, "GPU": 0.0}
-        self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
         self.remote = ray.remote(max_retries=0)(_cell_task)
-        self.env = _task_env(opts.tracking_uri, ray.get_runtime_context().gcs_address)
+        self.env = _task_env(opts.tracking_uri, ray.get_runtime_context().gcs_address, self.spool_root)
         self.driver_node = ray.get_runtime_context().get_node_id()
         from lab.scrub import scrub_mapping  # what reaches the workers, secrets masked (Ray keeps the real values)
 
@@ -326,6 +389,14 @@ class _Scheduler:
         if opts.max_concurrent is None:
             self._refuse_unfittable(cells)
 
+    def _setup(self, opts: RunOptions, client: MlflowClient, outcomes: dict[str, Outcome], spool_root: str | None) -> None:
+        """The state that needs no Ray: runs, leases, spools, closes to retry."""
+        self.opts, self.client, self.outcomes, self.spool_root = opts, client, outcomes, spool_root
+        self.exp_id = client.get_experiment_by_name(opts.experiment).experiment_id
+        self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
+        self.heartbeat: Heartbeat | None = None  # started with the first lease
+        self.unclosed: list[_Unclosed] = []  # runs MLflow did not let us close, retried at the end
+
     def _refuse_unfittable(self, cells: list[Cell]) -> None:
         """Fail before launching anything if some cell can never fit in the cluster."""
         for cell in cells:
@@ -337,6 +408,8 @@ class _Scheduler:
                 )
 
     def run(self) -> None:
+        from lab import lease as leases
+
         status_on_exit = "FAILED"
         try:
             while self.pending or self.running:
@@ -345,15 +418,21 @@ class _Scheduler:
                     if self.pending:  # only cells whose source failed are left
                         self._fail_orphans()
                     continue
-                ready, _ = self.ray.wait(list(self.running), num_returns=1)
-                self._collect(ready[0])
+                # wakes at least every heartbeat to notice a lease another driver took over
+                ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=leases.HEARTBEAT_S)
+                self._cancel_lost()
+                if ready and ready[0] in self.running:
+                    self._collect(ready[0])
+            self._retry_unclosed()
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or `ray job stop` (SIGTERM, see run_cells)
             status_on_exit = "KILLED"
             raise
         finally:
-            for ref, (cell, run_id, _, t0) in self.running.items():
+            for ref, (cell, run_id, _, t0) in list(self.running.items()):
                 self.ray.cancel(ref, force=True)
-                self._close(cell, run_id, status_on_exit, t0, error="driver stopped before the cell ended")
+                self._close(cell, run_id, status_on_exit, t0, error="driver stopped before the cell ended", wait_s=5.0)
+            if self.heartbeat is not None:
+                self.heartbeat.stop()  # releases every lease still held
 
     def _launch_ready(self) -> None:
         for cell in list(self.pending):
@@ -377,15 +456,25 @@ class _Scheduler:
 
     def _source_weights(self, cell: Cell, src: Outcome | None) -> str | None:
         """Path or storage URI of the weights a CL-B cell evaluates (the source run's weights tag,
-        read from storage by the cell wherever it runs); fails the cell if its source has none."""
+        read from storage by the cell wherever it runs); fails the cell if its source has none.
+
+        Anyone who may write to the tracking server may set the tag, so only a file under this
+        job's storage root is accepted (the loader also unpickles nothing but tensors and plain data).
+        """
         from lab import storage
 
         if src is not None and src.status in ("FINISHED", "SKIPPED") and src.run_id:
             path = self.client.get_run(src.run_id).data.tags.get(TAG_WEIGHTS)
-            if path and storage.is_file(path):
+            root = self.opts.storage
+            if path and not storage.is_under(path, root):
+                err = (f"{cell.reuse} (run {src.run_id}): its {TAG_WEIGHTS} tag {path!r} is not under this job's "
+                       f"storage {root}; only weights under the storage root are loaded: rerun it with --force, "
+                       f"or pass the --storage it was trained with")
+            elif path and storage.is_file(path):
                 return path
-            err = (f"{cell.reuse} (run {src.run_id}) has no weights file at {path!r}; "
-                   f"rerun it with --force, or keep the same --out/--storage")
+            else:
+                err = (f"{cell.reuse} (run {src.run_id}) has no weights file at {path!r}; "
+                       f"rerun it with --force, or keep the same --out/--storage")
         else:
             err = f"its source cell {cell.reuse} did not finish"
         self.pending.remove(cell)
@@ -402,7 +491,15 @@ class _Scheduler:
             tags.update({TAG_WEIGHTS: weights_from, TAG_REUSED: cell.reuse or ""})
         else:
             tags[TAG_WEIGHTS] = storage.join(root, cell.run_name, "model.pt")
-        run_id = open_run(self.client, self.exp_id, cell, tags)
+        try:
+            run_id, held = claim_cell(self.client, self.exp_id, cell, root, tags)
+        except ConfigError as e:  # a live driver holds the cell: not this driver's run to touch
+            self.outcomes[cell.name] = Outcome(cell, "FAILED", None, {}, str(e))
+            print(f"[{cell.name}] not started: {e}", flush=True)
+            return
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat()
+        self.heartbeat.add(cell.name, held)
         payload = {"cfg": to_dict(cell.cfg), "name": cell.name, "run_name": cell.run_name, "storage": root,
                    "run_id": run_id, "uri": self.opts.tracking_uri, "weights_from": weights_from}
         s = cell.cfg.scaling
@@ -440,20 +537,61 @@ class _Scheduler:
         try:
             value = self.ray.get(ref)
         except Exception as e:  # noqa: BLE001 - any failure of a cell is recorded, the rest go on
-            self._replay(cell, run_id)
-            self._close(cell, run_id, "FAILED", t0, error=_error_text(e))
+            self._end(cell, run_id, t0, None, _error_text(e))
             return
-        self._replay(cell, run_id)
-        self._close(cell, run_id, "FINISHED", t0, metrics=value.get("metrics", {}))
+        self._end(cell, run_id, t0, value, None)
 
-    def _replay(self, cell: Cell, run_id: str) -> None:
-        """Send the MLflow writes the cell could not (its spool, when it is on this machine)."""
-        from lab.runlog import replay_spool
+    def _end(self, cell: Cell, run_id: str, t0: float, value: dict[str, Any] | None, error: str | None) -> None:
+        """Close a cell's run once its task ended: first send what its rank 0 left in the spool.
+        A cell that completed with writes still unsent (or reported unsent but not in the spool
+        the driver reads) is closed FAILED with :data:`TAG_UNSENT`, never FINISHED, so that the
+        next run of the command sends them (:func:`finish_unsent`) instead of skipping the cell."""
+        reported = int(((value or {}).get("mlflow") or {}).get("unsent") or 0)
+        spool = spool_dir_for(run_id, self.spool_root) if self.spool_root else None
+        queued, left = self._replay(cell, run_id, spool)
+        unsent = left + max(reported - queued, 0)  # the rest of what the cell reported is not where we look
+        if error is not None:
+            self._close(cell, run_id, "FAILED", t0, error=error)
+        elif unsent:
+            where = spool or "the node-local spool (DETLAB_SPOOL_DIR) of rank 0's node"
+            self._close(cell, run_id, "FAILED", t0, tags={TAG_UNSENT: str(unsent), TAG_SPOOL: spool or ""},
+                        error=f"the cell completed, but {unsent} MLflow write(s) not sent yet (kept in {where}); "
+                              f"the next run of the same command sends them and closes this run FINISHED")
+        else:
+            self._close(cell, run_id, "FINISHED", t0, metrics=(value or {}).get("metrics", {}))
 
-        sent, left = replay_spool(self.opts.tracking_uri, run_id)
-        if sent or left:
-            print(f"[{cell.name}] replayed {sent} queued MLflow write(s)"
-                  + (f"; {left} still unsent, kept for the next run of this cell" if left else ""), flush=True)
+    def _replay(self, cell: Cell, run_id: str, spool: str | None) -> tuple[int, int]:
+        """Send the MLflow writes the cell could not; (found in its spool, still unsent). Never raises."""
+        from lab.scrub import scrub_text
+
+        try:
+            log = RunLog(self.opts.tracking_uri, run_id, spool if spool else spool_dir_for(run_id))
+            queued = log.pending
+            left = log.close(wait_s=0.0) if queued else 0
+        except Exception as e:  # noqa: BLE001 - the spool or the server: the run is then not closed FINISHED
+            print(f"[{cell.name}] could not replay the cell's queued MLflow writes "
+                  f"({scrub_text(f'{type(e).__name__}: {e}')})", flush=True)
+            return 0, 0
+        if queued:
+            print(f"[{cell.name}] replayed {log.late_writes} queued MLflow write(s)"
+                  + (f"; {left} still unsent" if left else ""), flush=True)
+        return queued, left
+
+    def _cancel_lost(self) -> None:
+        """Cells whose lease another driver took over (this driver could not heartbeat for
+        :data:`lab.lease.STALE_S`): stop them; the run is the other driver's now, left as it is."""
+        if self.heartbeat is None:
+            return
+        for name, why in self.heartbeat.lost().items():
+            for ref, (cell, run_id, need, t0) in list(self.running.items()):
+                if cell.name != name:
+                    continue
+                self.ray.cancel(ref, force=True)
+                del self.running[ref]
+                for k, v in need.items():
+                    self.used[k] -= v
+                self.outcomes[name] = Outcome(cell, "FAILED", run_id, {}, why, time.time() - t0)
+                print(f"[{name}] stopped: {why}", flush=True)
 
     def _fail_orphans(self) -> None:
         """Cells whose source never ran (not part of this run): nothing will ever unblock them."""
@@ -461,17 +599,116 @@ class _Scheduler:
             self._source_weights(cell, None)
 
     def _close(self, cell: Cell, run_id: str, status: str, t0: float, metrics: dict | None = None,
-               error: str | None = None) -> None:
+               error: str | None = None, tags: dict[str, str] | None = None, wait_s: float | None = None) -> None:
+        """Record the cell's outcome and close its run. Never raises: a tracking server that does not
+        answer within ``wait_s`` (default :data:`CLOSE_WAIT_S`) leaves the run for :meth:`_retry_unclosed`."""
+        from lab.scrub import scrub_text
+
         seconds = time.time() - t0
-        try:
-            if error:
-                self.client.set_tag(run_id, "detlab.error", error[-4000:])
-            self.client.log_metric(run_id, "cell_wall_s", seconds)
-        finally:
-            self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+        error = scrub_text(error) if error else error  # MLflow's errors quote the URL, user:password@ included
+        closed = close_run(self.client, run_id, status, seconds, error, tags, CLOSE_WAIT_S if wait_s is None else wait_s)
         self.outcomes[cell.name] = Outcome(cell, status, run_id, metrics or {}, error, seconds)
+        if closed:
+            self._release(cell.name)
+        else:  # the lease stays held: nobody else may reopen the run before this driver gives up on it
+            self.unclosed.append(_Unclosed(cell.name, run_id, status, seconds, error, tags or {}))
         tail = f": {error.strip().splitlines()[-1]}" if error else ""
         print(f"[{cell.name}] {status} in {seconds:.0f}s{tail}", flush=True)
+
+    def _retry_unclosed(self) -> None:
+        """One more try for each run MLflow did not let us close; what still fails stays RUNNING,
+        its lease released, and the next run of the command reuses it (its driver is gone)."""
+        for item in list(self.unclosed):
+            if not close_run(self.client, item.run_id, item.status, item.seconds, item.error, item.tags, CLOSE_WAIT_S):
+                print(f"[{item.name}] run {item.run_id} is left RUNNING in MLflow: the next run of the same command "
+                      f"reuses and closes it", flush=True)
+            self.unclosed.remove(item)
+            self._release(item.name)
+
+    def _release(self, name: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.release(name)
+
+
+@dataclass
+class _Unclosed:
+    name: str
+    run_id: str
+    status: str
+    seconds: float
+    error: str | None
+    tags: dict[str, str]
+
+
+def close_run(client: MlflowClient, run_id: str, status: str, seconds: float, error: str | None = None,
+              tags: dict[str, str] | None = None, wait_s: float = CLOSE_WAIT_S) -> bool:
+    """Tag, time and terminate a cell's run, retrying MLflow (a few quick tries per call, then every
+    5 s) for up to ``wait_s`` seconds. False, printed and never raised, when the server did not
+    answer: MLflow's default retries block for minutes and then raise, and a close that raises took
+    the scheduler, and with it every other running cell, down. ``error`` must be scrubbed already."""
+    from lab.scrub import scrub_text
+
+    steps: list[Any] = []
+    if error:
+        steps.append(lambda: client.set_tag(run_id, "detlab.error", error[-4000:]))
+    if tags:
+        steps.append(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+    steps.append(lambda: client.log_metric(run_id, "cell_wall_s", seconds))
+    steps.append(lambda: client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status))))
+    deadline = time.monotonic() + wait_s
+    last: BaseException | None = None
+    with quick_http():
+        while steps:
+            try:
+                steps[0]()
+                steps.pop(0)
+                continue
+            except Exception as e:  # noqa: BLE001 - retried until the deadline, then reported
+                last = e
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
+    if steps:
+        print(f"[detlab] could not close MLflow run {run_id} as {status} within {wait_s:.0f}s "
+              f"({scrub_text(f'{type(last).__name__}: {last}'.splitlines()[0])[:300]})", flush=True)
+        return False
+    return True
+
+
+def finish_unsent(client: MlflowClient, opts: RunOptions, experiment_id: str, cell: Cell) -> str | None:
+    """The rerun of a cell whose run is FAILED only because MLflow writes were not sent
+    (:data:`TAG_UNSENT`): send them from its spool and close it FINISHED; returns its run id, or
+    None when there is no such run or something is still missing (the cell then runs again)."""
+    from lab import lease as leases
+
+    runs = client.search_runs(
+        [experiment_id], f"{tracking.tag_filter(tracking.TAG_KEY, cell.key)} and attributes.status = 'FAILED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or TAG_UNSENT not in runs[0].data.tags:
+        return None
+    run = runs[0]
+    run_id, expected = run.info.run_id, int(run.data.tags[TAG_UNSENT])
+    try:
+        held = leases.acquire(leases.lease_uri(opts.storage, cell.run_name))
+    except leases.LeaseHeld:
+        return None  # a live driver runs the cell: launching it is refused, naming that driver
+    try:
+        spool = run.data.tags.get(TAG_SPOOL) or spool_dir_for(run_id)
+        log = RunLog(opts.tracking_uri, run_id, spool)
+        queued = log.pending
+        left = log.close(wait_s=0.0) if queued else 0
+        if left or queued < expected:
+            missing = f"{left} still not sent" if left else f"only {queued} of {expected} found in {spool}"
+            print(f"[{cell.name}] run {run_id} waits for MLflow writes: {missing}; running the cell again", flush=True)
+            return None
+        for tag in (TAG_UNSENT, TAG_SPOOL, "detlab.error"):
+            if tag in run.data.tags:
+                client.delete_tag(run_id, tag)
+        client.set_terminated(run_id, status="FINISHED")
+    finally:
+        held.release()
+    print(f"[{cell.name}] sent the {queued} MLflow write(s) run {run_id} was waiting for; it is FINISHED", flush=True)
+    return run_id
 
 
 def _demand(cell: Cell) -> dict[str, float]:

@@ -25,10 +25,12 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from detector.config import ConfigError
 
@@ -124,6 +126,26 @@ def join(uri: str | os.PathLike[str] | StorageURI, *parts: str) -> str:
     return str(StorageURI("local", str(Path(u.path, *clean)), u.shared))
 
 
+def is_under(uri: str | os.PathLike[str] | StorageURI, root: str | os.PathLike[str] | StorageURI) -> bool:
+    """Whether ``uri`` names something inside the storage root ``root`` (or ``root`` itself).
+
+    Both are compared as :func:`parse` leaves them: a local path with symlinks and ``..`` resolved
+    (a link under the root to a file outside it is outside), an S3 key without ``..`` or empty
+    parts, so a prefix match cannot be fooled. ``uri`` that is not a storage URI at all is not
+    under anything; a bad ``root`` raises :class:`StorageError`.
+    """
+    r = parse(root)
+    try:
+        u = parse(uri)
+    except StorageError:
+        return False
+    if u.kind != r.kind:
+        return False
+    if u.remote:
+        return u.bucket == r.bucket and (not r.key or u.key == r.key or u.key.startswith(r.key + "/"))
+    return Path(u.path).is_relative_to(r.path)
+
+
 def local_path(uri: str | os.PathLike[str] | StorageURI) -> Path | None:
     """The local path of a local/shared URI, None for an object store."""
     u = parse(uri)
@@ -152,6 +174,16 @@ def s3_filesystem() -> Any:
     elif endpoint:
         kwargs["region"] = "us-east-1"  # S3-compatible stores ignore it; without one pyarrow asks AWS
     return pafs.S3FileSystem(**kwargs)
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the same store as :func:`s3_filesystem`, for what pyarrow cannot do:
+    conditional writes (``If-None-Match``, ``If-Match``: the cell leases of :mod:`lab.lease`)."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or ("us-east-1" if endpoint else None)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
 def filesystem(uri: str | os.PathLike[str] | StorageURI) -> tuple[Any, str]:
@@ -205,26 +237,110 @@ def is_file(uri: str | os.PathLike[str] | StorageURI) -> bool:
 
 
 def upload_file(local: str | os.PathLike[str], uri: str | os.PathLike[str] | StorageURI) -> str:
-    """Copy the local file ``local`` to ``uri``; returns the URI. Atomic for readers: S3 shows an
-    object only once it is complete; a local target is written beside and renamed."""
+    """Copy the local file ``local`` to ``uri``; returns the URI. Atomic for readers (see
+    :func:`upload_fileobj`)."""
+    u = parse(uri)
+    if not u.remote and Path(local).resolve() == Path(u.path):
+        return str(u)
+    with open(local, "rb") as src:
+        return upload_fileobj(src, u)
+
+
+def upload_fileobj(src: BinaryIO, uri: str | os.PathLike[str] | StorageURI) -> str:
+    """Copy the readable binary stream ``src`` to ``uri``; returns the URI.
+
+    Atomic for readers: the bytes go to a temporary name beside the target, which replaces the
+    target only once the copy is complete (a local rename; on S3 a server-side copy). An error on
+    the way leaves the previous target, or none, and deletes the temporary. pyarrow's S3 stream
+    cannot abort: closed by an exception it still completes the upload, so writing to the target
+    directly would publish a truncated object.
+    """
     u = parse(uri)
     if not u.remote:
         dest = Path(u.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if Path(local).resolve() != dest:
-            tmp = dest.with_name(dest.name + ".part")
-            shutil.copyfile(local, tmp)
+        tmp = dest.with_name(f"{dest.name}.part-{uuid.uuid4().hex[:12]}")
+        try:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, length=8 * 1024 * 1024)
             tmp.replace(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return str(u)
     fs = s3_filesystem()
-    with open(local, "rb") as src, fs.open_output_stream(u.path) as dst:
-        shutil.copyfileobj(src, dst, length=8 * 1024 * 1024)
+    tmp_key = f"{u.path}.part-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(tmp_key) as dst:
+            shutil.copyfileobj(src, dst, length=8 * 1024 * 1024)
+        fs.move(tmp_key, u.path)  # CopyObject then DeleteObject: readers see the old object or the new one
+    except BaseException:
+        try:
+            fs.delete_file(tmp_key)
+        except OSError:  # never created, or the store is down: an orphan .part key, never read
+            pass
+        raise
     return str(u)
 
 
 def cache_dir() -> Path:
     """Where :func:`download` keeps copies: ``$DETLAB_STORAGE_CACHE``, else ``~/.cache/detlab/storage``."""
     return Path(os.environ.get("DETLAB_STORAGE_CACHE") or Path.home() / ".cache" / "detlab" / "storage")
+
+
+#: days a cached copy stays after its last use (``$DETLAB_STORAGE_CACHE_DAYS``)
+CACHE_DAYS = 7.0
+#: an older version of an object that was fetched again goes once unused this long (a process may
+#: still be reading it, or fetching it)
+_SUPERSEDED_GRACE_S = 600.0
+
+
+def prune_cache(cache: Path, keep: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove cached copies: those unused for ``$DETLAB_STORAGE_CACHE_DAYS`` (default
+    :data:`CACHE_DAYS`), and older versions of ``keep``'s object unused for :data:`_SUPERSEDED_GRACE_S`.
+
+    The cache holds ``<sha(uri)>/<sha(uri, size, mtime)>/<name>``: one directory per object, one per
+    version of it under that. "Used" is the newest mtime in a version's directory (a cache hit
+    touches the directory). Returns what was removed. Errors are ignored: another process may be
+    pruning too.
+    """
+    now = time.time() if now is None else now
+    max_age = float(os.environ.get("DETLAB_STORAGE_CACHE_DAYS") or CACHE_DAYS) * 86400.0
+    removed: list[Path] = []
+    try:
+        objects = [d for d in cache.iterdir() if d.is_dir()]
+    except OSError:
+        return removed
+    for obj in objects:
+        superseded = keep is not None and obj == keep.parent
+        try:
+            versions = list(obj.iterdir())
+        except OSError:  # pruned by another process meanwhile
+            continue
+        for version in versions:
+            if keep is not None and version == keep:
+                continue
+            idle = now - _last_use(version, now)
+            if idle > max_age or (superseded and idle > _SUPERSEDED_GRACE_S):
+                if version.is_dir() and not version.is_symlink():
+                    shutil.rmtree(version, ignore_errors=True)
+                else:
+                    version.unlink(missing_ok=True)
+                removed.append(version)
+        try:
+            obj.rmdir()  # only when empty
+        except OSError:
+            pass
+    return removed
+
+
+def _last_use(path: Path, now: float) -> float:
+    """Newest mtime of ``path`` and what is under it; ``now`` if a file comes or goes while we look
+    (a download in progress renames its temp file: never prune what is in use)."""
+    try:
+        return max(p.stat().st_mtime for p in [path, *path.rglob("*")])
+    except OSError:
+        return now
 
 
 def download(uri: str | os.PathLike[str] | StorageURI, cache: Path | None = None) -> Path:
@@ -247,8 +363,12 @@ def download(uri: str | os.PathLike[str] | StorageURI, cache: Path | None = None
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"no such object: {u}")
     stamp = f"{u}|{info.size}|{info.mtime_ns}"
-    dest = (cache or cache_dir()) / hashlib.sha256(stamp.encode()).hexdigest()[:20] / PurePosixPath(u.path).name
+    root = cache or cache_dir()
+    version = root / hashlib.sha256(str(u).encode()).hexdigest()[:20] / hashlib.sha256(stamp.encode()).hexdigest()[:20]
+    dest = version / PurePosixPath(u.path).name
     if dest.is_file() and dest.stat().st_size == info.size:
+        os.utime(version)  # used now (the file's own mtime stays: it says when it was fetched)
+        prune_cache(root, keep=version)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
@@ -259,6 +379,7 @@ def download(uri: str | os.PathLike[str] | StorageURI, cache: Path | None = None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    prune_cache(root, keep=version)
     return dest
 
 

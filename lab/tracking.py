@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 
+from lab.provenance import source_tags
 from lab.config import file_sha256  # memoised by path, size and mtime (COCO's train JSON is 450 MB)
 
 if TYPE_CHECKING:
@@ -236,29 +236,6 @@ def _init_lock(db: Path | None) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def git_commit() -> str | None:
-    """Commit of the detlab checkout: env ``DETLAB_GIT_COMMIT`` if set, else ``git rev-parse HEAD``.
-
-    The env var exists for code shipped without ``.git`` (a Ray ``working_dir`` package, an
-    image): the submitter sets it. None when neither works.
-    """
-    env = os.environ.get("DETLAB_GIT_COMMIT", "").strip()
-    if env:
-        return env
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,  # not the cwd: Ray workers chdir elsewhere
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else None
-
-
 def dataset_tag(dataset: str) -> str:
     """``detlab.dataset`` value for a ``DataConfig.dataset`` name (``voc`` → ``voc07``)."""
     tag = {"voc": "voc07"}.get(dataset, dataset)
@@ -365,9 +342,7 @@ def run_tags(
         tags[TAG_KEY] = str(key)
     if profile is not None:
         tags[TAG_PROFILE] = str(profile)
-    commit = git_commit()
-    if commit:
-        tags[TAG_GIT] = commit
+    tags.update(source_tags())  # the commit (MLflow's own tag too), dirty flag, source digest
     return tags
 
 

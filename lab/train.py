@@ -46,18 +46,23 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_data_loader, prepare_model  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from detector.anchors import anchor_fit, dataset_boxes  # noqa: E402
 from detector.config import to_dict  # noqa: E402
+from detector.digest import records_digest  # noqa: E402
+from detector.ema import ModelEMA  # noqa: E402
+from detector.repro import loader_generator, seed_everything, seed_loader_worker, set_determinism  # noqa: E402
 from detector.data import build_dataset, collate_fn  # noqa: E402
 from detector.model import build_detector  # noqa: E402
-from lab import evaluation, faults  # noqa: E402
+from lab import evaluation, faults, provenance  # noqa: E402
+from lab.scrub import scrub_mapping  # noqa: E402
 from lab.config import LabConfig, config_from_dict, dump_config  # noqa: E402
 from lab.runlog import SPOOL_WAIT_S, RunLog, spool_dir_for  # noqa: E402
 from lab import storage  # noqa: E402
 from lab.resume import (  # noqa: E402
-    STATE_FILE, choose_resume_checkpoint, remove_checkpoints, write_checkpoint_meta,
+    STATE_FILE, CheckpointReadError, ResumeChoice, choose_resume_checkpoint, remove_checkpoints, verify_checkpoint,
+    write_checkpoint_meta,
 )
 
 #: final weights of a cell, written beside its Ray checkpoints; CL-B cells and ``detlab predict`` read it.
@@ -174,12 +179,6 @@ def start_system_metrics(cfg: LabConfig, args: LoopArgs, node: str | None) -> An
     return monitor
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -236,7 +235,9 @@ def save_weights(path: str | Path, model: torch.nn.Module, cfg: LabConfig, class
     local ``Path``, or the URI for an object store. Either way a reader never sees half a file.
     """
     uri = storage.parse(path)
-    payload = {"model": _unwrap(model).state_dict(), "config": to_dict(cfg), "class_names": list(class_names)}
+    # the config as logged: secrets masked (no key that a model reads back is secret-named)
+    payload = {"model": _unwrap(model).state_dict(), "config": scrub_mapping(to_dict(cfg)),
+               "class_names": list(class_names)}
     if uri.remote:  # written locally, then uploaded: the node that trained keeps nothing others need
         with tempfile.TemporaryDirectory() as d:
             torch.save(payload, Path(d) / WEIGHTS_FILE)
@@ -258,9 +259,53 @@ def save_weights(path: str | Path, model: torch.nn.Module, cfg: LabConfig, class
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
-    """Read a ``model.pt`` written by :func:`save_weights` (our own file, so full unpickling is fine):
-    a local path or a storage URI, fetched into the local cache (:func:`lab.storage.download`)."""
-    return torch.load(storage.download(path), map_location="cpu", weights_only=False)
+    """Read a ``model.pt`` written by :func:`save_weights`: a local path or a storage URI, fetched
+    into the local cache (:func:`lab.storage.download`).
+
+    Unpickled with ``weights_only=True``: tensors and plain data only (the payload is a state_dict,
+    the config as a plain dict and the class names). Where the path comes from (a run tag, a
+    bucket) is not proof that we wrote the file, and a full unpickler runs whatever a file asks.
+    """
+    return _load_safely(storage.download(path), "weights file")
+
+
+#: the numpy types in a checkpoint: ``np.random.get_state()`` is ("MT19937", uint32 array, int, int,
+#: float). Allowed by name, while loading checkpoints only; every other type is refused (an object
+#: array's dtype class is not in the list, so it cannot be rebuilt either).
+_CHECKPOINT_GLOBALS: list[Any] = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, np.dtypes.UInt32DType]
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint's ``state.pt`` (model, optimizer, scheduler, scaler and EMA state, every
+    rank's torch/numpy/Python RNG state, metrics) with ``weights_only=True`` and :data:`_CHECKPOINT_GLOBALS`."""
+    with torch.serialization.safe_globals(_CHECKPOINT_GLOBALS):
+        return _load_safely(Path(path), "checkpoint")
+
+
+def _load_safely(path: Path, what: str) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``; a file holding anything else is refused, named.
+
+    Raises ``pickle.UnpicklingError`` (what torch raises) with the file and the refused type.
+    """
+    import pickle
+    import re
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message goes on to suggest allow-listing the type; what matters is which type it was
+        text = str(e)
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Can only build .*?, but got .*?>|Trying to call reduce "
+                          r"for unrecognized function \S+)", text)
+        if found:
+            raise pickle.UnpicklingError(f"refusing to load the {what} {path}: it holds more than tensors and plain "
+                                         f"data ({found[1]}); detlab loads only the files it writes") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        raise pickle.UnpicklingError(f"the {what} {path} is not a readable torch file ("
+                                     f"{detail[0] if detail else type(e).__name__}): truncated or not ours") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"the {what} {path} holds a {type(payload).__name__}, not a dict")
+    return payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +346,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         node = f"node{ctx.get_node_rank()}" if world > ctx.get_local_world_size() else None
         device = get_device()
     quiet_ray_train_logs()
-    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    set_determinism(cfg.threads, cfg.train.deterministic)
     seed_everything(cfg.train.seed + rank)
     # one system-metrics sampler per node (every local worker would report the same machine)
     monitor = start_system_metrics(cfg, args, node) if local_rank == 0 else None
@@ -321,11 +366,15 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
 
     train_set = build_dataset(cfg.data, "train", train=True)
     cfg = resolve_num_classes(cfg, train_set)
+    # our own sampler on every world size (1 too), seeded by train.seed: Ray's would use seed 0 for
+    # every seed of a table, and the global RNG's order would not survive a resume. set_epoch below.
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     loader = DataLoader(
-        train_set, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collate_fn,
+        train_set, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate_fn,
         num_workers=cfg.data.loader_workers, persistent_workers=cfg.data.loader_workers > 0,
+        generator=loader_generator(cfg.train.seed + rank), worker_init_fn=seed_loader_worker,
     )
-    loader = _DeviceLoader(loader, device) if in_tune else prepare_data_loader(loader)
+    loader = _DeviceLoader(loader, device) if in_tune else prepare_data_loader(loader, add_dist_sampler=False)
     iters = len(loader) if not cfg.train.max_iters else min(len(loader), cfg.train.max_iters)
     if iters == 0:
         raise ValueError(f"{args.name}: the train split has {len(train_set)} images, fewer than one batch per worker")
@@ -336,20 +385,29 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
     scheduler = build_scheduler(optimizer, cfg, iters)
     t = cfg.train
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    ema = ModelEMA(_unwrap(model), t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
 
     start_epoch, metrics = 0, {}
+    if rank == 0:
+        # every attempt, resumed or restarted at epoch 0: what an earlier one logged (or left in the
+        # spool) after the point this one starts from is not logged twice
+        log.skip_logged()
     # a restored trial resumes from the last epoch Tune kept; a Train run from its latest checkpoint
     checkpoint = ray.tune.get_checkpoint() if in_tune else ray.train.get_checkpoint()
     adopted: tuple[Any, str] | None = None  # (fs, path): a complete checkpoint Ray had not registered
+    resume: _Resume | None = None
     if not in_tune and args.run_dir:
-        checkpoint, adopted = _resume_checkpoint(args, checkpoint, rank, world)
+        resume = _resume_checkpoint(args, checkpoint, rank, world)
+        checkpoint, adopted = resume.checkpoint, resume.adopted
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = load_checkpoint_state(Path(d) / STATE_FILE)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch, metrics = state["epoch"] + 1, state["metrics"]
         rngs = state["rng"]
         if len(rngs) == world:
@@ -362,12 +420,12 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
                 print(f"[{args.name}] resumed with {world} worker(s) instead of {len(rngs)}: lr {cfg.lr:.3g}, "
                       f"schedule at iteration {start_epoch * iters} of {t.epochs * iters}", flush=True)
         if rank == 0:
-            log.skip_logged()  # what the failed attempt logged after this checkpoint is not logged twice
             # a point at each epoch a recovery restarted from (shown beside the loss curves)
             log.metrics({"resumed_from_epoch": float(start_epoch), "resume_world_size": float(world)}, start_epoch)
             print(f"[{args.name}] resumed from the epoch-{start_epoch} checkpoint", flush=True)
     elif rank == 0:
         log.text(dump_config(cfg, scrub=True), "config/resolved.yaml")
+        log.tags(_provenance_tags(cfg, train_set))
         fit = anchor_fit(dataset_boxes(train_set.records, cfg.model.min_size, cfg.model.max_size),
                          cfg.model.anchor_sizes, cfg.assign.fg_threshold)
         log.metrics(fit.metrics(), 0)
@@ -377,27 +435,30 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
             f"lr {cfg.lr:.3g}, device {device.type}{', amp' if use_amp else ''}", flush=True,
         )
 
+    if resume is not None and rank == 0:
+        resume.remove_superseded(args.name)  # only now that the chosen checkpoint has loaded
+
     progress = Progress(args.name, t.epochs, iters, start_epoch, t.log_every, enabled=rank == 0)
     val_set = None
     for epoch in range(start_epoch, t.epochs):
-        if world > 1:
-            loader.sampler.set_epoch(epoch)  # else every epoch sees the same order
+        sampler.set_epoch(epoch)  # else every epoch sees the same order
         epoch_metrics = _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch,
-                                         device, use_amp, progress, log, world, guard)
+                                         device, use_amp, progress, log, world, guard, ema)
         last = epoch == t.epochs - 1
         metrics = dict(epoch_metrics)
         rngs = _all_rng_states(world)  # the last collective before rank 0 may evaluate for long
         if rank == 0 and (last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0)):
             # rank 0 evaluates; the other ranks are already waiting in ray.train.report below
             val_set = val_set or build_dataset(cfg.data, "val", train=False)
-            metrics.update(_evaluate(model, val_set, cfg, device, log, epoch, args, final=last))
+            metrics.update(_evaluate(_evaluated(model, ema), val_set, cfg, device, log, epoch, args, final=last))
         with tempfile.TemporaryDirectory() as d, _checkpoint_write(args.name, epoch):
             ckpt = None
             if rank == 0:
                 torch.save(
                     {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "rng": rngs, "metrics": metrics},
+                     "epoch": epoch, "rng": rngs, "metrics": metrics,
+                     **({"ema": ema.state_dict()} if ema is not None else {})},
                     Path(d) / STATE_FILE,
                 )
                 write_checkpoint_meta(d, epoch)  # lets a resume tell a complete copy from a partial one
@@ -421,7 +482,8 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
         # the run): evaluate again so that this MLflow run gets its metrics and artifacts.
         print(f"[{args.name}] already trained {t.epochs} epochs; evaluating the final weights", flush=True)
         val_set = build_dataset(cfg.data, "val", train=False)
-        metrics = {**metrics, **_evaluate(model, val_set, cfg, device, log, t.epochs - 1, args, final=True)}
+        metrics = {**metrics, **_evaluate(_evaluated(model, ema), val_set, cfg, device, log, t.epochs - 1, args,
+                                          final=True)}
     unsent = log.close(SPOOL_WAIT_S)
     if unsent:
         print(f"[{args.name}] {unsent} MLflow write(s) could not be sent ({log.last_error}); they are kept in "
@@ -477,29 +539,51 @@ class NonFiniteGuard:
         return loss, False
 
 
-def _resume_checkpoint(args: LoopArgs, registered: Checkpoint | None, rank: int, world: int
-                       ) -> tuple[Checkpoint | None, tuple[Any, str] | None]:
+@dataclass
+class _Resume:
+    """What :func:`_resume_checkpoint` decided: the checkpoint to load (None = start fresh) and, when
+    it is one Ray had not registered, ``adopted = (fs, path)`` for deleting it once this attempt
+    has written a newer one. ``remove`` is deleted by rank 0 only after the state has loaded."""
+
+    checkpoint: Checkpoint | None
+    adopted: tuple[Any, str] | None
+    fs: Any
+    remove: tuple[str, ...] = ()
+
+    def remove_superseded(self, name: str) -> None:
+        remove_checkpoints(self.fs, self.remove, name,
+                           "a checkpoint a failed attempt did not finish writing, a corrupt one, or an older one")
+        self.remove = ()
+
+
+def _resume_checkpoint(args: LoopArgs, registered: Checkpoint | None, rank: int, world: int) -> _Resume:
     """The checkpoint to resume from: the newest complete one of the run (:mod:`lab.resume`).
 
-    Rank 0 decides and tells the other ranks (they must load the same epoch), then deletes the
-    run's half-written or superseded checkpoint directories. Returns the checkpoint (None = start
-    fresh) and, when it is one Ray had not registered, ``(filesystem, path)`` for deleting it once
-    this attempt has written a newer one.
+    Rank 0 decides, verifies an unregistered choice against its checksum (falling back to Ray's
+    registered checkpoint if it does not match), and tells the other ranks (they must load the
+    same epoch). A store error stops the attempt on every rank (:class:`lab.resume.CheckpointReadError`),
+    with nothing deleted. Nothing is deleted here: :meth:`_Resume.remove_superseded` runs after the load.
     """
     fs, run_dir = storage.filesystem(args.run_dir)
-    choice = None
+    choice: ResumeChoice | str | None = None
     if rank == 0:
-        choice = choose_resume_checkpoint(fs, run_dir, registered.path if registered is not None else None)
+        try:
+            choice = choose_resume_checkpoint(fs, run_dir, registered.path if registered is not None else None)
+            if choice.adopted and not verify_checkpoint(fs, choice.path):
+                print(f"[{args.name}] the epoch-{choice.epoch + 1} checkpoint {choice.path} does not match its "
+                      f"checksum; resuming from the one Ray registered instead", flush=True)
+                choice = choice.fall_back()
+        except CheckpointReadError as e:
+            choice = str(e)  # every rank raises it below, instead of waiting in the broadcast
     if world > 1 and dist.is_available() and dist.is_initialized():
         box = [choice]
         dist.broadcast_object_list(box, src=0)
         choice = box[0]
+    if isinstance(choice, str):
+        raise CheckpointReadError(f"[{args.name}] {choice}")
     assert choice is not None
-    if rank == 0:
-        remove_checkpoints(fs, choice.remove, args.name,
-                           "a checkpoint a failed attempt did not finish writing, or an older one")
     if not choice.adopted:
-        return registered, None
+        return _Resume(registered, None, fs, choice.remove)
     if rank == 0:
         if registered is None:
             reg = "none registered"
@@ -508,19 +592,34 @@ def _resume_checkpoint(args: LoopArgs, registered: Checkpoint | None, rank: int,
             reg = f"the epoch-{'?' if e is None else e + 1} one Ray registered"
         print(f"[{args.name}] resuming from the complete epoch-{choice.epoch + 1} checkpoint {choice.path}, newer "
               f"than {reg} (the previous attempt ended before Ray recorded it)", flush=True)
-    return Checkpoint(path=choice.path, filesystem=fs), (fs, choice.path)
+    return _Resume(Checkpoint(path=choice.path, filesystem=fs), (fs, choice.path), fs, choice.remove)
+
+
+#: what torch's zip writer (``torch.save``) says when a write fails: it raises RuntimeError, not OSError
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter", "inline_container.cc")
 
 
 @contextmanager
 def _checkpoint_write(name: str, epoch: int) -> Iterator[None]:
     """A full disk (or quota) while writing/uploading a checkpoint: say what happened and that the
-    previous checkpoint is intact, instead of a bare OSError from deep inside torch or pyarrow."""
+    previous checkpoint is intact, instead of a bare error from deep inside torch or pyarrow.
+
+    torch serialises into a temp dir (``/tmp``) and reports a failed write as RuntimeError; Ray's
+    copy into storage raises OSError. Other RuntimeErrors are not about writing and pass through.
+    """
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        if not isinstance(e, OSError) and not any(m in str(e) for m in _TORCH_WRITE_FAILED):
+            raise
         previous = f"the epoch-{epoch} checkpoint is intact" if epoch > 0 else "no earlier checkpoint exists"
-        raise OSError(e.errno, f"[{name}] writing the epoch-{epoch + 1} checkpoint failed: {e}. Nothing was "
-                               f"replaced: {previous}; free space and rerun the same command to resume from it") from e
+        tmp = tempfile.gettempdir()
+        free = shutil.disk_usage(tmp).free
+        code = e.errno if isinstance(e, OSError) and e.errno else errno.ENOSPC if free < 64 * 2**20 else errno.EIO
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise OSError(code, f"[{name}] writing the epoch-{epoch + 1} checkpoint failed ({type(e).__name__}: {detail}; "
+                            f"{free / 2**20:.0f} MiB free in {tmp}). Nothing was replaced: {previous}; free space "
+                            f"and rerun the same command to resume from it") from e
 
 
 def _inject_after_epoch(plan: faults.FaultPlan, args: LoopArgs, epoch: int) -> None:
@@ -578,7 +677,7 @@ _EPOCH_SUMS = (
 
 
 def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, epoch, device, use_amp,
-                     progress, log, world, guard: NonFiniteGuard) -> dict[str, float]:
+                     progress, log, world, guard: NonFiniteGuard, ema: ModelEMA | None = None) -> dict[str, float]:
     """One epoch (at most ``iters`` steps); returns epoch metrics reduced over ranks.
 
     Besides the losses, lr and throughput it logs:
@@ -625,6 +724,8 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(net)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         vals = {k: float(v.detach()) for k, v in parts.items()}
@@ -681,16 +782,34 @@ def _train_one_epoch(model, loader, iters, optimizer, scheduler, scaler, cfg, ep
     return metrics
 
 
+def _evaluated(model: torch.nn.Module, ema: ModelEMA | None) -> torch.nn.Module:
+    """The weights that are evaluated and saved: the EMA's when ``train.ema_decay > 0``."""
+    return _unwrap(model) if ema is None else ema.module
+
+
+def _provenance_tags(cfg: LabConfig, train_set: Any) -> dict[str, str]:
+    """Rank 0's tags of a fresh run: this machine and its libraries (:func:`lab.provenance.machine_tags`),
+    the train split's digest and the backbone file's sha256 (the val split's is tagged at its evaluation)."""
+    tags = provenance.machine_tags(cfg.threads)
+    tags[provenance.DATA_DIGEST_PREFIX + "train"] = records_digest(train_set.class_names, train_set.records)
+    if cfg.model.weights_backbone_sha256:
+        tags[provenance.TAG_BACKBONE_SHA] = cfg.model.weights_backbone_sha256
+    return tags
+
+
 def _evaluate(model, val_set, cfg: LabConfig, device, log: RunLog, epoch: int, args: LoopArgs, final: bool) -> dict[str, float]:
     """Rank 0: val metrics (logged at step epoch+1); on the last epoch also artifacts and final weights."""
     t0 = time.perf_counter()
     net = _unwrap(model)
     result = evaluation.evaluate(net, val_set, device, cfg.eval.batch_size, voc07_exact=cfg.eval.voc07_exact_thresholds)
     metrics = {**result.metrics, "eval_time_s": time.perf_counter() - t0}
-    log.metrics(metrics, epoch + 1)
+    # final: these describe the weights saved below, so they supersede what an attempt whose final
+    # checkpoint then failed logged for weights that were discarded
+    log.metrics(metrics, epoch + 1, final=final)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if k in ("AP", "AP50", "mAP", "misalign_spearman"))
     print(f"[{args.name}] eval after epoch {epoch + 1}: {shown} ({metrics['eval_time_s']:.1f}s)", flush=True)
     if final:
+        log.tags({provenance.DATA_DIGEST_PREFIX + "val": records_digest(val_set.class_names, val_set.records)})
         save_weights(Path(args.weights_path), net, cfg, list(val_set.class_names))
         _log_eval_artifacts(log, val_set, result, cfg, args.name)
         if cfg.eval.test_dev_ann:
@@ -803,7 +922,7 @@ def evaluate_weights(
 
     Runs in the calling process (a Ray task of the runner), no Train worker group needed.
     """
-    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    set_determinism(cfg.threads, cfg.train.deterministic)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     payload = load_weights(weights_path)
     val_set = build_dataset(cfg.data, "val", train=False)
@@ -814,6 +933,9 @@ def evaluate_weights(
     model.to(device)
     log = RunLog(tracking_uri, run_id, spool_dir_for(run_id))
     log.text(dump_config(cfg, scrub=True), "config/resolved.yaml")
+    # what produced these numbers: this machine, the val split (the weights' own run has the rest)
+    log.tags({**provenance.machine_tags(cfg.threads),
+              provenance.DATA_DIGEST_PREFIX + "val": records_digest(val_set.class_names, val_set.records)})
     print(f"[{name}] evaluating {weights_path} with nms {cfg.nms}", flush=True)
     t0 = time.perf_counter()
     result = evaluation.evaluate(model, val_set, device, cfg.eval.batch_size,

@@ -24,7 +24,25 @@ FORWARD_ENV: tuple[str, ...] = (
 )
 
 
+#: every process that trains: OpenMP/MKL keep the thread count they are given instead of changing it
+#: on their own (read when torch loads them, so set in the worker's environment; detector.repro).
+DETERMINISM_ENV = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+
+
 def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The :data:`FORWARD_ENV` variables set in ``environ`` (default: this process's environment)."""
+    """The :data:`FORWARD_ENV` variables set in ``environ`` (default: this process's environment),
+    and :data:`DETERMINISM_ENV` (the driver's value where it sets one)."""
     env = os.environ if environ is None else environ
-    return {k: env[k] for k in FORWARD_ENV if k in env}
+    return {**{k: env.get(k, v) for k, v in DETERMINISM_ENV.items()}, **{k: env[k] for k in FORWARD_ENV if k in env}}
+
+
+def init_address(address: str | None) -> str | None:
+    """What a driver passes to ``ray.init``: ``address`` or the one Ray finds itself (``RAY_ADDRESS``,
+    inside ``ray job submit``), else ``"local"``, a private new cluster. Never None with nothing to
+    find: ``ray.init(address=None)`` attaches to whatever cluster ``/tmp/ray/ray_current_cluster``
+    names (another user's `ray start`, or a dead node a test left), and then refuses the local
+    cluster's resources ("When connecting to an existing cluster, resources must not be provided")."""
+    if address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return address
+    return "local"
+

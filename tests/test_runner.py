@@ -5,6 +5,8 @@ failed run being reopened on the next attempt. Real Ray (a private local cluster
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +103,8 @@ def test_clb_cell_reuses_weights_of_a_skipped_source(ray_session, tmp_path):
     src = cells["iac_dc"]
     val = build_dataset(src.cfg.data, "val", train=False)
     model = build_detector(resolve_num_classes(src.cfg, val))  # untrained is enough to evaluate
-    weights = save_weights(tmp_path / "iac_dc" / "model.pt", model, src.cfg, val.class_names)
+    # under the job's storage: a weights tag pointing elsewhere is refused (#17 finding 9)
+    weights = save_weights(Path(opts.storage) / "iac_dc" / "model.pt", model, src.cfg, val.class_names)
     for row in ("baseline", "iac"):
         finished_run(opts, cells[row])
     finished_run(opts, src, {runner.TAG_WEIGHTS: str(weights)})
@@ -159,3 +162,209 @@ def test_sigterm_unwinds_so_runs_get_closed():
         signal.sigtimedwait([], 1)  # give the handler a chance to run
     assert exc.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17: leases (finding 2), unsent writes (finding 3), a close that cannot reach MLflow (finding 6).
+# No Ray: the scheduler's close and end-of-cell paths run on a scheduler built without a cluster.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """These tests must never start Ray: fail loudly if the runner tries."""
+    def refuse(address):
+        raise AssertionError("the runner started Ray")
+
+    monkeypatch.setattr(runner, "_init_ray", refuse)
+
+
+def bare_scheduler(opts: runner.RunOptions) -> runner._Scheduler:
+    """A scheduler without a Ray cluster: what its close and end-of-cell paths use."""
+    tracking.init_store(opts.tracking_uri, opts.experiment)
+    sched = runner._Scheduler.__new__(runner._Scheduler)
+    sched._setup(opts, MlflowClient(opts.tracking_uri), {}, spool_root=runner.spool_root(opts))
+    return sched
+
+
+def plant_lease(uri: str, host: str, age_s: float) -> None:
+    """A lease record as another host's driver writes it."""
+    from lab import lease
+
+    record = lease.Holder(host, 4242, 1000.0, "tok", time.time() - age_s).encode()
+    assert lease._store(uri).create(len(lease._store(uri).generations()), record)
+
+
+def running_run(opts: runner.RunOptions, cell, driver: str, lease_uri: str | None) -> str:
+    """A RUNNING run of ``cell`` opened by another driver."""
+    client = MlflowClient(opts.tracking_uri)
+    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    tags = {**runner.cell_tags(cell), runner.TAG_DRIVER: driver}
+    if lease_uri:
+        tags[runner.TAG_LEASE] = lease_uri
+    return client.create_run(exp_id, run_name=cell.name, tags=tags).info.run_id
+
+
+def test_a_run_held_by_a_live_driver_on_another_host_is_not_reopened(tmp_path):
+    """Another host's driver runs the cell (its lease is fresh): not reused, not KILLED, refused by name."""
+    from lab import lease
+
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    theirs = lease.lease_uri(f"shared://{tmp_path}/their-storage", cell.run_name)
+    plant_lease(theirs, "laptop-of-bob", age_s=20)
+    live = running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
+    client = MlflowClient(opts.tracking_uri)
+    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    with pytest.raises(ConfigError, match=rf"run {live} .*laptop-of-bob pid 4242"):
+        runner.open_run(client, exp_id, cell, {})
+    assert client.get_run(live).info.status == "RUNNING"
+
+
+def test_a_live_run_is_not_killed_beside_a_dead_one(tmp_path):
+    """Two RUNNING runs of the cell from other hosts: the newer one's driver is gone (its lease
+    stale), the older one's alive. Neither is touched; the cell is refused."""
+    from lab import lease
+
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    live_lease = lease.lease_uri(f"shared://{tmp_path}/store-a", cell.run_name)
+    dead_lease = lease.lease_uri(f"shared://{tmp_path}/store-b", cell.run_name)
+    plant_lease(live_lease, "host-a", age_s=5)
+    plant_lease(dead_lease, "host-b", age_s=3600)
+    live = running_run(opts, cell, "host-a:1:1.00", live_lease)
+    time.sleep(0.01)
+    dead = running_run(opts, cell, "host-b:1:1.00", dead_lease)
+    client = MlflowClient(opts.tracking_uri)
+    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    with pytest.raises(ConfigError, match="host-a"):
+        runner.open_run(client, exp_id, cell, {})
+    assert [client.get_run(r).info.status for r in (live, dead)] == ["RUNNING", "RUNNING"]
+
+
+def test_a_dead_drivers_run_is_reused_once_its_lease_is_stale(tmp_path):
+    from lab import lease
+
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    theirs = lease.lease_uri(f"shared://{tmp_path}/their-storage", cell.run_name)
+    plant_lease(theirs, "laptop-of-bob", age_s=3600)
+    dead = running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
+    client = MlflowClient(opts.tracking_uri)
+    assert runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {}) == dead
+
+
+def test_a_run_whose_lease_is_on_another_hosts_own_disk_is_left_alone(tmp_path):
+    """Its lease cannot be read from here, so its driver may be alive: a new run, the old one untouched."""
+    from lab import lease
+
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    theirs = lease.lease_uri("/data/on/their/disk", cell.run_name)
+    other = running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
+    client = MlflowClient(opts.tracking_uri)
+    mine = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {})
+    assert mine != other and client.get_run(other).info.status == "RUNNING"
+
+
+def test_claiming_a_cell_takes_its_storage_lease(tmp_path):
+    """Two drivers on the same storage (here the same process twice): the second is refused, naming
+    the first; once the first releases, the second takes the cell and its run."""
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    client = MlflowClient(opts.tracking_uri)
+    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    run_id, held = runner.claim_cell(client, exp_id, cell, opts.storage, {})
+    with pytest.raises(ConfigError, match=rf"held by a live driver \(host \S+ pid {os.getpid()}"):
+        runner.claim_cell(client, exp_id, cell, opts.storage, {})
+    assert client.get_run(run_id).data.tags[runner.TAG_LEASE] == held.uri
+    held.release()
+    again, held2 = runner.claim_cell(client, exp_id, cell, opts.storage, {})
+    assert again == run_id and held2.gen == held.gen + 1
+
+
+def test_an_unreachable_server_at_a_cells_close_does_not_stop_the_job(tmp_path, monkeypatch):
+    """MLflow is gone when a cell ends: the close gives up after a bounded wait, says so, records
+    the outcome, and raises nothing (which made run()'s finally cancel every other cell)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(runner, "CLOSE_WAIT_S", 2.0, raising=False)
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    sched = bare_scheduler(opts)
+    sched.client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server went away
+    t0 = time.monotonic()
+    sched._close(cell, "0" * 32, "FINISHED", time.time(), metrics={"AP": 1.0})
+    assert time.monotonic() - t0 < 30
+    assert sched.outcomes[cell.name].status == "FINISHED"
+    assert sched.unclosed and sched.unclosed[0].run_id == "0" * 32
+
+
+def _queue_writes(uri_down: str, run_id: str, spool: str, n: int) -> None:
+    from lab.runlog import RunLog
+
+    log = RunLog(uri_down, run_id, spool)
+    for step in range(1, n + 1):
+        log.metrics({"train_loss": float(step)}, step)
+    assert log.close(wait_s=0) == n
+
+
+def test_the_driver_sends_a_cells_spooled_writes_before_closing_it_finished(tmp_path):
+    """The cell's rank 0 left writes in the spool, which lives in the run's storage: the driver
+    sends them, then closes the run FINISHED."""
+    from lab.runlog import spool_dir_for
+
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    client = MlflowClient(opts.tracking_uri)
+    run_id = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {})
+    sched = bare_scheduler(opts)
+    assert sched.spool_root.startswith(opts.storage)
+    _queue_writes(f"http://127.0.0.1:{free_port()}", run_id, spool_dir_for(run_id, sched.spool_root), 2)
+    sched._end(cell, run_id, time.time(), {"metrics": {"AP": 1.0}, "mlflow": {"unsent": 2}}, None)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 2]
+
+
+def test_a_cell_with_writes_the_driver_cannot_send_is_not_closed_finished(tmp_path):
+    """The cell reports 3 unsent writes, but its spool is not where the driver looks (a node-local
+    DETLAB_SPOOL_DIR on another node): the run is not FINISHED, and says why."""
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    client = MlflowClient(opts.tracking_uri)
+    run_id = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {})
+    sched = bare_scheduler(opts)
+    sched._end(cell, run_id, time.time(), {"metrics": {"AP": 1.0}, "mlflow": {"unsent": 3}}, None)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and sched.outcomes[cell.name].status == "FAILED"
+    assert run.data.tags[runner.TAG_UNSENT] == "3"
+    assert "3 MLflow write(s) not sent" in run.data.tags["detlab.error"]
+
+
+def test_a_rerun_sends_the_unsent_writes_and_finishes_the_run_without_training(tmp_path, no_ray):
+    """A run left FAILED with unsent writes: the same command sends them from its spool and closes
+    it FINISHED (no Ray, no training); a run FINISHED that way is then skipped."""
+    from lab.runlog import spool_dir_for
+
+    opts = options(tmp_path)
+    cell = shapes_cells()[0]
+    client = MlflowClient(opts.tracking_uri)
+    run_id = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {})
+    spool = spool_dir_for(run_id, runner.spool_root(opts))
+    _queue_writes(f"http://127.0.0.1:{free_port()}", run_id, spool, 2)
+    runner.close_run(client, run_id, "FAILED", 1.0, error="2 MLflow write(s) not sent yet",
+                     tags={runner.TAG_UNSENT: "2", runner.TAG_SPOOL: spool})
+    (outcome,) = runner.run_cells([cell], opts)
+    assert outcome.status == "FINISHED" and outcome.run_id == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and runner.TAG_UNSENT not in run.data.tags
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 2]
+    (again,) = runner.run_cells([cell], opts)
+    assert again.status == "SKIPPED"

@@ -132,6 +132,9 @@ def test_plan_defaults_name_and_errors(tmp_path: Path) -> None:
     assert sweep.build_plan(_args("--out", str(tmp_path / "x"), "--max-concurrent", "1")).name == plan.name
     assert sweep.build_plan(_args("--space", "nms.beta=uniform(0, 1)")).name != plan.name
     assert not sweep.build_plan(_args("--set", "nms.clb=false")).cfg.nms.clb
+    # every trial is built from plan.base: it carries the profile's detector layer (GFL: NMS IoU 0.6)
+    gfl = sweep.build_plan(_args("--set", "model.detector=gfl", "--set", "assign.iac=false"))
+    assert gfl.base["nms"]["iou_threshold"] == gfl.cfg.nms.iou_threshold == 0.6
     with pytest.raises(ConfigError, match="eval.every=2"):
         sweep.build_plan(_args("--set", "eval.every=2"))
     loss = sweep.build_plan(_args("--metric", "train_loss"))
@@ -274,6 +277,7 @@ def test_posthoc_grid_over_a_trial(smoke: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sweep_with_train_workers_closes_stopped_trials(tmp_path: Path) -> None:
     """The cluster path: each trial drives a one-worker TorchTrainer (TuneReportCallback forwards its
     epochs); when ASHA stops a trial, Tune kills the trial process, so the driver closes its run."""
@@ -345,21 +349,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: P
             "--set", f"data.root={tmp_path / 'shapes'}"]
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    proc = subprocess.Popen([sys.executable, str(root / "jobs" / "sweep.py"), *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sweep.log"  # shown when the sweep stops early: CI once saw only "exit code 1"
+    # The store exists, migrated, before the sweep starts: the polling client below does not take
+    # init_store's lock, and two processes creating one fresh sqlite file race in MLflow's alembic
+    # migrations ("table _alembic_tmp_model_versions already exists" crashed the sweep in CI).
+    from lab import tracking
+    tracking.init_store(uri, "detlab-sweep-shapes")
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, str(root / "jobs" / "sweep.py"), *argv], cwd=tmp_path, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
     first = None
     try:
         deadline = time.time() + 240
         while first is None and time.time() < deadline and proc.poll() is None:
             time.sleep(1)
-            if (tmp_path / "mlflow.db").exists():
-                try:
-                    done = [r for r in _runs(uri) if r.data.tags.get("detlab.kind") == "trial"
-                            and r.info.status == "FINISHED"]
-                except Exception:  # the store is still being created
-                    done = []
-                first = done[0] if done else None
-        assert first is not None, f"no trial finished (sweep exit code {proc.poll()})"
+            done = [r for r in _runs(uri) if r.data.tags.get("detlab.kind") == "trial"
+                    and r.info.status == "FINISHED"]
+            first = done[0] if done else None
+        assert first is not None, (f"no trial finished (sweep exit code {proc.poll()}); its output ends:\n"
+                                   + log.read_text(errors="replace")[-4000:])
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:

@@ -161,6 +161,7 @@ def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ddp_two_workers_resume_after_failure(local_ray, tmp_path):
     """A real 2-worker gloo DDP fit dies after its epoch-1 checkpoint; resubmitted with the same
     run name, it resumes at epoch 2 from that checkpoint."""

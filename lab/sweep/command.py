@@ -14,6 +14,7 @@ import yaml
 from detector.config import ConfigError, to_dict
 from lab import tracking
 from lab.joboptions import add_job_options
+from lab.scrub import scrub_mapping
 from lab.sweep.plan import build_plan, with_pretrained_backbone
 from lab.sweep.posthoc import add_posthoc_options, run_posthoc
 from lab.sweep.space import space_text
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(f"sweep {plan.name} -> {plan.sweep_dir}\nmetric {plan.metric}, {plan.num_samples} trial(s), "
                   f"search {plan.search}\nspace:\n{space_text(plan.space)}base config:\n"
-                  f"{yaml.safe_dump(to_dict(plan.cfg), sort_keys=False)}")
+                  f"{yaml.safe_dump(scrub_mapping(to_dict(plan.cfg)), sort_keys=False)}")
             return 0
         from lab.datacheck import validate_data  # the data opened here: a bad file never reaches Ray or MLflow
 

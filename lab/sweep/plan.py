@@ -22,7 +22,6 @@ from lab import tracking
 from lab.config import LabConfig, build_config
 from lab.experiments import data_root_overrides, load_profile, single_cell
 from lab.joboptions import user_layer
-from lab.pretrain import PretrainConfig
 from lab.sweep.space import Space, load_space, space_text, validate_space
 
 #: the sweep trains the full method unless --set/--config say otherwise.
@@ -117,7 +116,10 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
     if cfg.eval.every != 1:
         raise ConfigError(f"eval.every={cfg.eval.every}: a sweep evaluates every epoch (ASHA compares trials "
                           f"on the val metric per epoch); drop the override")
-    base = merge_dicts(merge_dicts(profile.config, profile.datasets.get(cell.dataset, {})), layer)
+    # the layers single_cell merged, the detector's included (a GFL sweep gets the profile's GFL layer)
+    base = profile.config
+    for extra in (profile.datasets.get(cell.dataset, {}), profile.detectors.get(cfg.model.detector, {}), layer):
+        base = merge_dicts(base, extra)
 
     space = load_space(args.space)
     validate_space(space, base)
@@ -142,28 +144,20 @@ def _storage_option(args: argparse.Namespace) -> str | None:
     return str(storage.parse(value)) if value else None
 
 
-def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str,
-                             pretrain: PretrainConfig | None = None) -> SweepPlan:
-    """Start every trial from the backbone the profile's Table 2 job pretrains (the same file when
-    ``--out`` is the same), so a sweep's winner transfers to the tables. No-op without a
-    ``pretrain:`` section (``pretrain`` overrides the profile's) or when the config names weights."""
-    from lab.experiments import table_cells
-    from lab.pretrain import Body, ensure_pretrained
+def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str) -> SweepPlan:
+    """Start every trial from the backbone file a table cell of the same profile, dataset and seed
+    starts from (:mod:`lab.pretrain`: same settings, same pretraining data, same key, one file), so
+    a sweep's winner transfers to the tables. No-op when the config does not pretrain or names weights."""
+    from lab.experiments import profile_data
+    from lab.pretrain import ensure_pretrained, needs_pretraining, pretrain_job
 
-    profile = load_profile(args.profile)
-    pcfg = pretrain or profile.pretrain
-    m = plan.cfg.model
-    if not pcfg.steps or m.weights_backbone or m.weights:
+    if not needs_pretraining(plan.cfg):
         return plan
-    try:  # the table's datasets, as its job resolves them (so the pretraining key is the same)
-        cells = table_cells(2, profile, 1, user_layer(args))
-        data = {c.dataset: c.cfg.data for c in cells if c.row == "baseline"}
-    except ConfigError:  # e.g. a dataset of the table that needs a --data-root this sweep did not give
-        data = {}
-    data[plan.dataset] = plan.cfg.data
-    path = ensure_pretrained(pcfg, Body(m.backbone, m.backbone_width, m.norm), [data[t] for t in sorted(data)],
-                             plan.out, uri)
-    layer = {"model": {"weights_backbone": str(path), "trainable_backbone_layers": 5}}
+    profile = load_profile(args.profile)
+    job = pretrain_job(plan.cfg, plan.dataset, lambda tag: profile_data(profile, tag, user_layer(args)))
+    file = ensure_pretrained([job], plan.out, uri)[job.key]
+    layer = {"model": {"weights_backbone": str(file.path), "weights_backbone_sha256": file.sha256,
+                       "trainable_backbone_layers": 5}}
     return dataclasses.replace(plan, base=merge_dicts(plan.base, layer),
                                cfg=build_config(merge_dicts(to_dict(plan.cfg), layer), source="sweep base"))
 

@@ -9,11 +9,13 @@ import hashlib
 import itertools
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from detector.config import ConfigError, to_dict
-from lab import tracking
+from lab import provenance, tracking
+from lab.scrub import scrub_text
 from lab.sweep.plan import (METRIC_BY_DATASET, TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, TAG_WEIGHTS, SweepPlan,
                             experiment_name)
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run
@@ -43,9 +45,24 @@ def posthoc_grid(space: Space, points: int) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
 
 
-def resolve_weights(ref: str, uri: str) -> str:
+def storage_roots(args: argparse.Namespace) -> list[str]:
+    """Where ``--posthoc RUN_ID`` accepts the run's weights from: ``--storage``, else the default
+    storage of tables and of sweeps under ``--out`` (``<out>/ray``, ``<out>/sweeps``)."""
+    from lab import storage
+
+    if getattr(args, "storage", None):
+        return [str(storage.parse(args.storage))]
+    out = Path(args.out).expanduser()
+    return [str(storage.parse(out / "ray")), str(storage.parse(out / "sweeps"))]
+
+
+def resolve_weights(ref: str, uri: str, roots: Sequence[str]) -> str:
     """``--posthoc`` value: a ``model.pt`` path or storage URI (``s3://...``), or an MLflow run id whose
-    ``detlab.weights`` tag names one. Returns the path or URI, read from storage (not the training node)."""
+    ``detlab.weights`` tag names one. Returns the path or URI, read from storage (not the training node).
+
+    A path the user typed is theirs to choose; a tag is not (anyone who may write to the tracking
+    server may set it), so a run's weights are accepted only under one of ``roots``.
+    """
     from lab import storage
 
     if "://" in ref:
@@ -62,8 +79,11 @@ def resolve_weights(ref: str, uri: str) -> str:
         try:
             tags = MlflowClient(uri).get_run(ref).data.tags
         except MlflowException:
-            raise ConfigError(f"--posthoc {ref!r}: no such MLflow run in {uri}") from None
+            raise ConfigError(f"--posthoc {ref!r}: no such MLflow run in {scrub_text(uri)}") from None
         weights = tags.get(TAG_WEIGHTS)
+        if weights and not any(storage.is_under(weights, root) for root in roots):
+            raise ConfigError(f"--posthoc {ref!r}: the run's {TAG_WEIGHTS} tag {weights!r} is not under the storage "
+                              f"root(s) {', '.join(roots)}; pass the --storage it was trained with, or the file itself")
         if not weights or not storage.is_file(weights):
             raise ConfigError(f"--posthoc {ref!r}: the run's {TAG_WEIGHTS} tag names no file ({weights!r})")
         return weights
@@ -85,7 +105,7 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
     if args.points < 1:
         raise ConfigError(f"--points {args.points} must be >= 1")
     space = load_space(args.space)
-    weights = resolve_weights(args.posthoc, uri)
+    weights = resolve_weights(args.posthoc, uri, storage_roots(args))
     payload = load_weights(weights)
     cfg = config_from_dict(payload["config"])
     cfg = apply_overrides(cfg, ["nms.clb=true", *args.sets])  # beta only acts with CL-B on
@@ -101,7 +121,7 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
     client = MlflowClient(uri)
     name = f"posthoc-{tag}-{hashlib.sha256(f'{weights}|{space_text(space)}|{args.points}'.encode()).hexdigest()[:10]}"
     tags = {tracking.TAG_KIND: "sweep", tracking.TAG_DATASET: tag, TAG_SWEEP: name, TAG_MODE: "posthoc",
-            TAG_WEIGHTS: str(weights), **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})}
+            TAG_WEIGHTS: str(weights), **provenance.source_tags()}
     parent = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     tracking.log_dataset_inputs(client, parent, cfg.data, ("val",))  # inference only
     tracking.log_params(client, parent, {"posthoc.weights": weights, "posthoc.points": args.points,

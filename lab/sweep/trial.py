@@ -17,6 +17,8 @@ from typing import Any
 from detector.config import ConfigError, flatten, overrides_to_dict
 from lab import tracking
 from lab.config import LabConfig, build_config, cell_key
+from lab.runlog import TAG_UNSENT
+from lab.scrub import scrub_text
 from lab.sweep.plan import TAG_MODE, TAG_PARENT, TAG_TRIAL, TAG_WEIGHTS
 from lab.sweep.space import Space, resolve_sample
 
@@ -52,7 +54,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     except ConfigError as e:  # a sample the corner check could not foresee: a FAILED run says which
         error = e
     run_id = _open_trial_run(client, ctx, trial_id, run_name, cfg, config, overrides, str(weights))
-    status, t0 = "FAILED", time.time()
+    status, t0, replayed = "FAILED", time.time(), False
     try:
         if cfg is None:
             raise error or ConfigError(f"trial {trial_id}: no config")
@@ -67,7 +69,13 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             final[f"final_{ctx['metric']}"] = float(metrics[ctx["metric"]])
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, ts, cfg.train.epochs) for k, v in final.items()])
-        status = "FINISHED"
+        unsent = replay_trial_spool(ctx["uri"], run_id, int((value.get("mlflow") or {}).get("unsent") or 0))
+        replayed = True
+        if unsent:  # trained, but its MLflow run is incomplete: not FINISHED (Tune keeps its own result)
+            client.set_tag(run_id, TAG_UNSENT, str(unsent))
+            client.set_tag(run_id, "detlab.error", f"the trial completed, but {unsent} MLflow write(s) were not sent")
+        else:
+            status = "FINISHED"
     except SystemExit:
         # Tune ends a stopped (ASHA) trial's thread with sys.exit(0) at its next report (local mode)
         history = client.get_metric_history(run_id, ctx["metric"])
@@ -77,10 +85,36 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         status = "KILLED"
         raise
     except BaseException as e:
-        client.set_tag(run_id, "detlab.error", f"{type(e).__name__}: {e}"[-4000:])
+        client.set_tag(run_id, "detlab.error", error_tag(e))
         raise
     finally:
+        if not replayed:  # a failed or stopped trial: what its rank 0 queued still belongs in the run
+            replay_trial_spool(ctx["uri"], run_id, 0)
         client.set_terminated(run_id, status=status)
+
+
+def replay_trial_spool(uri: str, run_id: str, reported: int) -> int:
+    """Send what the trial's rank 0 left in its spool (:func:`lab.runlog.spool_dir_for`: the storage
+    under ``$DETLAB_SPOOL_URI``, else this node's private spool); returns how many writes are still
+    unsent, counting those ``reported`` by rank 0 that are not in the spool this process reads
+    (rank 0 on another node). Never raises."""
+    from lab.runlog import RunLog, spool_dir_for
+
+    try:
+        log = RunLog(uri, run_id, spool_dir_for(run_id))
+        queued = log.pending
+        left = log.close(wait_s=0.0) if queued else 0
+    except Exception as e:  # noqa: BLE001 - the run is then simply not FINISHED
+        print(f"[detlab] could not replay the queued MLflow writes of run {run_id} ({scrub_text(f'{type(e).__name__}: {e}')})",
+              flush=True)
+        return reported
+    return left + max(reported - queued, 0)
+
+
+def error_tag(e: BaseException) -> str:
+    """The ``detlab.error`` tag of a failed trial: the exception, secrets masked (MLflow's errors
+    quote the tracking URL, ``user:password@`` included)."""
+    return scrub_text(f"{type(e).__name__}: {e}")[-4000:]
 
 
 def _open_trial_run(client: Any, ctx: dict[str, Any], trial_id: str, run_name: str, cfg: LabConfig | None,
@@ -94,7 +128,7 @@ def _open_trial_run(client: Any, ctx: dict[str, Any], trial_id: str, run_name: s
     if found:  # a restored or retried trial
         run_id = found[0].info.run_id
         if "detlab.error" in found[0].data.tags:  # the failure this retry recovers from: keep it on record
-            client.set_tag(run_id, "detlab.retried_after", found[0].data.tags["detlab.error"][-1000:])
+            client.set_tag(run_id, "detlab.retried_after", scrub_text(found[0].data.tags["detlab.error"])[-1000:])
             client.delete_tag(run_id, "detlab.error")
         client.update_run(run_id, status="RUNNING")
         return run_id

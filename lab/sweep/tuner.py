@@ -21,13 +21,15 @@ from typing import Any
 
 
 from detector.config import ConfigError
-from lab import storage, tracking
+from lab import provenance, storage, tracking
 from lab.config import LabConfig, dump_config
+from lab.scrub import scrub_text
 from lab.sweep.plan import TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, SweepPlan
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run, summarize, write_best
 from lab.sweep.space import resolve_sample, space_text
 from lab.sweep.trial import record_stop, trial_fn
-from lab.workerenv import forwarded_env
+from lab.runlog import SPOOL_URI_ENV
+from lab.workerenv import forwarded_env, init_address
 
 #: custom Ray resource a trial's driver process reserves when it has workers (they reserve the CPUs/GPUs).
 TRIAL_RESOURCE = "detlab_trial_driver"
@@ -46,7 +48,9 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail
     exp_id = tracking.init_store(uri, plan.experiment)  # before any trial opens the store
     client = MlflowClient(uri)
     _prepare_builtin_data(plan.cfg)
-    started_ray = _init_ray(ray_address)
+    # trials' unsent MLflow writes wait in the sweep's storage, where the driver finds them
+    spool = None if os.environ.get("DETLAB_SPOOL_DIR") else storage.join(plan.sweep_dir, "mlflow-spool")
+    started_ray = _init_ray(ray_address, spool)
     storage.refuse_local_on_multihost(plan.storage)  # a local path across hosts: before any trial starts
     t0 = time.time()
     parent_id = _open_parent_run(client, exp_id, plan)
@@ -54,7 +58,7 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail
     try:
         tuner, concurrency, stopped = _make_tuner(plan, uri, exp_id, parent_id, fail_after_epoch)
         print(f"detlab sweep: {plan.name}: {plan.num_samples} trial(s), up to {concurrency} at a time, "
-              f"metric {plan.metric} ({plan.mode}), MLflow {uri} experiment {plan.experiment} parent run {parent_id}",
+              f"metric {plan.metric} ({plan.mode}), MLflow {scrub_text(uri)} experiment {plan.experiment} parent run {parent_id}",
               flush=True)
         grid = tuner.fit()
         rows = _reconcile(client, uri, parent_id, plan, grid, stopped)
@@ -90,18 +94,21 @@ def _prepare_builtin_data(cfg: LabConfig) -> None:
             build_dataset(cfg.data, split, train=False)
 
 
-def _init_ray(address: str | None) -> bool:
+def _init_ray(address: str | None, spool_uri: str | None = None) -> bool:
     """Connect to Ray, or start a private local cluster (with the dashboard: Train's placement-group
     cleanup under Tune needs the State API, notes §2.3). True if this process started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    starting_local = not (address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+    address = init_address(address)
+    starting_local = address == "local"
     # trials and their Train workers inherit the job's runtime_env; on an existing cluster that is
     # the only way they see the driver's credentials and data dirs (inside `ray job submit`, Ray
     # merges these env_vars into the submitted job's runtime_env)
     env = forwarded_env()
+    if spool_uri:
+        env[SPOOL_URI_ENV] = spool_uri
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if starting_local:
         root = str(Path(__file__).resolve().parents[2])
@@ -109,7 +116,7 @@ def _init_ray(address: str | None) -> bool:
                     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
                     # trial processes import lab/detector whatever the driver's cwd
                     "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)})
-        commit = tracking.git_commit()
+        commit = provenance.git_commit()
         if commit:
             env["DETLAB_GIT_COMMIT"] = commit
         # Train's PlacementGroupCleaner finds the State API by auto-detecting "the" local cluster; with
@@ -168,7 +175,7 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
         "base": plan.base, "space": plan.space, "uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
         "train_storage": storage.join(plan.sweep_dir, "train"), "metric": plan.metric, "fail_after_epoch": fail_after_epoch,
         "tags": {tracking.TAG_DATASET: plan.dataset, tracking.TAG_PROFILE: plan.profile, TAG_SWEEP: plan.name,
-                 **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})},
+                 **provenance.source_tags()},
     }
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_res)
     stopped: set[str] = set()  # trial ids the scheduler stopped, filled by it as Tune runs
@@ -256,7 +263,7 @@ def _open_parent_run(client: Any, exp_id: str, plan: SweepPlan) -> str:
         return run_id
     tags = {tracking.TAG_KIND: "sweep", tracking.TAG_DATASET: plan.dataset, tracking.TAG_PROFILE: plan.profile,
             tracking.TAG_KEY: plan.name, TAG_SWEEP: plan.name, TAG_MODE: "tune",
-            **({tracking.TAG_GIT: c} if (c := tracking.git_commit()) else {})}
+            **provenance.source_tags()}
     run_id = client.create_run(exp_id, run_name=plan.name, tags=tags).info.run_id
     params = {"sweep.num_samples": plan.num_samples, "sweep.search": plan.search, "sweep.seed": plan.seed,
               "sweep.metric": plan.metric, "sweep.mode": plan.mode, "sweep.grace_period": plan.grace_period,
