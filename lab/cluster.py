@@ -14,17 +14,25 @@ Ray process gets ``RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<state>/auth_token``,
 ``~/.ray/auth_token`` (and the clusters of other people on the machine) are left alone. The job
 submit line that ``up`` prints carries the same two variables.
 
+``--mlflow-auth`` starts the server with MLflow's basic-auth app: an admin user ``detlab`` with a
+random password, kept in ``<state>/mlflow.env`` (0600) and given to every Ray node as
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, so jobs on the cluster log as that user
+and nobody else on the machine can read or write runs (other users reach 127.0.0.1 too).
+
 State (``<state>/cluster.json``; state dir ``--dir``, else ``$DETLAB_CLUSTER_DIR``, else
-``~/.detlab/cluster``) records every process ``up`` started: its session id (the leader's pid)
-and the pids in the session when ``up`` finished. ``down`` sends SIGTERM to every process of those
-sessions (and their descendants), waits, then SIGKILLs what is left; it never runs ``ray stop``,
-which would stop every Ray process of the user. Ray temp dirs live under ``/tmp/dlc-<id>/`` (short:
-AF_UNIX socket paths are limited to 107 bytes).
+``~/.detlab/cluster``, made 0700: it holds the token, mlflow.db and the logs) records every process
+``up`` started: its session id (the leader's pid) and the create time of each process of the
+session. ``down`` sends SIGTERM to those processes that still have their recorded create time, to
+their descendants, and to the rest of their sessions, waits, then SIGKILLs what is left: a pid the
+system gave to another process since is left alone. It never runs ``ray stop``, which would stop
+every Ray process of the user. Ray temp dirs live under ``/tmp/dlc-<id>/`` (short: AF_UNIX socket
+paths are limited to 107 bytes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -34,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import closing
@@ -48,6 +57,13 @@ from lab import storage
 TAG_NODE_IDS = "detlab.node_ids"
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
+#: ``--mlflow-auth``: the client credentials (MLFLOW_TRACKING_USERNAME/PASSWORD lines, 0600) and the
+#: basic-auth app's config (its user database in the state dir)
+MLFLOW_CREDENTIALS_FILE = "mlflow.env"
+MLFLOW_AUTH_CONFIG_FILE = "mlflow_auth.ini"
+MLFLOW_AUTH_USER = "detlab"
+#: two create times of one process differ by less than this (psutil rounds; the runner uses the same)
+_SAME_PROCESS_S = 0.05
 #: the head declares this custom resource, as the cluster/ configs do (sweep trial drivers).
 TRIAL_RESOURCE = "detlab_trial_driver"
 #: ports per node for Ray's worker processes (each worker listens on one).
@@ -69,6 +85,9 @@ class Proc:
     log: str
     temp_dir: str | None = None  #: a Ray node's --temp-dir
     pids: list[int] = field(default_factory=list)  #: the session's processes when ``up`` ended
+    #: pid (as a string: JSON keys) -> create time of every process of the session ``up`` saw; None
+    #: in a state written before they were recorded
+    started: dict[str, float] | None = None
 
 
 @dataclass
@@ -86,12 +105,11 @@ class ClusterState:
     cpus_per_worker: int
     procs: list[Proc] = field(default_factory=list)
     started_at: float = 0.0
+    #: ``--mlflow-auth``: the file with the server's client credentials ("" = no auth)
+    mlflow_credentials: str = ""
 
     def save(self) -> None:
-        path = Path(self.state_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
+        _write_private(Path(self.state_dir) / STATE_FILE, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterState | None:
@@ -106,11 +124,83 @@ class ClusterState:
         """The variables a Ray client of this cluster needs (token auth)."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
 
+    def mlflow_env(self) -> dict[str, str]:
+        """``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` for the server (``--mlflow-auth``), else nothing."""
+        if not self.mlflow_credentials:
+            return {}
+        return _read_env_file(Path(self.mlflow_credentials))
+
     def submit_line(self, entry: str = "python jobs/table2.py --profile smoke --workers 2") -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.ray_env().items())
         out = Path(self.state_dir) / "results"
         return (f"{env} ray job submit --address {self.dashboard_url} --working-dir . -- {entry} "
                 f"--storage {shlex.quote(self.storage)} --tracking-uri {self.tracking_uri} --out {shlex.quote(str(out))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Private files
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can enter (0700), made if missing; an existing one
+    of ours is tightened, one of another user's is refused (it would hold our token)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"state dir {path} belongs to uid {st.st_uid}, not to this user; pass another --dir")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` (mode 0600 from its first byte: a temp file from ``mkstemp``, then renamed
+    over ``path``), so no other user ever sees it readable, not even for a moment."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (what ``set -a; . FILE`` reads: values are written without quotes)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _prepare_state_dir(state_dir: Path, mlflow_auth: bool) -> tuple[Path, dict[str, str]]:
+    """The private state dir with a fresh Ray token (0600) and, with ``mlflow_auth``, the MLflow
+    basic-auth files; returns the token path and the extra env of the MLflow server.
+
+    The credentials of an earlier ``up`` with the same dir are kept: the admin password is only
+    read when the auth database is created, so a new one would lock every client out.
+    """
+    _private_dir(state_dir)
+    token_path = state_dir / TOKEN_FILE
+    _write_private(token_path, secrets.token_hex(32))
+    if not mlflow_auth:
+        return token_path, {}
+    creds = state_dir / MLFLOW_CREDENTIALS_FILE
+    known = _read_env_file(creds) if creds.is_file() else {}
+    password = known.get("MLFLOW_TRACKING_PASSWORD") or secrets.token_urlsafe(24)
+    _write_private(creds, f"MLFLOW_TRACKING_USERNAME={MLFLOW_AUTH_USER}\nMLFLOW_TRACKING_PASSWORD={password}\n")
+    config = state_dir / MLFLOW_AUTH_CONFIG_FILE
+    # NO_PERMISSIONS: a user other than the admin sees nothing unless granted
+    _write_private(config, "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                           f"database_uri = sqlite:///{state_dir / 'mlflow_auth.db'}\n"
+                           f"admin_username = {MLFLOW_AUTH_USER}\n"
+                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    server_env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_AUTH_USER,
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+    return token_path, server_env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +261,49 @@ def _session_members(sid: int) -> list[Any]:
     return list(found.values())
 
 
+def _record(proc: Proc) -> None:
+    """Add the create time of every process now in ``proc``'s session to ``proc.started``."""
+    import psutil
+
+    started = dict(proc.started or {})
+    for p in _session_members(proc.sid):
+        try:
+            started.setdefault(str(p.pid), p.create_time())
+        except psutil.Error:
+            pass
+    proc.started = started
+
+
+def _ours(proc: Proc) -> list[Any]:
+    """The live processes of ``proc`` that are provably the ones ``up`` started or their offspring.
+
+    A recorded pid counts only while it has its recorded create time (after it exits, the system
+    may give the number to anyone). Their descendants are ours. So are the other members of the
+    session, but only while a verified process is still in it: until then no new session can get
+    that id, so they cannot be someone else's.
+    """
+    import psutil
+
+    found: dict[int, Any] = {}
+    for pid, created in (proc.started or {}).items():
+        try:
+            p = psutil.Process(int(pid))
+            if abs(p.create_time() - created) < _SAME_PROCESS_S:
+                found[p.pid] = p
+        except (psutil.Error, ValueError):
+            continue
+    session_held = False
+    for p in list(found.values()):
+        try:
+            session_held = session_held or os.getsid(p.pid) == proc.sid
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    if session_held:
+        found.update({p.pid: p for p in _session_members(proc.sid)})
+    return list(found.values())
+
+
 def _alive(pids: list[int]) -> list[int]:
     import psutil
 
@@ -185,21 +318,14 @@ def _alive(pids: list[int]) -> list[int]:
 
 
 def _stop(procs: list[Proc], timeout: float = 15.0) -> list[int]:
-    """SIGTERM every process of ``procs``' sessions and their descendants, then SIGKILL the rest;
-    returns the pids signalled. Nothing outside those sessions is touched."""
+    """SIGTERM the processes of ``procs`` (:func:`_ours`: recorded ones with their create time,
+    their descendants, their sessions), then SIGKILL the rest; returns the pids signalled.
+    Nothing else is touched, a pid that now belongs to another process included."""
     import psutil
 
     targets: dict[int, Any] = {}
     for proc in procs:
-        for p in _session_members(proc.sid):
-            targets[p.pid] = p
-        for pid in proc.pids:  # recorded pids that left the session (none expected)
-            try:
-                p = psutil.Process(pid)
-                targets[pid] = p
-                targets.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.Error:
-                pass
+        targets.update({p.pid: p for p in _ours(proc)})
     targets.pop(os.getpid(), None)
     for p in targets.values():
         try:
@@ -217,9 +343,11 @@ def _stop(procs: list[Proc], timeout: float = 15.0) -> list[int]:
 
 
 def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
+    if not url.startswith(("http://", "https://")):  # urlopen would also read file:// and ftp://
+        raise ValueError(f"not an http(s) URL: {url!r}")
     try:
         req = urllib.request.Request(url, headers=headers or {})
-        with closing(urllib.request.urlopen(req, timeout=timeout)) as r:
+        with closing(urllib.request.urlopen(req, timeout=timeout)) as r:  # nosec B310 - scheme checked above
             return r.status == 200
     except OSError:
         return False
@@ -248,10 +376,11 @@ def _auth_headers(token_path: str) -> dict[str, str]:
 
 def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri: str | None = None,
        artifacts_destination: str | None = None, head_cpus: int = 0,
-       object_store_mb: int = 200, timeout: float = 240.0) -> ClusterState:
+       object_store_mb: int = 200, timeout: float = 240.0, mlflow_auth: bool = False) -> ClusterState:
     """Start the head, ``workers`` worker nodes and the MLflow server; record them; return the state.
 
     Every argument is checked before anything starts. If a start fails, what was started is stopped.
+    ``mlflow_auth``: the server runs MLflow's basic-auth app (see the module docstring).
     """
     if workers < 0:
         raise ConfigError(f"--workers {workers} must be >= 0")
@@ -259,6 +388,9 @@ def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri:
         raise ConfigError(f"--cpus-per-worker {cpus_per_worker} must be >= 1")
     if head_cpus < 0:
         raise ConfigError(f"--head-cpus {head_cpus} must be >= 0")
+    if mlflow_auth and importlib.util.find_spec("flask_wtf") is None:
+        raise ConfigError("--mlflow-auth: MLflow's basic-auth app needs Flask-WTF, which is not installed "
+                          "(pip install 'mlflow[auth]')")
     state_dir = state_dir.expanduser().resolve()
     store = str(storage.parse(storage_uri or state_dir / "storage"))
     artifacts = artifacts_destination or storage.join(store, "mlflow-artifacts")
@@ -268,31 +400,29 @@ def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri:
         storage.parse(artifacts)  # a bucket is required
     old = ClusterState.load(state_dir)
     if old is not None:
-        if any(_session_members(p.sid) for p in old.procs):
+        if any(_ours(p) for p in old.procs) or any(p.started is None and _session_members(p.sid) for p in old.procs):
             raise ConfigError(f"a cluster is already up with state in {state_dir} (dashboard {old.dashboard_url}); "
                               f"`detlab cluster down --dir {state_dir}` first, or pass another --dir")
         (state_dir / STATE_FILE).unlink()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    token_path, auth_env = _prepare_state_dir(state_dir, mlflow_auth)
     storage.mkdir(store)
     if not artifacts.startswith("s3://"):
         Path(artifacts).mkdir(parents=True, exist_ok=True)
-
-    token_path = state_dir / TOKEN_FILE
-    token_path.write_text(secrets.token_hex(32))
-    token_path.chmod(0o600)
-    # /tmp/dlc-<8 hex>: short, and unique per state dir (Ray's AF_UNIX socket paths live under it)
-    tmp_root = Path("/tmp") / f"dlc-{secrets.token_hex(4)}"
+    tmp_root = _private_temp_root()
     ports = _Ports()
     gcs, dash, client, mlflow_port = ports.one(), ports.one(), ports.one(), ports.one()
     state = ClusterState(
         state_dir=str(state_dir), gcs_address=f"127.0.0.1:{gcs}", dashboard_url=f"http://127.0.0.1:{dash}",
         tracking_uri=f"http://127.0.0.1:{mlflow_port}", storage=store, artifacts_destination=artifacts,
         token_path=str(token_path), workers=workers, cpus_per_worker=cpus_per_worker, started_at=time.time(),
+        mlflow_credentials=str(state_dir / MLFLOW_CREDENTIALS_FILE) if mlflow_auth else "",
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(state.ray_env(), RAY_USAGE_STATS_ENABLED="0",
                # the job's `python` is whatever is first on the raylet's PATH: this venv
                PATH=f"{_BIN}{os.pathsep}{env.get('PATH', '')}")
+    # every job driver and worker inherits the nodes' env: they log to the server as its admin user
+    env.update(state.mlflow_env())
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -303,13 +433,18 @@ def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri:
             # a session of its own: down() finds everything it spawns by session id
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **(extra_env or {})},
                                     start_new_session=True, cwd=state_dir)
-        state.procs.append(Proc(role, proc.pid, cmd, str(log_path), temp_dir))
+        entry = Proc(role, proc.pid, cmd, str(log_path), temp_dir, started={})
+        state.procs.append(entry)
+        _record(entry)
         state.save()  # recorded before waiting: a failed up is still cleaned by down
         if wait:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"{role}: `{' '.join(cmd[:3])} ...` did not return in {timeout:.0f}s; see {log_path}")
+            finally:
+                _record(entry)  # what `ray start` left running in the session (it exits itself)
+                state.save()
             if rc != 0:
                 raise RuntimeError(f"{role}: `{' '.join(cmd[:3])} ...` exited {rc}:\n{log_path.read_text()[-3000:]}")
         return proc
@@ -337,7 +472,7 @@ def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri:
 
     try:
         # the server first: its start (DB migrations, ~10-25 s) overlaps the Ray nodes'
-        mlflow_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        mlflow_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **auth_env}
         if os.environ.get("AWS_ENDPOINT_URL") and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
             mlflow_env["MLFLOW_S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]
         allowed = f"127.0.0.1:{mlflow_port},localhost:{mlflow_port},127.0.0.1,localhost"
@@ -345,7 +480,8 @@ def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri:
                                    "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
                                    "--artifacts-destination", artifacts, "--serve-artifacts",
                                    "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-                                   "--allowed-hosts", allowed], mlflow_env, wait=False)
+                                   "--allowed-hosts", allowed, *(["--app-name", "basic-auth"] if auth_env else [])],
+                        mlflow_env, wait=False)
         launch("head", node_cmd("head", True), temp_dir=str(tmp_root / "head"))
         _wait_http(f"{state.dashboard_url}/api/version", 60, headers=_auth_headers(state.token_path))
         for i in range(1, workers + 1):
@@ -358,9 +494,27 @@ def up(state_dir: Path, workers: int = 2, cpus_per_worker: int = 1, storage_uri:
         shutil.rmtree(tmp_root, ignore_errors=True)
         raise
     for p in state.procs:
-        p.pids = sorted(m.pid for m in _session_members(p.sid))
+        _record(p)
+        p.pids = sorted(q.pid for q in _ours(p))
     state.save()
     return state
+
+
+def _private_temp_root() -> Path:
+    """``/tmp/dlc-<8 hex>``, made here 0700 (a name someone made first is skipped, never reused).
+
+    Short on purpose: Ray's AF_UNIX socket paths live under it (107 bytes at most), which
+    ``tempfile.gettempdir()`` (``$TMPDIR``) cannot promise; private, so another user cannot reach
+    the nodes' sockets, logs and spilled objects.
+    """
+    for _ in range(100):
+        path = Path("/tmp") / f"dlc-{secrets.token_hex(4)}"  # nosec B108 - created exclusively, 0700
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError("no free /tmp/dlc-* name in 100 tries")
 
 
 def _with_token_env(state: ClusterState) -> None:
@@ -398,6 +552,12 @@ def down(state_dir: Path, keep_temp: bool = False) -> list[int]:
     state = ClusterState.load(state_dir)
     if state is None:
         return []
+    legacy = sorted({pid for p in state.procs if p.started is None for pid in [p.sid, *p.pids]})
+    if legacy:
+        raise ConfigError(f"{state_dir / STATE_FILE} was written by an older detlab that did not record when its "
+                          f"processes started, so a reused pid cannot be told from ours: check them "
+                          f"(`ps -o pid,lstart,cmd -p {','.join(map(str, legacy))}`), stop the cluster's by hand, "
+                          f"then delete {STATE_FILE}")
     # workers first, then the head, then the server: nodes leave a live GCS instead of a dead one
     order = sorted(state.procs, key=lambda p: {"mlflow": 2, "head": 1}.get(p.role, 0))
     pids = _stop([p for p in order if p.role.startswith("worker")])
@@ -418,7 +578,7 @@ def status(state_dir: Path) -> dict[str, Any]:
     state = ClusterState.load(state_dir.expanduser().resolve())
     if state is None:
         return {"up": False}
-    procs = {p.role: len(_session_members(p.sid)) for p in state.procs}
+    procs = {p.role: len(_ours(p)) for p in state.procs}
     try:
         nodes = list_nodes(state)
     except Exception as e:  # noqa: BLE001 - a stopped head: report it rather than fail
@@ -453,13 +613,22 @@ def log_node_ids(tracking_uri: str | None, run_id: str | None, world: int, rank:
     (:data:`TAG_NODE_IDS`). A tracking server that does not answer costs a warning, not the cell."""
     ids = gather_node_ids(world)
     if rank == 0 and tracking_uri and run_id and ids:
-        try:
-            from mlflow import MlflowClient
-
-            MlflowClient(tracking_uri).set_tag(run_id, TAG_NODE_IDS, ",".join(ids))
-        except Exception as e:  # noqa: BLE001 - a missing tag must not fail a trained cell
-            print(f"detlab: could not tag {run_id} with its node ids ({type(e).__name__}: {e})", flush=True)
+        tag_node_ids(tracking_uri, run_id, ids)
     return ids
+
+
+def tag_node_ids(tracking_uri: str, run_id: str, ids: list[str]) -> None:
+    """Tag ``run_id`` with ``ids``; a failure is printed (secrets masked: MLflow's errors quote the
+    URL, ``user:password@`` included), not raised: a missing tag must not fail a trained cell."""
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri).set_tag(run_id, TAG_NODE_IDS, ",".join(ids))
+    except Exception as e:  # noqa: BLE001
+        from lab.scrub import scrub_text
+
+        print(f"detlab: could not tag {run_id} with its node ids ({scrub_text(f'{type(e).__name__}: {e}')})",
+              flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +654,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             q.add_argument("--artifacts-destination", default=None, metavar="URI",
                            help="MLflow artifact store (default: <storage>/mlflow-artifacts)")
             q.add_argument("--object-store-mb", type=int, default=200, help="object store per node, MiB (default 200)")
+            q.add_argument("--mlflow-auth", action="store_true",
+                           help="MLflow's basic-auth app: an admin user with a random password in <dir>/mlflow.env "
+                                "(0600), given to every Ray node; needs mlflow[auth] (Flask-WTF)")
         if name == "down":
             q.add_argument("--keep-temp", action="store_true", help="keep the Ray temp dirs (session logs)")
 
@@ -494,7 +666,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "up":
         t0 = time.time()
         state = up(state_dir, args.workers, args.cpus_per_worker, args.storage, args.artifacts_destination,
-                   args.head_cpus, args.object_store_mb)
+                   args.head_cpus, args.object_store_mb, mlflow_auth=args.mlflow_auth)
         print(f"detlab cluster up in {time.time() - t0:.0f}s: head + {state.workers} worker node(s) x "
               f"{state.cpus_per_worker} CPU, state in {state.state_dir}")
         print(f"  dashboard     {state.dashboard_url}")
@@ -505,6 +677,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {state.submit_line()}")
         if storage.is_remote(state.storage):
             print("  (the nodes inherited this shell's AWS_* variables; the job forwards them to its tasks)")
+        if state.mlflow_credentials:
+            print(f"MLflow basic auth: user {MLFLOW_AUTH_USER}, password in {state.mlflow_credentials} (0600); the "
+                  f"nodes have both, so jobs need nothing; for this shell's clients (detlab tables, mlflow):")
+            print(f"  set -a; . {shlex.quote(state.mlflow_credentials)}; set +a")
         return 0
     if args.action == "down":
         pids = down(state_dir, args.keep_temp)

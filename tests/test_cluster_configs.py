@@ -32,9 +32,11 @@ DOCKERFILE = CLUSTER / "docker" / "Dockerfile"
 DOCKERIGNORE = CLUSTER / "docker" / "Dockerfile.dockerignore"
 NAMESPACE = "detlab"
 #: the Secrets the manifests reference; cluster/README.md must say how to create each.
-SECRETS = {"mlflow-db", "detlab-s3"}
-#: images that are not the detlab/Ray image (so carry no Ray version).
-OTHER_IMAGES = {"postgres:17"}
+SECRETS = {"mlflow-db", "mlflow-db-tls", "mlflow-auth", "detlab-s3"}
+#: images that are not the detlab/Ray image (so carry no Ray version), without their digest.
+OTHER_IMAGES = {"postgres:17.6"}
+#: ``name:tag@sha256:<64 hex>``: what runs is what was checked, whatever the registry does to the tag
+PINNED_IMAGE = re.compile(r"^[^@\s]+:[^@:/\s]+@sha256:[0-9a-f]{64}$")
 
 # KubeRay v1.7.0 CRD field names (json tags of raycluster_types.go / rayjob_types.go). The CRD does
 # not reject unknown keys (the API server prunes them silently), so a typo would be lost without this.
@@ -199,7 +201,7 @@ def _python_tag() -> str:
 def _image_problems(images: list[str], ray_version: str) -> list[str]:
     """Every Ray image (rayproject/ray, or ours named .../detlab) is tagged <ray>-py<XY>-gpu."""
     problems = []
-    for image in images:
+    for image in (i.split("@", 1)[0] for i in images):  # the digest is _digest_problems' business
         if image in OTHER_IMAGES:
             continue
         repo, _, tag = image.rpartition(":")
@@ -283,6 +285,8 @@ def _secret_refs(doc: dict[str, Any]) -> set[str]:
         names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
                   if "secretKeyRef" in (e.get("valueFrom") or {})}
         names |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+    for pod in _pod_specs(doc):
+        names |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
     return names
 
 
@@ -382,7 +386,8 @@ def test_every_manifest_parses_and_is_namespaced() -> None:
     found = _manifests()
     kinds = sorted(d["kind"] for _, d in found)
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "Service", "StatefulSet", "Service", "Deployment",
-                            "RayCluster", "RayJob", "RayJob", "RayJob"]), kinds
+                            "ConfigMap", "RayCluster", "RayJob", "RayJob", "RayJob", "NetworkPolicy",
+                            "NetworkPolicy"]), kinds
     for path, doc in found:
         assert _meta_problems(doc) == [], path
     yaml.safe_load(AWS.read_text())
@@ -524,7 +529,7 @@ def test_version_checks_can_fail() -> None:
     assert any("constraints" in p for p in _dockerfile_problems(text.replace("-c constraints.txt", ""), "2.60.0"))
     assert _image_problems(["my-registry/detlab:2.59.0-py311-gpu", "redis:7"], "2.60.0") == [
         f"my-registry/detlab:2.59.0-py311-gpu: tag is not 2.60.0-{_python_tag()}-gpu (installed Ray, venv Python)",
-        "redis:7: neither the detlab image nor a known other image (['postgres:17'])",
+        "redis:7: neither the detlab image nor a known other image (['postgres:17.6'])",
     ]
 
 
@@ -568,7 +573,8 @@ def test_secrets_are_the_documented_ones() -> None:
     refs = set().union(*(_secret_refs(d) for _, d in _manifests()))
     assert refs == SECRETS
     readme = (CLUSTER / "README.md").read_text()
-    assert all(f"kubectl -n {NAMESPACE} create secret generic {s}" in readme for s in SECRETS)
+    for s in SECRETS:
+        assert re.search(rf"kubectl -n {NAMESPACE} create secret (generic|tls) {s}\b", readme), s
     server = _one(MLFLOW, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     for c in [*_ray_containers(_one(RAYCLUSTER, "RayCluster")), server]:
         assert {"secretRef": {"name": "detlab-s3"}} in c.get("envFrom", []), c["name"]
@@ -619,3 +625,327 @@ def test_aws_mlflow_server_sets_allowed_hosts():
     args = shlex.split(cmd.split("nohup", 1)[1].split(">", 1)[0])
     hosts = args[args.index("--allowed-hosts") + 1].split(",")
     assert "localhost:5000" in hosts and any("hostname -I" in h for h in hosts), hosts
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening (issue #17, findings 14 and 9): pod security, network policies, digests, TLS to the
+# database, MLflow basic auth. Each check has a companion that breaks a copy and sees it refused.
+
+
+def _container_security_problems(name: str, sc: dict[str, Any], pod_sc: dict[str, Any]) -> list[str]:
+    """A container's effective securityContext (its own, else the pod's where Kubernetes inherits)."""
+    caps = sc.get("capabilities") or {}
+    problems = []
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{name}: allowPrivilegeEscalation is not false")
+    if "ALL" not in (caps.get("drop") or []):
+        problems.append(f"{name}: capabilities.drop does not hold ALL")
+    if caps.get("add") or sc.get("privileged"):
+        problems.append(f"{name}: adds capabilities or is privileged")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{name}: root filesystem writable (readOnlyRootFilesystem is not true)")
+    if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+        problems.append(f"{name}: runAsNonRoot is not true")
+    # numeric: the kubelet cannot check runAsNonRoot against an image's USER given by name (`ray`)
+    uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    if not isinstance(uid, int) or uid == 0:
+        problems.append(f"{name}: runAsUser {uid!r} is not a numeric non-root uid")
+    seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        problems.append(f"{name}: no seccomp profile (RuntimeDefault)")
+    return problems
+
+
+def _pod_security_problems(doc: dict[str, Any]) -> list[str]:
+    """Every pod: no service-account token, and each container (init ones too) locked down. The
+    RayCluster's autoscaler (a container KubeRay adds to the head) gets the token, alone."""
+    problems = []
+    kind, name = doc["kind"], doc["metadata"]["name"]
+    for pod in _pod_specs(doc):
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{kind} {name}: a pod mounts a service-account token (automountServiceAccountToken)")
+        pod_sc = pod.get("securityContext") or {}
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            problems += _container_security_problems(f"{kind} {name}/{c['name']}", c.get("securityContext") or {},
+                                                     pod_sc)
+            if any(m["mountPath"].rstrip("/") == "/app" for m in c.get("volumeMounts", [])):
+                problems.append(f"{kind} {name}/{c['name']}: a writable volume over /app")
+    if kind == "RayCluster" and doc["spec"].get("enableInTreeAutoscaling"):
+        head = doc["spec"]["headGroupSpec"]["template"]["spec"]
+        opts = doc["spec"].get("autoscalerOptions") or {}
+        problems += _container_security_problems(f"{kind} {name}/autoscaler", opts.get("securityContext") or {},
+                                                 head.get("securityContext") or {})
+        tokens = {v["name"] for v in head.get("volumes", [])
+                  if any("serviceAccountToken" in s for s in (v.get("projected") or {}).get("sources", []))}
+        mounted = {m["name"]: m["mountPath"] for m in opts.get("volumeMounts", [])}
+        if not any(mounted.get(t) == "/var/run/secrets/kubernetes.io/serviceaccount" for t in tokens):
+            problems.append(f"{kind} {name}: the autoscaler gets no service-account token (it cannot scale)")
+        for c in head["containers"]:
+            if tokens & {m["name"] for m in c.get("volumeMounts", [])}:
+                problems.append(f"{kind} {name}/{c['name']}: mounts the autoscaler's token (jobs run there)")
+    return problems
+
+
+def test_every_pod_is_locked_down() -> None:
+    for path, doc in _manifests():
+        assert _pod_security_problems(doc) == [], path
+
+
+@pytest.mark.parametrize("path, kind, edit, expected", [
+    (MLFLOW, "Deployment", lambda d: d["spec"]["template"]["spec"].pop("automountServiceAccountToken"),
+     "mounts a service-account token"),
+    (MLFLOW, "StatefulSet", lambda d: d["spec"]["template"]["spec"]["containers"][0]["securityContext"].pop(
+        "readOnlyRootFilesystem"), "root filesystem writable"),
+    (MLFLOW, "StatefulSet", lambda d: d["spec"]["template"]["spec"]["securityContext"].update(runAsUser=0),
+     "runAsUser 0 is not a numeric non-root uid"),
+    (MLFLOW, "Deployment", lambda d: d["spec"]["template"]["spec"]["initContainers"][0].pop("securityContext"),
+     "wait-for-postgres: allowPrivilegeEscalation"),
+    (RAYCLUSTER, "RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["securityContext"].pop(
+        "seccompProfile"), "no seccomp profile"),
+    (RAYCLUSTER, "RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "securityContext"]["capabilities"].update(drop=["NET_RAW"]), "capabilities.drop does not hold ALL"),
+    (RAYCLUSTER, "RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "volumeMounts"].append({"name": "autoscaler-token", "mountPath": "/t"}), "mounts the autoscaler's token"),
+    (RAYCLUSTER, "RayCluster", lambda d: d["spec"]["autoscalerOptions"].pop("volumeMounts"),
+     "the autoscaler gets no service-account token"),
+    (RAYCLUSTER, "RayCluster", lambda d: d["spec"]["autoscalerOptions"]["securityContext"].update(privileged=True),
+     "autoscaler: adds capabilities or is privileged"),
+    (RAYJOBS["table1"], "RayJob", lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0][
+        "volumeMounts"].append({"name": "tmp", "mountPath": "/app"}), "a writable volume over /app"),
+])
+def test_pod_security_check_can_fail(path: Path, kind: str, edit, expected: str) -> None:
+    doc = copy.deepcopy(_one(path, kind))
+    edit(doc)
+    problems = _pod_security_problems(doc)
+    assert any(expected in p for p in problems), problems
+
+
+def _ray_pod_labels(raycluster: dict[str, Any]) -> list[dict[str, str]]:
+    """The labels KubeRay gives the Ray pods (ray.io/cluster = the RayCluster's name) plus the templates' own."""
+    spec = raycluster["spec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [{**(g["template"].get("metadata") or {}).get("labels", {}), "ray.io/cluster": raycluster["metadata"]["name"]}
+            for g in groups]
+
+
+def _admits(policies: list[dict[str, Any]], target: dict[str, str], client: dict[str, str], port: int) -> bool:
+    """NetworkPolicy ingress semantics (same namespace, matchLabels, TCP ports): is a connection from
+    a pod labelled ``client`` to one labelled ``target`` on ``port`` allowed?"""
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        if set(selector) - {"matchLabels"}:
+            raise AssertionError(f"selector {selector}: only matchLabels is understood here")
+        return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+    isolating = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], target)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not isolating:
+        return True  # no policy selects the pod: everything may connect
+    for spec in isolating:
+        for rule in spec.get("ingress") or []:
+            peers = rule.get("from")
+            ports = rule.get("ports")
+            peer_ok = peers is None or any("podSelector" in f and set(f) == {"podSelector"}
+                                           and selects(f["podSelector"], client) for f in peers)
+            port_ok = ports is None or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports)
+            if peer_ok and port_ok:
+                return True
+    return False
+
+
+def _network_policy_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Only the MLflow pods reach Postgres; only the Ray pods reach MLflow; nothing else reaches either."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = {(d["kind"], d["metadata"]["name"]): d["spec"]["template"]["metadata"]["labels"]
+              for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+    postgres, mlflow = labels[("StatefulSet", "mlflow-postgres")], labels[("Deployment", "mlflow")]
+    ray = [lbl for d in docs if d["kind"] == "RayCluster" for lbl in _ray_pod_labels(d)]
+    stranger = {"app": "something-else"}
+    problems = []
+    if not _admits(policies, postgres, mlflow, 5432):
+        problems.append("the MLflow server cannot reach Postgres")
+    problems += [f"{who} may reach Postgres" for who, lbl in (("a Ray pod", ray[0]), ("any pod", stranger))
+                 if _admits(policies, postgres, lbl, 5432)]
+    problems += [f"the Ray pod {lbl} cannot reach MLflow" for lbl in ray if not _admits(policies, mlflow, lbl, 5000)]
+    if _admits(policies, mlflow, stranger, 5000):
+        problems.append("any pod may reach MLflow")
+    return problems
+
+
+def test_network_policies_fence_mlflow_and_postgres() -> None:
+    docs = [d for _, d in _manifests()]
+    assert _network_policy_problems(docs) == []
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda ps: ps.pop(0), "a Ray pod may reach Postgres"),  # no policy on Postgres: open to all
+    (lambda ps: ps[1]["spec"]["ingress"][0].pop("from"), "any pod may reach MLflow"),
+    (lambda ps: ps[0]["spec"]["ingress"][0]["ports"][0].update(port=5433), "the MLflow server cannot reach Postgres"),
+    (lambda ps: ps[1]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].update(
+        {"ray.io/node-type": "head"}), "cannot reach MLflow"),
+])
+def test_network_policy_check_can_fail(edit, expected: str) -> None:
+    docs = copy.deepcopy([d for _, d in _manifests()])
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    others = [d for d in docs if d["kind"] != "NetworkPolicy"]
+    edit(policies)
+    problems = _network_policy_problems(others + policies)
+    assert any(expected in p for p in problems), problems
+
+
+def _digest_problems(images: list[str]) -> list[str]:
+    problems = [f"{i}: not pinned by digest (name:tag@sha256:...)" for i in images if not PINNED_IMAGE.match(i)]
+    for image in images:
+        repo, _, tag = image.split("@", 1)[0].rpartition(":")
+        if not repo.endswith("/detlab") and not re.fullmatch(r"\d+\.\d+(\.\d+)?([-.].*)?", tag):
+            problems.append(f"{image}: tag {tag!r} floats (give the full version)")
+    return problems
+
+
+def test_every_kubernetes_image_is_pinned_by_digest() -> None:
+    images = [c["image"] for _, d in _manifests() for c in _containers(d)]
+    assert len(images) >= 7 and _digest_problems(images) == []
+
+
+def test_digest_check_can_fail() -> None:
+    assert _digest_problems(["postgres:17", "my-registry/detlab:2.60.0-py311-gpu", "postgres:17@sha256:" + "a" * 64]) == [
+        "postgres:17: not pinned by digest (name:tag@sha256:...)",
+        "my-registry/detlab:2.60.0-py311-gpu: not pinned by digest (name:tag@sha256:...)",
+        "postgres:17: tag '17' floats (give the full version)",
+        f"postgres:17@sha256:{'a' * 64}: tag '17' floats (give the full version)",
+    ]
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _mounted_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volume ``path`` lies on in ``container`` (None: not on a mounted volume)."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return volumes.get(m["name"])
+    return None
+
+
+def _db_tls_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Postgres serves TLS from a Secret; both URIs of the MLflow server demand a verified certificate."""
+    import configparser
+
+    problems = []
+    pg_pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    pg = pg_pod["containers"][0]
+    args = " ".join(pg.get("args", []))
+    if "ssl=on" not in args:
+        problems.append("Postgres runs without ssl=on")
+    for setting in ("ssl_cert_file", "ssl_key_file"):
+        found = re.search(rf"{setting}=(\S+)", args)
+        volume = _mounted_file(pg_pod, pg, found[1]) if found else None
+        if volume is None or "secret" not in volume:
+            problems.append(f"Postgres {setting} is not a file of a mounted Secret")
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    pod = dep["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    backend = c["args"][c["args"].index("--backend-store-uri") + 1]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    ini = configparser.ConfigParser()
+    ini.read_string(next(iter(config["data"].values())))
+    for what, uri in (("backend store", backend), ("basic-auth database", ini["mlflow"].get("database_uri", ""))):
+        if not re.search(r"[?&]sslmode=verify-(full|ca)\b", uri):
+            problems.append(f"the {what} URI {uri!r} does not require a verified TLS connection (sslmode=verify-full)")
+    root = _env(c).get("PGSSLROOTCERT")
+    if not isinstance(root, str) or _mounted_file(pod, c, root) is None:
+        problems.append("PGSSLROOTCERT is not a file of a mounted volume (libpq cannot verify the server)")
+    return problems
+
+
+def test_mlflow_reaches_postgres_over_verified_tls() -> None:
+    assert _db_tls_problems(_docs(MLFLOW)) == []
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda ds: ds[1]["spec"]["template"]["spec"]["containers"][0].update(args=[]), "ssl=on"),
+    (lambda ds: ds[4]["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(
+        1, "postgresql://$(DB_USER)@mlflow-postgres:5432/mlflow?sslmode=require"), "backend store URI"),
+    (lambda ds: ds[3]["data"].update({"basic_auth.ini": "[mlflow]\ndatabase_uri = postgresql://h/mlflow\n"}),
+     "basic-auth database URI"),
+    (lambda ds: ds[4]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"].pop(1), "PGSSLROOTCERT"),
+])
+def test_db_tls_check_can_fail(edit, expected: str) -> None:
+    docs = copy.deepcopy(_docs(MLFLOW))
+    assert [d["kind"] for d in docs] == ["Service", "StatefulSet", "Service", "ConfigMap", "Deployment"]
+    edit(docs)
+    problems = _db_tls_problems(docs)
+    assert any(expected in p for p in problems), problems
+
+
+def _mlflow_auth_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """The server runs MLflow's basic-auth app with its secrets from a Secret and its users in
+    Postgres; the Ray containers log in as the admin from the same Secret keys."""
+    import configparser
+
+    from mlflow.cli import server
+
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    pod = dep["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    problems = []
+    if server.make_context("server", list(c["args"])).params.get("app_name") != "basic-auth":
+        problems.append("the MLflow server runs without --app-name basic-auth (anyone may write runs and tags)")
+    env = _env(c)
+    refs = {}
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        ref = (env.get(name) or {}).get("secretKeyRef") if isinstance(env.get(name), dict) else None
+        if not ref:
+            problems.append(f"{name} does not come from a Secret")
+        refs[name] = (ref or {}).get("name"), (ref or {}).get("key")
+    config_path = env.get("MLFLOW_AUTH_CONFIG_PATH")
+    volume = _mounted_file(pod, c, config_path) if isinstance(config_path, str) else None
+    if volume is None or "configMap" not in volume:
+        problems.append("MLFLOW_AUTH_CONFIG_PATH is not a file of a mounted ConfigMap")
+    else:
+        config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"])
+        ini = configparser.ConfigParser()
+        ini.read_string(config["data"][Path(config_path).name])
+        section = ini["mlflow"]
+        if section.get("default_permission") != "NO_PERMISSIONS":
+            problems.append(f"default_permission {section.get('default_permission')!r}: users see runs unless granted")
+        db = section.get("database_uri", "")
+        if not db.startswith("postgresql://"):
+            problems.append(f"the users live in {db!r}, lost with the pod (not Postgres)")
+        if "@" in db.split("://", 1)[-1].split("/", 1)[0] or section.get("admin_password"):
+            problems.append("a user or password in the basic-auth config (it is not a Secret)")
+    for ray in (c for d in docs if d["kind"] == "RayCluster" for c in _ray_containers(d)):
+        renv = _env(ray)
+        for var, admin in (("MLFLOW_TRACKING_USERNAME", "MLFLOW_AUTH_ADMIN_USERNAME"),
+                           ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD")):
+            ref = (renv.get(var) or {}).get("secretKeyRef") if isinstance(renv.get(var), dict) else None
+            if not ref or (ref["name"], ref["key"]) != refs[admin]:
+                problems.append(f"{ray['name']}: {var} is not the server's {admin} Secret key")
+    return problems
+
+
+def test_mlflow_requires_basic_auth_and_the_ray_pods_have_it() -> None:
+    assert _mlflow_auth_problems(_docs(MLFLOW) + _docs(RAYCLUSTER)) == []
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda ds: ds[4]["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(
+        slice(-4, -2), []), "without --app-name basic-auth"),
+    (lambda ds: ds[4]["spec"]["template"]["spec"]["containers"][0]["env"].__setitem__(
+        6, {"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "value": "x"}), "MLFLOW_AUTH_ADMIN_PASSWORD does not come from"),
+    (lambda ds: ds[3]["data"].update({"basic_auth.ini": ds[3]["data"]["basic_auth.ini"].replace(
+        "NO_PERMISSIONS", "READ")}), "default_permission 'READ'"),
+    (lambda ds: ds[3]["data"].update({"basic_auth.ini": ds[3]["data"]["basic_auth.ini"].replace(
+        "postgresql://mlflow-postgres", "sqlite:///basic_auth.db#")}), "lost with the pod"),
+    (lambda ds: ds[5]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].pop(2),
+     "ray-worker: MLFLOW_TRACKING_PASSWORD"),
+])
+def test_mlflow_auth_check_can_fail(edit, expected: str) -> None:
+    docs = copy.deepcopy(_docs(MLFLOW) + _docs(RAYCLUSTER))
+    env = [e["name"] for e in docs[4]["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert env[6] == "MLFLOW_AUTH_ADMIN_PASSWORD" and docs[4]["spec"]["template"]["spec"]["containers"][0][
+        "args"][-4:-2] == ["--app-name", "basic-auth"]
+    edit(docs)
+    problems = _mlflow_auth_problems(docs)
+    assert any(expected in p for p in problems), problems

@@ -57,6 +57,7 @@ def _dashboard_refuses_without_token(out: str) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_no_secret_reaches_logs_params_or_artifacts_and_ray_listens_on_localhost(tmp_path):
     mark = uuid.uuid4().hex
     uri = f"sqlite:///{tmp_path}/mlflow.db"
