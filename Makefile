@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench ui data clean-results help
+.PHONY: demo test test-all test-fast bench ui data clean-results help hooks
 
 help:
 	@echo "make demo   - Table 2 at profile demo on a local Ray + MLflow (sqlite), then the table"
-	@echo "make test   - the test suite (what CI runs)"
+	@echo "make test   - the test suite but the heavy end-to-end scenarios (what CI runs, ~25 min on 2 cores)"
+	@echo "make test-all - every test, the heavy scenarios too (~55 min on 2 cores)"
 	@echo "make test-fast - the tests that start no Ray cluster and no server (-m 'not slow')"
 	@echo "make bench  - benchmarks (ratios measured in one process)"
 	@echo "make ui     - MLflow UI on 127.0.0.1 over the local store"
@@ -21,13 +22,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
-demo: $(STAMP)
+# git hooks keep .detlab-source.json current: the commit of runs whose code travelled without .git
+# (`ray job submit --working-dir .`); see lab/provenance.py
+hooks:
+	@$(PYTHON) lab/provenance.py --install-hooks
+
+demo: $(STAMP) hooks
 	$(PY) jobs/table2.py --profile demo
 
-test: $(STAMP)
+# CI must finish within 30 minutes on 2 cores: the tests marked heavy (cluster e2e, node loss, driver
+# kills, outages mid-run; each over a minute) run with `make test-all`
+test: $(STAMP) hooks
+	$(PY) -m pytest -q -m "not heavy"
+
+test-all: $(STAMP) hooks
 	$(PY) -m pytest -q
 
-# everything but the tests marked slow (they start Ray clusters or servers); `make test` runs all
+# everything but the tests marked slow (they start Ray clusters or servers); `make test-all` runs all
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -39,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_scaling.py
 	$(PY) bench/bench_sweep.py
+	$(PY) bench/bench_determinism.py
 
 ui: $(STAMP)
 	$(VENV)/bin/detlab ui

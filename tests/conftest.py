@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside the tests
+from procs import marked  # noqa: E402
+from s3server import moto_s3  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +26,55 @@ def local_ray():
              logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3 server (moto) with the bucket ``detlab``, for one test module."""
+    with moto_s3() as server:
+        server.create_bucket("detlab")
+        yield server
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes a module leaves behind. A leaked Ray node or server keeps a core busy for the rest of
+# the suite: on 2 cores that once tripled the suite's wall time and starved a sweep test into a
+# timeout. Each module's leftovers are killed and listed at the end of the run, with their CPU time.
+
+_LEAKS: list[str] = []
+#: inherited by everything the suite starts (Ray's daemons included), so that only the suite's own
+#: processes are ever counted (or killed), never others on the machine
+_SESSION = f"detlab-tests-{os.getpid()}"
+os.environ["DETLAB_TEST_SESSION"] = _SESSION
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leaked_processes(request):
+    import psutil
+
+    def ours() -> dict[int, psutil.Process]:
+        return {p.pid: p for p in marked(_SESSION, var="DETLAB_TEST_SESSION") if p.pid != os.getpid()}
+
+    before = ours()
+    yield
+    # a pid reused since the module started is another process: psutil.Process compares create times
+    new = [p for pid, p in ours().items() if before.get(pid) != p]
+    # Ray's processes take a few seconds to go after shutdown
+    _, left = psutil.wait_procs(new, timeout=20)
+    for proc in left:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cpu = sum(proc.cpu_times()[:2])
+            _LEAKS.append(f"{request.module.__name__}: pid {proc.pid} ({cpu:.0f} CPU-s) "
+                          f"{' '.join(proc.cmdline())[:160]}")
+            proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _LEAKS:
+        terminalreporter.section("processes left behind by test modules (killed)")
+        for line in _LEAKS:
+            terminalreporter.write_line(line)

@@ -10,12 +10,12 @@ import psutil
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 
 
-def marked(mark: str) -> list[psutil.Process]:
-    """Every live process whose environment carries ``DETLAB_TEST_MARK=mark``."""
+def marked(mark: str, var: str = "DETLAB_TEST_MARK") -> list[psutil.Process]:
+    """Every live process whose environment carries ``var=mark``."""
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get("DETLAB_TEST_MARK") == mark:
+            if p.environ().get(var) == mark:
                 found.append(p)
         except _GONE:
             pass

@@ -31,7 +31,7 @@ from s3server import moto_s3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def _detlab(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

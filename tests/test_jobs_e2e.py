@@ -25,6 +25,8 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from lab import provenance
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ROWS = {"baseline", "iac", "iac_dc", "iac_dc_clb"}
@@ -135,7 +137,7 @@ def ray_head(workdir):
         kill_tree(mine)
 
 
-def submit_and_wait(address: str, entrypoint: str, commit: str, timeout: float = 420) -> str:
+def submit_and_wait(address: str, entrypoint: str, timeout: float = 420) -> str:
     """Submit ``entrypoint`` with the repo as working_dir; wait for SUCCEEDED; return the job's logs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -145,8 +147,9 @@ def submit_and_wait(address: str, entrypoint: str, commit: str, timeout: float =
         entrypoint=entrypoint,
         runtime_env={
             "working_dir": str(REPO),
-            "excludes": [".git", ".venv", "results", "mlruns", "*.pt", "*.db", "__pycache__"],
-            "env_vars": {"DETLAB_GIT_COMMIT": commit or "unknown"},
+            # as `ray job submit --working-dir .` does: .gitignore'd paths stay home, .git travels
+            # with the code, and no DETLAB_GIT_COMMIT is passed: the job finds the commit itself
+            "excludes": ["*.pt"],
         },
         submission_id=f"detlab-e2e-{uuid.uuid4().hex[:8]}",
     )
@@ -170,8 +173,9 @@ def _commit() -> str:
 def submitted(workdir, mlflow_server, ray_head):
     out = workdir / "results"
     commit = _commit()
+    provenance.write_stamp()  # what make's git hooks keep current (.git does not travel with the job)
     logs = submit_and_wait(ray_head, f"{sys.executable} jobs/table2.py --profile smoke --out {out} "
-                                     f"--tracking-uri {mlflow_server}", commit)
+                                     f"--tracking-uri {mlflow_server}")
     return {"logs": logs, "uri": mlflow_server, "out": out, "commit": commit}
 
 
@@ -195,7 +199,11 @@ def test_eight_cells_finished_with_tags_metrics_and_artifacts(submitted):
     for (row, dataset), run in cells.items():
         tags, metrics = run.data.tags, run.data.metrics
         assert tags["detlab.table"] == "2" and tags["detlab.profile"] == "smoke" and tags["detlab.seed"] == "0"
-        assert tags["detlab.git_commit"] == (submitted["commit"] or "unknown")
+        assert tags["mlflow.source.git.commit"] == tags["detlab.git_commit"] == submitted["commit"]
+        assert tags["detlab.git_dirty"] in ("true", "false") and len(tags["detlab.source_digest"]) == 16
+        assert tags["detlab.env.torch"] and tags["detlab.env.cpu"] and tags["detlab.env.threads"] == "1"
+        if row != "iac_dc_clb":
+            assert len(tags["detlab.data_digest.train"]) == 64
         keys.add(tags["detlab.key"])
         assert run.data.params["model.backbone"] == "resnet18"
         assert run.data.params["nms.clb"] == str(row == "iac_dc_clb")
@@ -217,11 +225,12 @@ def test_eight_cells_finished_with_tags_metrics_and_artifacts(submitted):
     assert tables and tables[0].info.status == "FINISHED"
 
 
+@pytest.mark.heavy
 def test_sweep_job_with_train_workers(workdir, mlflow_server, ray_head):
     out = workdir / "sweep-results"
     logs = submit_and_wait(ray_head, f"{sys.executable} jobs/sweep.py --profile smoke --dataset shapes "
                                      f"--num-samples 2 --workers 1 --grace-period 2 --out {out} "
-                                     f"--tracking-uri {mlflow_server}", _commit())
+                                     f"--tracking-uri {mlflow_server}")
     assert "trial drivers reserve" not in logs  # the head's detlab_trial_driver resource was found
     assert "up to 2 at a time" in logs and (out / "best_shapes.yaml").is_file()
     client = MlflowClient(mlflow_server)

@@ -22,7 +22,7 @@ from lab import faults, tracking
 
 from test_faults import DDP, epoch_history, run_one_cell, tiny_cell
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 @pytest.fixture(scope="module")
