@@ -33,7 +33,7 @@ from lab.config import PROFILES
 from lab.experiments import (
     TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, profile_data, single_cell, table_cells,
 )
-from lab.joboptions import add_job_options, user_layer
+from lab.joboptions import add_job_options, settle_profile, user_layer
 from lab.pretrain import needs_pretraining
 from lab.scrub import scrub_text
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detlab", description="detlab: run the paper's experiments on Ray Train + MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("table", help="run Table 1 or Table 2 of the paper")
+    p = sub.add_parser("table", help="train and evaluate Table 1 or Table 2 of the paper (detlab tables: rebuild from MLflow)")
     p.add_argument("table", type=int, choices=(1, 2))
     _add_run_options(p)
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's)")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="the profile's dataset entry to start from (e.g. shapes, trees)")
     p.add_argument("--experiment", default="detlab-train", help="MLflow experiment (default: detlab-train)")
 
-    sub.add_parser("tables", help="rebuild a table from MLflow (see detlab tables --help)", add_help=False)
+    sub.add_parser("tables", help="rebuild a table from the runs in MLflow, training nothing (see detlab tables --help)",
+                   add_help=False)
     sub.add_parser("sweep", help="Ray Tune sweep over IAC/DC/CL-B parameters (see detlab sweep --help)", add_help=False)
 
     from lab import compare
@@ -97,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_arguments(p)
 
     p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the detlab store")
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", default=None,
+                   help="the store to show (default: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns, as the jobs use)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     return parser
 
 
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile)
+    profile = load_profile(settle_profile(args))
     methods = [m.strip() for m in args.rows.split(",") if m.strip()] if args.rows else None
     cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root, methods)
     return _run(cells, args, tracking.experiment_name(args.table), table=args.table,
@@ -135,7 +137,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile)
+    profile = load_profile(settle_profile(args))
     if args.dataset and args.dataset not in profile.datasets:
         raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} ({', '.join(profile.datasets)})")
     cell = single_cell(profile, user_layer(args), args.dataset)
@@ -193,7 +195,10 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
             paths = tables.write_tables(uri, table, out, profile=args.profile)
             print("\n" + paths["md"].read_text())
             print(paths["claims_md"].read_text())
-            print(f"tables written under {out}")
+            print(f"tables written under {out} (table{table}.md/.html/.tex/.csv, table{table}_deltas.png, "
+                  f"claims{table}.md); the runs in the MLflow UI: detlab ui --tracking-uri {scrub_text(uri)}")
+            if args.profile == "smoke":
+                print("(profile smoke: a pipeline check; these numbers mean nothing)")
         except Exception as e:  # noqa: BLE001 - the runs are safe in MLflow; `detlab tables` can redo this
             print(f"detlab: writing the tables failed ({type(e).__name__}: {e}); "
                   f"rerun `detlab tables --table {table} --tracking-uri {scrub_text(uri)}`", file=sys.stderr)

@@ -4,6 +4,7 @@ config layer they give: shared by :mod:`lab.cli` and :mod:`lab.sweep`, so neithe
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from lab.config import PROFILES, user_overrides
 def add_job_options(p: argparse.ArgumentParser, unit: str, out_help: str) -> None:
     """Options every detlab job takes (``table``, ``train``, ``sweep``); ``unit`` names what one Ray
     Train run is there (cell, trial)."""
-    p.add_argument("--profile", choices=PROFILES, default="smoke", help="defaults to start from (default: smoke)")
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="defaults to start from: smoke (a one-minute pipeline check, numbers meaningless), demo, "
+                   "cpu or paper (default: smoke, with a warning)")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML overrides (e.g. a sweep's best config); repeatable, later wins")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
@@ -38,6 +41,19 @@ def add_job_options(p: argparse.ArgumentParser, unit: str, out_help: str) -> Non
     p.add_argument("--max-concurrent", type=int, default=None,
                    help=f"{unit}s at once (default: as many as the cluster's CPUs/GPUs hold); for autoscaling clusters")
     p.add_argument("--dry-run", action="store_true", help=f"print the resolved {unit}s or plan and exit (no Ray, no MLflow)")
+
+
+SMOKE_WARNING = ("detlab: no --profile given: running profile smoke, a one-minute pipeline check whose numbers "
+                 "mean nothing; give --profile demo, cpu or paper for results")
+
+
+def settle_profile(args: argparse.Namespace) -> str:
+    """``args.profile``, set to ``smoke`` with a warning on stderr when the user chose none: a table run
+    at smoke looks like any other, and its numbers must never be mistaken for results."""
+    if args.profile is None:
+        print(SMOKE_WARNING, file=sys.stderr)
+        args.profile = "smoke"
+    return args.profile
 
 
 def user_layer(args: argparse.Namespace) -> dict[str, Any]:

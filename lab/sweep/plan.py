@@ -21,7 +21,7 @@ from detector.config import ConfigError, merge_dicts, overrides_to_dict, to_dict
 from lab import tracking
 from lab.config import LabConfig, build_config
 from lab.experiments import data_root_overrides, load_profile, single_cell
-from lab.joboptions import user_layer
+from lab.joboptions import settle_profile, user_layer
 from lab.sweep.space import Space, load_space, space_text, validate_space
 
 #: the sweep trains the full method unless --set/--config say otherwise.
@@ -90,7 +90,7 @@ def experiment_name(dataset: str) -> str:
 def build_plan(args: argparse.Namespace) -> SweepPlan:
     """Options -> plan; every error names the option or key (no Ray, no MLflow)."""
 
-    profile = load_profile(args.profile)
+    profile = load_profile(settle_profile(args))
     if args.dataset is not None and args.dataset not in profile.datasets:
         raise ConfigError(f"--dataset {args.dataset!r} is not in profile {profile.name!r} "
                           f"({', '.join(profile.datasets)})")
@@ -153,7 +153,7 @@ def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str
 
     if not needs_pretraining(plan.cfg):
         return plan
-    profile = load_profile(args.profile)
+    profile = load_profile(settle_profile(args))
     job = pretrain_job(plan.cfg, plan.dataset, lambda tag: profile_data(profile, tag, user_layer(args)))
     file = ensure_pretrained([job], plan.out, uri)[job.key]
     layer = {"model": {"weights_backbone": str(file.path), "weights_backbone_sha256": file.sha256,

@@ -99,9 +99,14 @@ def _log_tables_run(uri: str, experiment: str, table: int, profile: str | None, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detlab tables",
-        description="Rebuild the paper's Table 1/2 from MLflow: ours (mean ± 95% CI over seeds) beside the paper's.",
+        description="Rebuild the paper's Table 1/2 from the runs in MLflow, training nothing (`detlab table 1|2` "
+                    "trains it): ours (mean ± 95% CI over seeds) beside the paper's.",
     )
-    parser.add_argument("--table", type=int, choices=tracking.TABLES, required=True, help="which paper table")
+    # `detlab tables 2` and `detlab tables --table 2` both work: one letter away from `detlab table 2`
+    # (which trains), the rebuild must not fail on the form people type first.
+    parser.add_argument("number", type=int, nargs="?", choices=tracking.TABLES, metavar="{1,2}",
+                        help="which paper table (or --table)")
+    parser.add_argument("--table", type=int, choices=tracking.TABLES, default=None, help="which paper table")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
@@ -119,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``detlab tables --table {1,2} [--out DIR] [--tracking-uri URI]``: print the table and its claims as
     Markdown, write the files."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.number is not None and args.table is not None and args.number != args.table:
+        parser.error(f"table {args.number} and --table {args.table} disagree")
+    args.table = args.table if args.table is not None else args.number
+    if args.table is None:
+        parser.error("which table? detlab tables 1|2 (this rebuilds it from MLflow; detlab table 1|2 trains it)")
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     paths = write_tables(uri, args.table, args.out, profile=args.profile, digits=args.digits,
                          log_to_mlflow=not args.no_log, bootstrap=not args.no_bootstrap)
