@@ -292,6 +292,9 @@ def _load_safely(path: Path, what: str) -> dict[str, Any]:
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except EOFError:  # torch's unpickler on an empty file
+        raise pickle.UnpicklingError(f"the {what} {path} is not a readable torch file (empty): truncated or not "
+                                     f"ours") from None
     except pickle.UnpicklingError as e:
         # torch's message goes on to suggest allow-listing the type; what matters is which type it was
         text = str(e)

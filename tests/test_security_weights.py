@@ -77,6 +77,16 @@ def test_a_file_that_is_not_a_torch_file_is_named_as_such(tmp_path: Path) -> Non
         load_weights(tmp_path / "junk.pt")
 
 
+def test_an_empty_weights_file_is_named_not_an_eoferror(tmp_path: Path) -> None:
+    """An empty model.pt (a copy cut short, a placeholder) raised a bare EOFError from torch's unpickler."""
+    from lab.train import load_weights
+
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(pickle.UnpicklingError, match=r"the weights file .*model\.pt is not a readable torch file "
+                                                      r"\(empty\)"):
+        load_weights(tmp_path / "model.pt")
+
+
 def test_a_real_checkpoint_and_weights_file_load_with_weights_only(tmp_path: Path) -> None:
     """What ``lab.train._fit`` saves (the same dict, from the same builders) loads with
     ``weights_only=True``, and the RNG states it holds restore every generator."""

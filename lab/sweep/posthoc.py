@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from detector.config import ConfigError, to_dict
 from lab import provenance, tracking
-from lab.scrub import scrub_text
+from lab.scrub import scrub_mapping, scrub_text
 from lab.sweep.plan import (METRIC_BY_DATASET, TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, TAG_WEIGHTS, SweepPlan,
                             experiment_name)
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run
@@ -114,6 +116,12 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
     base = to_dict(cfg)
     validate_space({k: p for k, p in space.items() if k.startswith(POSTHOC_PREFIX)}, base)
     grid = posthoc_grid(space, args.points)
+    if args.dry_run:  # the weights were read and the grid checked; nothing opened in MLflow
+        print(f"detlab sweep --posthoc (dry run): {len(grid)} point(s) over {', '.join(grid[0])} on {weights}")
+        for point in grid:
+            print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+        print(yaml.safe_dump(scrub_mapping(base), sort_keys=False))
+        return 0
     tag = tracking.dataset_tag(cfg.data.dataset)
     metric = METRIC_BY_DATASET[cfg.data.dataset]
     experiment = experiment_name(tag)
