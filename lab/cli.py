@@ -136,6 +136,36 @@ def cmd_table(args: argparse.Namespace) -> int:
                 data_for=lambda tag: profile_data(profile, tag, user_layer(args), args.data_root))
 
 
+def _print_dry_run(cells: list[Cell], out: Path, data_for: Callable[[str], Any] | None) -> None:
+    """Each cell's name and final key, then the resolved config: what the cells share once, and per
+    cell the keys where they differ. A cell whose pretrained file is not made yet shows the key it has
+    before the pretraining stage (the file's sha256 joins it once the file exists)."""
+    from detector.config import flatten
+    from lab.scrub import scrub_mapping
+
+    pending: set[str] = set()
+    if data_for is not None and any(needs_pretraining(c.cfg) for c in cells):
+        from lab.pretrain import attach_found
+
+        cells, pending = attach_found(cells, out, data_for)
+    for c in cells:
+        extra = f" (evaluates {c.reuse}'s weights)" if c.reuse else ""
+        if c.name in pending:
+            extra += " (before pretraining: its backbone file is not made yet)"
+        print(f"{c.name:42} key {c.key}{extra}")
+    flat = [scrub_mapping(flatten(c.cfg)) for c in cells]
+    keys = list(flat[0])
+    differ = [k for k in keys if any(f.get(k) != flat[0][k] for f in flat[1:])]
+    print("\nconfig every cell shares:")
+    for k in keys:
+        if k not in differ:
+            print(f"  {k}: {flat[0][k]!r}")
+    if differ:
+        print("\nwhere the cells differ:")
+        for c, f in zip(cells, flat):
+            print(f"  {c.name}: " + ", ".join(f"{k}={f.get(k)!r}" for k in differ))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     profile = load_profile(settle_profile(args))
     if args.dataset and args.dataset not in profile.datasets:
@@ -154,12 +184,7 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
 
         args.storage = str(storage.parse(args.storage))
     if args.dry_run:
-        if any(needs_pretraining(c.cfg) for c in cells):
-            print("(keys before the pretraining stage: cells that pretrain get their backbone file's sha256 in "
-                  "their key; cells with a backbone file keep theirs)")
-        for c in cells:
-            extra = f" (evaluates {c.reuse}'s weights)" if c.reuse else ""
-            print(f"{c.name:42} key {c.key}{extra}")
+        _print_dry_run(cells, out, data_for)
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1")

@@ -341,13 +341,8 @@ def needs_pretraining(cfg: Any) -> bool:
     return cfg.pretrain.steps > 0 and not (cfg.model.weights_backbone or cfg.model.weights)
 
 
-def attach_pretrained(cells: list[Cell], out: Path, tracking_uri: str | None,
-                      data_for: Callable[[str], DataConfig]) -> list[Cell]:
-    """``cells`` with ``model.weights_backbone`` (+ its sha256) set to their pretrained file, all stages
-    trainable, keys recomputed; cells that name weights, or do not pretrain, are left as they are.
-
-    ``data_for(tag)``: the data section of a profile dataset a cell's ``pretrain.datasets`` names.
-    """
+def _jobs(cells: list[Cell], data_for: Callable[[str], DataConfig]) -> dict[str, PretrainJob]:
+    """The pretraining file each cell that pretrains asks for, by cell name."""
     jobs: dict[str, PretrainJob] = {}
     for c in cells:
         if not needs_pretraining(c.cfg):
@@ -355,18 +350,40 @@ def attach_pretrained(cells: list[Cell], out: Path, tracking_uri: str | None,
         if c.cfg.model.norm == "frozen_bn":
             raise ConfigError(f"{c.name}: pretrain needs a trainable norm (model.norm=bn or gn), not frozen_bn")
         jobs[c.name] = pretrain_job(c.cfg, c.dataset, data_for)
+    return jobs
+
+
+def _with_file(c: Cell, file: Pretrained) -> Cell:
+    """``c`` starting from ``file``: its path and sha256 in the config, all stages trainable, key recomputed."""
+    cfg = copy.deepcopy(c.cfg)
+    cfg.model.weights_backbone = str(file.path)
+    cfg.model.weights_backbone_sha256 = file.sha256
+    cfg.model.trainable_backbone_layers = 5
+    return dataclasses.replace(c, cfg=cfg, key=cell_key(cfg))
+
+
+def attach_pretrained(cells: list[Cell], out: Path, tracking_uri: str | None,
+                      data_for: Callable[[str], DataConfig]) -> list[Cell]:
+    """``cells`` with ``model.weights_backbone`` (+ its sha256) set to their pretrained file, all stages
+    trainable, keys recomputed; cells that name weights, or do not pretrain, are left as they are.
+
+    ``data_for(tag)``: the data section of a profile dataset a cell's ``pretrain.datasets`` names.
+    """
+    jobs = _jobs(cells, data_for)
     made = ensure_pretrained(list(jobs.values()), out, tracking_uri) if jobs else {}
-    replaced: dict[str, Cell] = {}
-    for name, job in jobs.items():
-        c = next(c for c in cells if c.name == name)
-        file = made[job.key]
-        cfg = copy.deepcopy(c.cfg)
-        cfg.model.weights_backbone = str(file.path)
-        cfg.model.weights_backbone_sha256 = file.sha256
-        cfg.model.trainable_backbone_layers = 5
-        replaced[name] = dataclasses.replace(c, cfg=cfg, key=cell_key(cfg))
-    return [replaced.get(c.name, c) for c in cells]
+    return [_with_file(c, made[jobs[c.name].key]) if c.name in jobs else c for c in cells]
 
 
-__all__ = ["Body", "PretrainConfig", "PretrainJob", "Pretrained", "attach_pretrained", "data_digests", "ensure_pretrained",
+def attach_found(cells: list[Cell], out: Path,
+                 data_for: Callable[[str], DataConfig]) -> tuple[list[Cell], set[str]]:
+    """For a dry run: ``cells`` with the pretrained files already made under ``out`` (final keys), and
+    the names of the cells whose file is still to be made (their key changes once it is). Trains and
+    locks nothing."""
+    jobs = _jobs(cells, data_for)
+    found = {name: find_pretrained(out, job.key) for name, job in jobs.items()}
+    shown = [_with_file(c, found[c.name]) if found.get(c.name) else c for c in cells]  # type: ignore[arg-type]
+    return shown, {name for name, f in found.items() if f is None}
+
+
+__all__ = ["Body", "PretrainConfig", "PretrainJob", "Pretrained", "attach_found", "attach_pretrained", "data_digests", "ensure_pretrained",
            "find_pretrained", "make_pretrained", "needs_pretraining", "pretrain_job", "pretrain_key", "weights_name"]

@@ -209,3 +209,31 @@ def test_a_sweep_starts_from_the_tables_pretrained_backbone(tmp_path, monkeypatc
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert len(runs) == 2  # shapes made once (by the sweep), trees by the table
+
+
+def test_dry_run_prints_the_final_keys_once_the_files_exist(tmp_path, monkeypatch, capsys):
+    """`detlab table 2 --dry-run` printed the keys cells have before pretraining; once the backbone
+    files are made it prints the keys the job runs under, and the config the cells share and where they
+    differ. Before they are made, it says so beside each key."""
+    from lab import cli
+
+    monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
+    out = tmp_path / "out"
+    sets = [a for k, v in (("model.backbone", "resnet10"), ("model.backbone_width", 16), ("model.norm", "bn"),
+                           ("pretrain.steps", 3), ("pretrain.batch_size", 4), ("pretrain.crop_size", 32),
+                           ("pretrain.val_crops", 40)) for a in ("--set", f"{k}={v}")]
+    argv = ["table", "2", "--profile", "smoke", "--seeds", "1", "--out", str(out), "--dry-run", *sets]
+    assert cli.main(argv) == 0
+    before = capsys.readouterr().out
+    assert before.count("(before pretraining: its backbone file is not made yet)") == 8
+    assert "config every cell shares:" in before and "  pretrain.steps: 3" in before
+    assert "where the cells differ:" in before and "t2-iac-shapes-s0: assign.iac=True, loss.dc=False" in before
+    assert not list(out.glob("pretrain/*/backbone-*.pt"))  # a dry run pretrains nothing
+
+    profile = load_profile("smoke")
+    made = _attach(table_cells(2, profile, 1, _BODY), profile, _BODY, out, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cli.main(argv) == 0
+    after = capsys.readouterr().out
+    assert "before pretraining" not in after
+    for c in made:
+        assert f"{c.name:42} key {c.key}" in after
