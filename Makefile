@@ -19,7 +19,8 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
+	@echo "installing detlab and its pins into $(VENV) (torch, ray, mlflow: about 3 minutes, 6.7 GB)"
+	$(PY) -m pip install -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 # git hooks keep .detlab-source.json current: the commit of runs whose code travelled without .git

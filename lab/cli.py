@@ -8,7 +8,7 @@ Subcommands::
     detlab compare A B [--metric AP]                  two runs (or A1,A2 B1,B2 per seed): Δ, two-level CI, MDE
     detlab sweep --dataset shapes --num-samples 32    Ray Tune sweep (lab.sweep)
     detlab data shapes|trees|coco|voc [--root DIR]    prepare/check a dataset, print a summary per split
-    detlab predict IMAGE... --weights model.pt        boxes JSON + a drawn PNG per image
+    detlab predict IMAGE|DIR|GLOB... --weights model.pt   boxes JSON + a drawn PNG per image
     detlab ui [--port 5000]                           MLflow UI on 127.0.0.1 over the same store
 
 Every config error (unknown key, bad value, missing data root) and every bad dataset file (each
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--set model.min_size=600")
 
     p = sub.add_parser("predict", help="detect objects in images with trained weights")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, directories (their " + ", ".join(IMAGE_SUFFIXES) + " files) or quoted globs")
     p.add_argument("--weights", required=True,
                    help="a model.pt written by training, a local path or s3://... (see the run's detlab.weights tag)")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output dir (default: predictions/)")
@@ -278,6 +279,41 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what ``detlab predict`` takes from a directory (case-insensitive)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_paths(items: Sequence[str | Path]) -> list[Path]:
+    """The images ``detlab predict`` reads: each item is a file, a directory (its images, sorted, not
+    recursive) or a glob pattern (``'photos/*.jpg'``, quoted so the shell leaves it; image files
+    only, by :data:`IMAGE_SUFFIXES`). An item that
+    gives no image is an error naming it, before the weights are read."""
+    import glob
+
+    found: list[Path] = []
+    empty: list[str] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file():
+            found.append(path)
+            continue
+        if path.is_dir():
+            hits = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            why = f"a directory with no {'/'.join(IMAGE_SUFFIXES)} file"
+        elif glob.has_magic(str(item)):
+            hits = sorted(Path(p) for p in glob.glob(str(path))
+                          if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            why = "matches no image file"
+        else:
+            hits, why = [], "no such file"
+        found.extend(hits)
+        if not hits:
+            empty.append(f"{item} ({why})")
+    if empty:
+        raise ConfigError(f"no image in: {'; '.join(empty)}")
+    return found
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import torch
@@ -295,9 +331,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     storage.parse(args.weights)  # an s3:// URI without a bucket is a config error
     if not storage.is_file(args.weights):
         raise ConfigError(f"--weights {str(args.weights)!r}: no such file")
-    missing = [str(p) for p in args.images if not p.is_file()]
-    if missing:
-        raise ConfigError(f"no such image file(s): {', '.join(missing)}")
+    images = image_paths(args.images)
     payload = load_weights(args.weights)
     cfg = config_from_dict(payload["config"])
     if args.sets:
@@ -309,7 +343,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model.eval()
     names = payload["class_names"]
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
+    for path in images:
         image = to_tensor(Image.open(path).convert("RGB"))
         with torch.no_grad():
             det = model([image])[0]

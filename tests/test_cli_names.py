@@ -65,3 +65,18 @@ def test_help_texts_name_table_against_tables_and_explain_every_ui_option(
     with pytest.raises(SystemExit):
         tables_command.main(["--help"])
     assert "95%%" not in capsys.readouterr().out
+
+
+def test_predict_names_each_item_that_gives_no_image(tmp_path: Path) -> None:
+    from detector.config import ConfigError
+    from lab.cli import image_paths
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.JPG").write_bytes(b"")
+    (tmp_path / "b.txt").write_text("")
+    assert image_paths([tmp_path / "a.JPG", str(tmp_path / "*")]) == [tmp_path / "a.JPG", tmp_path / "a.JPG"]
+    with pytest.raises(ConfigError) as e:
+        image_paths([str(tmp_path / "empty"), str(tmp_path / "*.png"), str(tmp_path / "missing.jpg")])
+    text = str(e.value)
+    assert "empty (a directory with no" in text and "*.png (matches no image file)" in text
+    assert "missing.jpg (no such file)" in text

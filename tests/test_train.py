@@ -160,6 +160,24 @@ def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
     assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
 
 
+def test_predict_cli_takes_a_directory_and_a_glob(trained, tmp_path):
+    import shutil
+
+    from lab.cli import main
+
+    val = build_dataset(trained["cell"].cfg.data, "val", train=False)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for r in val.records[:3]:
+        shutil.copy(r.path, photos / Path(r.path).name)
+    (photos / "notes.txt").write_text("not an image")
+    names = sorted(Path(r.path).stem for r in val.records[:3])
+    for i, item in enumerate((str(photos), str(photos / "*"))):
+        out = tmp_path / f"out{i}"
+        assert main(["predict", item, "--weights", trained["result"]["weights"], "--out", str(out)]) == 0
+        assert sorted(p.stem for p in out.glob("*.json")) == names  # notes.txt is not an image
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_ddp_two_workers_resume_after_failure(local_ray, tmp_path):
