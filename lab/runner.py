@@ -364,6 +364,20 @@ def _cell_task(payload: dict[str, Any]) -> dict[str, Any]:
                           run_id=payload["run_id"], tracking_uri=payload["uri"])
 
 
+def job_progress(done: int, total: int, failed: int, running: int, elapsed_s: float) -> str:
+    """The job-level line printed as each cell closes: cells done of the total, and an ETA from the
+    job's throughput so far (elapsed / done per remaining cell; concurrency is in the elapsed time).
+    CL-B cells only evaluate, so the ETA runs long while training cells remain and short after."""
+    left = max(total - done, 0)
+    if left == 0:
+        eta = "all done"
+    else:
+        s = int(elapsed_s / max(done, 1) * left)
+        eta = f"ETA {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} for the other {left}"
+    extra = f", {failed} failed" if failed else ""
+    return f"detlab: {done}/{total} cell(s) done{extra}, {running} running, {elapsed_s / 60:.1f} min so far; {eta}"
+
+
 class _Scheduler:
     """Launch cells while their resources fit in the cluster; CL-B cells after their source."""
 
@@ -396,6 +410,7 @@ class _Scheduler:
         self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
         self.heartbeat: Heartbeat | None = None  # started with the first lease
         self.unclosed: list[_Unclosed] = []  # runs MLflow did not let us close, retried at the end
+        self.t_start, self.n_total, self.n_closed, self.n_failed = time.time(), len(getattr(self, "pending", [])), 0, 0
 
     def _refuse_unfittable(self, cells: list[Cell]) -> None:
         """Fail before launching anything if some cell can never fit in the cluster."""
@@ -614,6 +629,10 @@ class _Scheduler:
             self.unclosed.append(_Unclosed(cell.name, run_id, status, seconds, error, tags or {}))
         tail = f": {error.strip().splitlines()[-1]}" if error else ""
         print(f"[{cell.name}] {status} in {seconds:.0f}s{tail}", flush=True)
+        self.n_closed += 1
+        self.n_failed += status != "FINISHED"
+        print(job_progress(self.n_closed, self.n_total, self.n_failed, len(self.running), time.time() - self.t_start),
+              flush=True)
 
     def _retry_unclosed(self) -> None:
         """One more try for each run MLflow did not let us close; what still fails stays RUNNING,

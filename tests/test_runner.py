@@ -368,3 +368,12 @@ def test_a_rerun_sends_the_unsent_writes_and_finishes_the_run_without_training(t
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 2]
     (again,) = runner.run_cells([cell], opts)
     assert again.status == "SKIPPED"
+
+
+def test_job_progress_line_counts_cells_and_projects_the_rest_from_the_throughput() -> None:
+    from lab.runner import job_progress
+
+    line = job_progress(done=2, total=8, failed=0, running=2, elapsed_s=600)
+    assert line.startswith("detlab: 2/8 cell(s) done, 2 running, 10.0 min so far")
+    assert line.endswith("ETA 0:30:00 for the other 6")  # 300 s per cell so far, 6 cells left
+    assert "1 failed" in job_progress(3, 8, 1, 1, 90) and job_progress(8, 8, 0, 0, 60).endswith("all done")
