@@ -286,8 +286,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 def image_paths(items: Sequence[str | Path]) -> list[Path]:
     """The images ``detlab predict`` reads: each item is a file, a directory (its images, sorted, not
     recursive) or a glob pattern (``'photos/*.jpg'``, quoted so the shell leaves it; image files
-    only, by :data:`IMAGE_SUFFIXES`). An item that
-    gives no image is an error naming it, before the weights are read."""
+    only, by :data:`IMAGE_SUFFIXES`). An item that gives no image is an error naming it, before the
+    weights are read."""
     import glob
 
     found: list[Path] = []
