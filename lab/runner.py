@@ -386,7 +386,7 @@ class _Scheduler:
 
         self.ray = ray
         self.pending = list(cells)
-        self._setup(opts, client, outcomes, spool_root(opts))
+        self._setup(opts, client, outcomes, spool_root(opts), n_total=len(cells))
         self.total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         self.used = {"CPU": 0.0, "GPU": 0.0}
         self.remote = ray.remote(max_retries=0)(_cell_task)
@@ -403,14 +403,16 @@ class _Scheduler:
         if opts.max_concurrent is None:
             self._refuse_unfittable(cells)
 
-    def _setup(self, opts: RunOptions, client: MlflowClient, outcomes: dict[str, Outcome], spool_root: str | None) -> None:
+    def _setup(self, opts: RunOptions, client: MlflowClient, outcomes: dict[str, Outcome], spool_root: str | None,
+               n_total: int = 0) -> None:
         """The state that needs no Ray: runs, leases, spools, closes to retry."""
         self.opts, self.client, self.outcomes, self.spool_root = opts, client, outcomes, spool_root
         self.exp_id = client.get_experiment_by_name(opts.experiment).experiment_id
         self.running: dict[Any, tuple[Cell, str, dict[str, float], float]] = {}
         self.heartbeat: Heartbeat | None = None  # started with the first lease
         self.unclosed: list[_Unclosed] = []  # runs MLflow did not let us close, retried at the end
-        self.t_start, self.n_total, self.n_closed, self.n_failed = time.time(), len(getattr(self, "pending", [])), 0, 0
+        # the job-level progress line (job_progress): cells closed and failed so far, of n_total
+        self.t_start, self.n_total, self.n_closed, self.n_failed = time.time(), n_total, 0, 0
 
     def _refuse_unfittable(self, cells: list[Cell]) -> None:
         """Fail before launching anything if some cell can never fit in the cluster."""

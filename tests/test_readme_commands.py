@@ -47,10 +47,8 @@ def _argv(line: str, tmp: Path) -> tuple[str, list[str]]:
     m = _JOB.search(" ".join(tokens[:3]))
     assert m, line
     entry = m.group(1) or m.group(2)
-    start = 2  # python jobs/x.py | detlab table
-    args = tokens[start:]
     out = []
-    for tok in args:
+    for tok in tokens[2:]:  # after `python jobs/x.py` or `detlab table`
         key, eq, val = tok.rpartition("=") if "=" in tok and not tok.startswith("-") else ("", "", tok)
         path = val[len("shared://"):] if val.startswith("shared:///") else val
         if _STANDIN.match(path):

@@ -212,17 +212,27 @@ def running_run(opts: runner.RunOptions, cell, driver: str, lease_uri: str | Non
     return client.create_run(exp_id, run_name=cell.name, tags=tags).info.run_id
 
 
-def test_a_run_held_by_a_live_driver_on_another_host_is_not_reopened(tmp_path):
-    """Another host's driver runs the cell (its lease is fresh): not reused, not KILLED, refused by name."""
+def store(opts: runner.RunOptions) -> tuple[MlflowClient, str]:
+    """The tracking client and the experiment id of ``opts``'s store (created if needed)."""
+    return MlflowClient(opts.tracking_uri), tracking.init_store(opts.tracking_uri, opts.experiment)
+
+
+def bobs_run(opts: runner.RunOptions, cell, tmp_path, lease_age_s: float) -> str:
+    """A RUNNING run of ``cell`` by a driver on host laptop-of-bob, its lease in a shared storage
+    last renewed ``lease_age_s`` ago."""
     from lab import lease
 
+    theirs = lease.lease_uri(f"shared://{tmp_path}/their-storage", cell.run_name)
+    plant_lease(theirs, "laptop-of-bob", age_s=lease_age_s)
+    return running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
+
+
+def test_a_run_held_by_a_live_driver_on_another_host_is_not_reopened(tmp_path):
+    """Another host's driver runs the cell (its lease is fresh): not reused, not KILLED, refused by name."""
     opts = options(tmp_path)
     cell = shapes_cells()[0]
-    theirs = lease.lease_uri(f"shared://{tmp_path}/their-storage", cell.run_name)
-    plant_lease(theirs, "laptop-of-bob", age_s=20)
-    live = running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
-    client = MlflowClient(opts.tracking_uri)
-    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    live = bobs_run(opts, cell, tmp_path, lease_age_s=20)
+    client, exp_id = store(opts)
     with pytest.raises(ConfigError, match=rf"run {live} .*laptop-of-bob pid 4242"):
         runner.open_run(client, exp_id, cell, {})
     assert client.get_run(live).info.status == "RUNNING"
@@ -242,23 +252,18 @@ def test_a_live_run_is_not_killed_beside_a_dead_one(tmp_path):
     live = running_run(opts, cell, "host-a:1:1.00", live_lease)
     time.sleep(0.01)
     dead = running_run(opts, cell, "host-b:1:1.00", dead_lease)
-    client = MlflowClient(opts.tracking_uri)
-    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    client, exp_id = store(opts)
     with pytest.raises(ConfigError, match="host-a"):
         runner.open_run(client, exp_id, cell, {})
     assert [client.get_run(r).info.status for r in (live, dead)] == ["RUNNING", "RUNNING"]
 
 
 def test_a_dead_drivers_run_is_reused_once_its_lease_is_stale(tmp_path):
-    from lab import lease
-
     opts = options(tmp_path)
     cell = shapes_cells()[0]
-    theirs = lease.lease_uri(f"shared://{tmp_path}/their-storage", cell.run_name)
-    plant_lease(theirs, "laptop-of-bob", age_s=3600)
-    dead = running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
-    client = MlflowClient(opts.tracking_uri)
-    assert runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {}) == dead
+    dead = bobs_run(opts, cell, tmp_path, lease_age_s=3600)
+    client, exp_id = store(opts)
+    assert runner.open_run(client, exp_id, cell, {}) == dead
 
 
 def test_a_run_whose_lease_is_on_another_hosts_own_disk_is_left_alone(tmp_path):
@@ -269,8 +274,8 @@ def test_a_run_whose_lease_is_on_another_hosts_own_disk_is_left_alone(tmp_path):
     cell = shapes_cells()[0]
     theirs = lease.lease_uri("/data/on/their/disk", cell.run_name)
     other = running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
-    client = MlflowClient(opts.tracking_uri)
-    mine = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {})
+    client, exp_id = store(opts)
+    mine = runner.open_run(client, exp_id, cell, {})
     assert mine != other and client.get_run(other).info.status == "RUNNING"
 
 
@@ -279,8 +284,7 @@ def test_claiming_a_cell_takes_its_storage_lease(tmp_path):
     the first; once the first releases, the second takes the cell and its run."""
     opts = options(tmp_path)
     cell = shapes_cells()[0]
-    client = MlflowClient(opts.tracking_uri)
-    exp_id = tracking.init_store(opts.tracking_uri, opts.experiment)
+    client, exp_id = store(opts)
     run_id, held = runner.claim_cell(client, exp_id, cell, opts.storage, {})
     with pytest.raises(ConfigError, match=rf"held by a live driver \(host \S+ pid {os.getpid()}"):
         runner.claim_cell(client, exp_id, cell, opts.storage, {})
