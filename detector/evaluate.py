@@ -29,6 +29,7 @@ import numpy as np
 
 __all__ = [
     "COCO_STAT_NAMES",
+    "coco_ap_per_class",
     "coco_evaluate",
     "coco_pr_curve",
     "predictions_to_coco",
@@ -286,13 +287,36 @@ def coco_pr_curve(coco_eval: Any, area: str = "all", max_dets: int = 100) -> dic
     }
 
 
+def coco_ap_per_class(coco_eval: Any, area: str = "all", max_dets: int = 100) -> dict[int, float]:
+    """AP@[.50:.95] per category, in **percent**, from an evaluated COCOeval of either backend.
+
+    Reads ``coco_eval.eval['precision']`` ``[T=10 IoUs, R=101 recalls, K classes, A areas, M maxDets]``
+    at the given area range and maxDets, and averages each class's valid (> -1) entries over IoUs
+    and recall points, as ``summarize()`` does for all classes together. A class with ground truth
+    has every entry valid, so the mean over those classes equals the ``AP`` stat. Returns
+    ``{category_id: AP}`` in ``params.catIds`` order; NaN for a class without (non-crowd) GT in the
+    evaluated images.
+    """
+    p = coco_eval.params
+    a = list(p.areaRngLbl).index(area)
+    m = list(p.maxDets).index(max_dets)
+    prec = np.asarray(coco_eval.eval["precision"], dtype=np.float64)[:, :, :, a, m]  # [T, R, K]
+    out: dict[int, float] = {}
+    for k, cat_id in enumerate(p.catIds):
+        block = prec[:, :, k]
+        valid = block[block > -1]
+        out[int(cat_id)] = float(valid.mean()) * 100.0 if valid.size else float("nan")
+    return out
+
+
 def coco_evaluate(
     gt: Any,
     detections: Sequence[Mapping],
     fast: bool = True,
     return_pr: bool = False,
     img_ids: Sequence[int] | None = None,
-) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
+    per_class: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
     """COCO box evaluation (``iouType='bbox'``, maxDets 1/10/100, standard area ranges).
 
     Args:
@@ -305,11 +329,14 @@ def coco_evaluate(
             identical stats (tested).
         return_pr: also return :func:`coco_pr_curve` data (area "all", maxDets 100).
         img_ids: images to evaluate; default all GT images, so images without detections count.
+        per_class: also put ``AP_per_class`` (``{category_id: percent}``, :func:`coco_ap_per_class`)
+            in the result, as :func:`voc_evaluate` does (keyed by category id here).
 
     Returns:
         ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}`` in **percent**
         (0-100). A stat that pycocotools reports as -1 (no GT in that area range) is NaN here, so it
-        cannot be averaged in silently. With ``return_pr``: ``(stats, pr)``.
+        cannot be averaged in silently. With ``per_class``, also ``AP_per_class``. With
+        ``return_pr``: ``(stats, pr)``.
 
     Raises:
         ValueError naming the offending id/shape for detections with an unknown image id or
@@ -345,7 +372,9 @@ def coco_evaluate(
         coco_eval.eval["precision"] = np.round(np.asarray(coco_eval.eval["precision"], dtype=np.float64), 12)
         coco_eval.summarize()
     raw = np.asarray(coco_eval.stats, dtype=np.float64)[: len(COCO_STAT_NAMES)]
-    stats = {k: (float("nan") if v < 0 else float(v) * 100.0) for k, v in zip(COCO_STAT_NAMES, raw)}
+    stats: dict[str, Any] = {k: (float("nan") if v < 0 else float(v) * 100.0) for k, v in zip(COCO_STAT_NAMES, raw)}
+    if per_class:
+        stats["AP_per_class"] = coco_ap_per_class(coco_eval)
     if return_pr:
         return stats, coco_pr_curve(coco_eval)
     return stats
