@@ -8,7 +8,12 @@ Subcommands::
     detlab compare A B [--metric AP]                  two runs (or A1,A2 B1,B2 per seed): Δ, two-level CI, MDE
     detlab sweep --dataset shapes --num-samples 32    Ray Tune sweep (lab.sweep)
     detlab data shapes|trees|coco|voc [--root DIR]    prepare/check a dataset, print a summary per split
-    detlab predict IMAGE|DIR|GLOB... --weights model.pt   boxes JSON + a drawn PNG per image
+    detlab predict IMAGE|DIR|GLOB... --weights SOURCE  boxes JSON + a drawn PNG per image
+    detlab eval SOURCE [--dataset coco --data-root DIR --split val2017] [--clb]   evaluate, as its own run
+    detlab export SOURCE --format onnx|torchscript|both [--check]                 ONNX / TorchScript
+
+SOURCE (weights): a model.pt path or s3:// URI, an MLflow run id or name, models:/NAME/VERSION or
+runs:/ID/model (lab.models).
     detlab ui [--port 5000]                           MLflow UI on 127.0.0.1 over the same store
 
 Every config error (unknown key, bad value, missing data root) and every bad dataset file (each
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.config import ConfigError
-from lab import tracking
+from lab import models, tracking
 from lab.config import PROFILES
 from lab.experiments import (
     TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, profile_data, single_cell, table_cells,
@@ -83,15 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data/model override, e.g. --set data.num_train=500, --set data.val_split=val2017, "
                    "--set model.min_size=600")
 
-    p = sub.add_parser("predict", help="detect objects in images with trained weights")
+    p = sub.add_parser("predict", help="detect objects in images with trained weights (a file, a run or an MLflow model)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, directories (their " + ", ".join(IMAGE_SUFFIXES) + " files) or quoted globs")
-    p.add_argument("--weights", required=True,
-                   help="a model.pt written by training, a local path or s3://... (see the run's detlab.weights tag)")
+    p.add_argument("--weights", required=True, help=models.SOURCE_HELP)
+    p.add_argument("--tracking-uri", default=None,
+                   help="the MLflow store a run id/name or models:/ URI is looked up in (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite under ./mlruns)")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output dir (default: predictions/)")
     p.add_argument("--score", type=float, default=0.3, help="minimum score written and drawn (default 0.3)")
     p.add_argument("--set", action="append", default=[], metavar="nms.KEY=VALUE", dest="sets",
                    help="inference overrides, e.g. --set nms.clb=true --set model.score_thresh=0.1")
+
+    from lab import evalcmd, export
+
+    p = sub.add_parser("eval", help="evaluate saved weights (a run, a file or an MLflow model) on any dataset and "
+                       "split, as an MLflow run of its own")
+    evalcmd.add_arguments(p)
+    p = sub.add_parser("export", help="trained weights to ONNX and/or TorchScript (the dense graph; NMS outside)")
+    export.add_arguments(p)
 
     from lab import cluster
 
@@ -118,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"table": cmd_table, "train": cmd_train, "data": cmd_data, "predict": cmd_predict, "ui": cmd_ui,
-                "compare": cmd_compare, "cluster": cmd_cluster}[
+                "compare": cmd_compare, "cluster": cmd_cluster, "eval": cmd_eval, "export": cmd_export}[
             args.command
         ](args)
     except ConfigError as e:
@@ -320,27 +335,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
-    from detector.config import apply_overrides
-    from detector.model import build_detector
     from lab import evaluation
-    from lab.config import config_from_dict
-    from lab.train import load_weights
 
-    from lab import storage
-
-    storage.parse(args.weights)  # an s3:// URI without a bucket is a config error
-    if not storage.is_file(args.weights):
-        raise ConfigError(f"--weights {str(args.weights)!r}: no such file")
     images = image_paths(args.images)
-    payload = load_weights(args.weights)
-    cfg = config_from_dict(payload["config"])
-    if args.sets:
-        cfg = apply_overrides(cfg, args.sets)
-    cfg.model.weights = cfg.model.weights_backbone = None  # the state_dict below has everything
-    model = build_detector(cfg)
-    model.load_state_dict(payload["model"])
-    model.configure_nms(cfg.nms)
-    model.eval()
+    src, payload = models.load_source(args.weights, args.tracking_uri)
+    model = models.rebuild(payload, args.sets).model
     names = payload["class_names"]
     args.out.mkdir(parents=True, exist_ok=True)
     for path in images:
@@ -352,12 +351,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             {"box_xyxy": [round(v, 2) for v in b], "score": round(s, 4), "label": names[l]}
             for b, s, l in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist())
         ]
-        (args.out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": boxes}, indent=1))
+        (args.out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "weights": src.label, "detections": boxes}, indent=1))
         fig = evaluation.draw_detections(image, det, names, args.score)
         fig.savefig(args.out / f"{path.stem}.png")
         plt.close(fig)
         print(f"{path}: {len(boxes)} detection(s) -> {args.out / path.stem}.json/.png")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lab import evalcmd
+
+    return evalcmd.run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lab import export
+
+    return export.run(args)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

@@ -148,6 +148,29 @@ def test_clb_evaluates_saved_weights(trained):
     assert "eval/pr_curve.png" in artifact_paths(client, run_id)
 
 
+def test_detlab_eval_of_a_run_gives_its_final_metrics_again(trained):
+    """``detlab eval RUN`` is training's own evaluation: on the same split it reproduces the run's
+    final metrics exactly, and its run names the source run."""
+    from lab.cli import main
+
+    client = MlflowClient(trained["uri"])
+    client.set_tag(trained["run_id"], "detlab.weights", trained["result"]["weights"])  # as the runner tags it
+    assert main(["eval", trained["run_id"], "--tracking-uri", trained["uri"], "--experiment", "eval-again"]) == 0
+    (run,) = client.search_runs([client.get_experiment_by_name("eval-again").experiment_id])
+    assert run.data.tags["detlab.source_run"] == trained["run_id"]
+    source = client.get_run(trained["run_id"]).data.metrics
+    for key in ("AP", "AP50", "AP75", "misalign_spearman"):
+        got, want = run.data.metrics[key], source[key]
+        assert got == want or (math.isnan(got) and math.isnan(want)), key
+    # a barely trained model scores about 0: the detections themselves are the sharper check
+    import mlflow.artifacts
+
+    dets = [json.loads(Path(mlflow.artifacts.download_artifacts(run_id=r, artifact_path="eval/detections.json",
+                                                                 tracking_uri=trained["uri"])).read_text())
+            for r in (run.info.run_id, trained["run_id"])]
+    assert dets[0] == dets[1] and len(dets[0]) > 0
+
+
 def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
     from lab.cli import main
 
