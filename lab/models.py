@@ -29,15 +29,12 @@ from typing import Any
 
 from detector.config import ConfigError
 from lab.scrub import scrub_text
+from lab.tracking import TAG_MODEL_ERROR, TAG_MODEL_ID, TAG_REGISTERED, TAG_WEIGHTS  # noqa: F401 - models.TAG_*
 
 #: the logged model's name in a run (``runs:/<run id>/model``)
 MODEL_NAME = "model"
 #: where detlab's own weights file sits inside a logged model
 WEIGHTS_IN_MODEL = "extra_files/model.pt"
-#: tags of a run that a cell's model logging adds
-TAG_MODEL_ID = "detlab.model_id"
-TAG_MODEL_ERROR = "detlab.model_error"
-TAG_REGISTERED = "detlab.registered_model"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -82,10 +79,23 @@ def signature() -> Any:
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "images")]))
 
 
-def log_model(tracking_uri: str, run_id: str, weights: str | Path, step: int, register: str | None = None) -> str:
+@dataclass
+class Logged:
+    """A cell's logged model: its id (``models:/<model_id>``) and, when registered, ``NAME/VERSION``."""
+
+    model_id: str
+    registered: str | None = None
+
+
+def log_model(tracking_uri: str, run_id: str, weights: str | Path, step: int, register: str | None = None,
+              nms: dict[str, Any] | None = None) -> Logged:
     """Log the weights file ``weights`` (path or storage URI) as run ``run_id``'s model, linking the
     metrics the run logged at ``step`` (its final evaluation) to it; register it as ``register``
-    when given. Returns the logged model's id. The run must still be open (RUNNING)."""
+    when given. The run must still be open (RUNNING).
+
+    ``nms``: the ``nms`` section the run evaluated with, when it differs from the one the weights
+    were trained with (a CL-B cell evaluates another cell's weights): the logged model and its
+    ``model.pt`` then carry it, so that ``detlab eval models:/...`` evaluates what the run did."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -96,10 +106,16 @@ def log_model(tracking_uri: str, run_id: str, weights: str | Path, step: int, re
     from lab.train import load_weights
 
     local = storage.download(str(weights))
-    built = rebuild(load_weights(local))
+    payload = load_weights(local)
+    if nms is not None:
+        payload["config"] = {**payload["config"], "nms": dict(nms)}
+    built = rebuild(payload)
     with tempfile.TemporaryDirectory() as d, _use_tracking_uri(tracking_uri), _quiet_mlflow_model_io():
         named = Path(d) / "model.pt"  # extra_files keeps the base name
-        named.write_bytes(Path(local).read_bytes())
+        if nms is None:
+            named.write_bytes(Path(local).read_bytes())
+        else:
+            torch.save(payload, named)
         info = mlflow.pytorch.log_model(
             built.model, name=MODEL_NAME, run_id=run_id, step=step, signature=signature(),
             extra_files=[str(named)], serialization_format="pickle",  # pt2 would trace a fixed-size graph
@@ -109,7 +125,8 @@ def log_model(tracking_uri: str, run_id: str, weights: str | Path, step: int, re
             metadata={"detector": built.cfg.model.detector, "class_names": built.class_names},
             registered_model_name=register,
         )
-    return info.model_id
+    version = getattr(info, "registered_model_version", None)
+    return Logged(info.model_id, f"{register}/{version}" if register and version is not None else None)
 
 
 @contextmanager
@@ -211,7 +228,6 @@ def _from_run(source: str, tracking_uri: str) -> WeightsSource:
     from mlflow.exceptions import MlflowException
 
     from lab import storage, tracking
-    from lab.runner import TAG_WEIGHTS
 
     client = _client(tracking_uri)
     run = None

@@ -294,7 +294,7 @@ def _log_run(uri: str, job: PretrainJob, res: dict[str, Any]) -> None:
     metrics = [Metric(name, value, ts, step) for step, cpu, loss, acc in res["curve"]
                for name, value in (("pretrain_loss", loss), ("pretrain_accuracy", acc), ("pretrain_cpu_s", cpu))]
     client.log_batch(rid, metrics=metrics + [Metric("pretrain_wall_s", res["wall_s"], ts, 0)],
-                     tags=[RunTag("detlab.weights", res["path"])])
+                     tags=[RunTag(tracking.TAG_WEIGHTS, res["path"])])
     tracking.log_params(client, rid, params)
     client.log_artifact(rid, res["path"], "weights")
     client.set_terminated(rid, "FINISHED")

@@ -57,6 +57,7 @@ from mlflow.entities import RunStatus, RunTag  # noqa: E402
 
 from detector.config import flatten, to_dict  # noqa: E402
 from lab import provenance, tracking  # noqa: E402
+from lab.tracking import TAG_WEIGHTS  # noqa: E402,F401 - runner.TAG_WEIGHTS: the name tests and users know
 from lab.config import ConfigError  # noqa: E402
 from lab.experiments import Cell  # noqa: E402
 from lab.lease import Heartbeat, Lease  # noqa: E402
@@ -65,7 +66,6 @@ from lab.workerenv import forwarded_env, init_address  # noqa: E402
 
 #: tags beyond lab.tracking's: where the cell's Ray run and final weights live, what it reused.
 TAG_RAY_RUN = "detlab.ray_run"
-TAG_WEIGHTS = "detlab.weights"
 TAG_REUSED = "detlab.reused_from"
 #: ``host:pid:start_time`` of the driver that holds a RUNNING run: a rerun can tell a dead driver's
 #: run (reuse it) from a live one's (refuse to run the cell twice).
@@ -92,6 +92,11 @@ class RunOptions:
     #: ``--storage``: Ray Train state, checkpoints and final weights (a path, shared:///mount or
     #: s3://bucket/prefix; see lab.storage). None: ``out/ray``.
     storage_uri: str | None = None
+    #: log each FINISHED cell's model as an MLflow logged model (:func:`lab.models.log_model`, a few
+    #: seconds per cell in the driver); ``--no-log-models`` turns it off
+    log_models: bool = True
+    #: ``--register NAME``: register each logged model as a version of NAME in the model registry
+    register: str | None = None
 
     @property
     def storage(self) -> str:
@@ -575,7 +580,8 @@ class _Scheduler:
                         error=f"the cell completed, but {unsent} MLflow write(s) not sent yet (kept in {where}); "
                               f"the next run of the same command sends them and closes this run FINISHED")
         else:
-            self._close(cell, run_id, "FINISHED", t0, metrics=(value or {}).get("metrics", {}))
+            self._close(cell, run_id, "FINISHED", t0, metrics=(value or {}).get("metrics", {}),
+                        tags=log_cell_model(self.opts, cell, run_id, (value or {}).get("weights")))
 
     def _replay(self, cell: Cell, run_id: str, spool: str | None) -> tuple[int, int]:
         """Send the MLflow writes the cell could not; (found in its spool, still unsent). Never raises."""
@@ -696,11 +702,38 @@ def close_run(client: MlflowClient, run_id: str, status: str, seconds: float, er
     return True
 
 
+def log_cell_model(opts: RunOptions, cell: Cell, run_id: str, weights: str | None) -> dict[str, str]:
+    """Log a cell's final weights as its run's MLflow model (registered as ``opts.register``),
+    before the run closes; returns the tags to close it with. A model that cannot be logged is a
+    tag (``detlab.model_error``), not a failed cell: the weights file and the metrics are there."""
+    from lab import models
+    from lab.scrub import scrub_text
+
+    if not opts.log_models or not weights:
+        return {}
+    # an evaluation cell (CL-B) logs the weights it evaluated, with the NMS it evaluated them with
+    nms = to_dict(cell.cfg)["nms"] if cell.reuse else None
+    t0 = time.time()
+    try:
+        logged = models.log_model(opts.tracking_uri, run_id, weights, cell.cfg.train.epochs,
+                                  register=opts.register, nms=nms)
+    except Exception as e:  # noqa: BLE001 - reported on the run; the cell's results stand
+        why = scrub_text(f"{type(e).__name__}: {e}")[:2000]
+        print(f"[{cell.name}] could not log its MLflow model: {why.splitlines()[0] if why else ''}", flush=True)
+        return {models.TAG_MODEL_ERROR: why}
+    print(f"[{cell.name}] logged model models:/{logged.model_id}"
+          + (f", registered as models:/{logged.registered}" if logged.registered else "")
+          + f" ({time.time() - t0:.1f}s)", flush=True)
+    return {models.TAG_MODEL_ID: logged.model_id,
+            **({models.TAG_REGISTERED: logged.registered} if logged.registered else {})}
+
+
 def finish_unsent(client: MlflowClient, opts: RunOptions, experiment_id: str, cell: Cell) -> str | None:
     """The rerun of a cell whose run is FAILED only because MLflow writes were not sent
     (:data:`TAG_UNSENT`): send them from its spool and close it FINISHED; returns its run id, or
     None when there is no such run or something is still missing (the cell then runs again)."""
     from lab import lease as leases
+    from lab import models
 
     runs = client.search_runs(
         [experiment_id], f"{tracking.tag_filter(tracking.TAG_KEY, cell.key)} and attributes.status = 'FAILED'",
@@ -725,6 +758,9 @@ def finish_unsent(client: MlflowClient, opts: RunOptions, experiment_id: str, ce
         for tag in (TAG_UNSENT, TAG_SPOOL, "detlab.error"):
             if tag in run.data.tags:
                 client.delete_tag(run_id, tag)
+        if models.TAG_MODEL_ID not in run.data.tags:
+            for k, v in log_cell_model(opts, cell, run_id, run.data.tags.get(TAG_WEIGHTS)).items():
+                client.set_tag(run_id, k, v)
         client.set_terminated(run_id, status="FINISHED")
     finally:
         held.release()

@@ -50,6 +50,12 @@ TAG_KEY = "detlab.key"
 TAG_PROFILE = "detlab.profile"
 TAG_KIND = "detlab.kind"
 TAG_GIT = "detlab.git_commit"
+#: where a run's final weights (``model.pt``, a path or storage URI) live: cells, trials, pretraining
+TAG_WEIGHTS = "detlab.weights"
+#: the MLflow logged model of a run (:mod:`lab.models`), or why it could not be logged; its registry version
+TAG_MODEL_ID = "detlab.model_id"
+TAG_MODEL_ERROR = "detlab.model_error"
+TAG_REGISTERED = "detlab.registered_model"
 
 #: values of ``detlab.kind``
 KINDS = ("cell", "tables", "sweep", "trial")

@@ -39,7 +39,7 @@ def logged(tmp_path_factory):
     run_id = client.create_run(exp, run_name="t2-baseline-shapes-s0").info.run_id
     client.log_metric(run_id, "AP", 1.5, step=1)
     client.log_metric(run_id, "AP", 2.5, step=2)
-    model_id = models.log_model(uri, run_id, weights, step=2, register="shapes-smoke")
+    model_id = models.log_model(uri, run_id, weights, step=2, register="shapes-smoke").model_id
     client.set_tag(run_id, models.TAG_MODEL_ID, model_id)
     client.set_terminated(run_id, "FINISHED")
     return {"uri": uri, "run_id": run_id, "model_id": model_id, "weights": weights, "val": val, "tmp": tmp}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow import MlflowClient
 
 from detector.data import build_dataset
@@ -19,7 +20,7 @@ from lab import runner, tracking
 from lab.cli import main
 from lab.config import ConfigError, user_overrides
 from lab.experiments import load_profile, table_cells
-from lab.train import resolve_num_classes, save_weights
+from lab.train import load_weights, resolve_num_classes, save_weights
 
 EXPERIMENT = tracking.experiment_name(2)
 
@@ -120,6 +121,13 @@ def test_clb_cell_reuses_weights_of_a_skipped_source(ray_session, tmp_path):
     assert run.data.tags[tracking.TAG_KEY] == cells["iac_dc_clb"].key != src.key
     assert run.data.params["nms.clb"] == "True"
     assert {"AP", "AP50", "AP75", "misalign_spearman", "misalign_pearson"} <= set(run.data.metrics)
+    # its logged model is the weights it evaluated, with the NMS it evaluated them with
+    from lab import models
+
+    src_, payload = models.load_source(f"models:/{run.data.tags[models.TAG_MODEL_ID]}", opts.tracking_uri)
+    assert src_.run_id == clb.run_id and payload["config"]["nms"]["clb"] is True
+    assert load_weights(weights)["config"]["nms"]["clb"] is False
+    assert all(torch.equal(payload["model"][k], v) for k, v in load_weights(weights)["model"].items())
 
 
 @pytest.mark.slow
@@ -381,3 +389,36 @@ def test_job_progress_line_counts_cells_and_projects_the_rest_from_the_throughpu
     assert line.startswith("detlab: 2/8 cell(s) done, 2 running, 10.0 min so far")
     assert line.endswith("ETA 0:30:00 for the other 6")  # 300 s per cell so far, 6 cells left
     assert "1 failed" in job_progress(3, 8, 1, 1, 90) and job_progress(8, 8, 0, 0, 60).endswith("all done")
+
+
+def test_a_finished_cell_logs_its_model_and_registers_it_before_its_run_closes(tmp_path):
+    """The driver's end of a cell: the weights the cell reports become the run's logged model, with
+    the final metrics linked, registered under --register; a model that cannot be logged is a tag on
+    a FINISHED run, not a failed cell."""
+    from lab import models
+
+    opts = options(tmp_path, register="detlab-test-runner")
+    cells = shapes_cells()
+    cell = cells[0]
+    val = build_dataset(cell.cfg.data, "val", train=False)
+    cfg = resolve_num_classes(cell.cfg, val)
+    weights = save_weights(Path(opts.storage) / cell.run_name / "model.pt", build_detector(cfg), cfg, val.class_names)
+    client = MlflowClient(opts.tracking_uri)
+    run_id = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), cell, {})
+    client.log_metric(run_id, "AP", 0.5, step=cell.cfg.train.epochs)
+    sched = bare_scheduler(opts)
+    sched._end(cell, run_id, time.time(), {"metrics": {"AP": 0.5}, "weights": str(weights)}, None)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and sched.outcomes[cell.name].status == "FINISHED"
+    model = client.get_logged_model(run.data.tags[models.TAG_MODEL_ID])
+    assert model.source_run_id == run_id
+    assert [(m.key, m.step, m.value) for m in model.metrics] == [("AP", cell.cfg.train.epochs, 0.5)]
+    assert run.data.tags[models.TAG_REGISTERED] == "detlab-test-runner/1"
+    assert client.get_model_version("detlab-test-runner", "1").run_id == run_id
+
+    other = cells[1]
+    run_id = runner.open_run(client, tracking.init_store(opts.tracking_uri, opts.experiment), other, {})
+    sched._end(other, run_id, time.time(), {"metrics": {}, "weights": str(tmp_path / "gone.pt")}, None)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "gone.pt" in run.data.tags[models.TAG_MODEL_ERROR]
+    assert models.TAG_MODEL_ID not in run.data.tags

@@ -19,6 +19,7 @@ from typing import Any
 
 from detector.config import ConfigError, merge_dicts, overrides_to_dict, to_dict
 from lab import tracking
+from lab.tracking import TAG_WEIGHTS  # noqa: F401 - plan.TAG_WEIGHTS: where a trial's model.pt lives
 from lab.config import LabConfig, build_config
 from lab.experiments import data_root_overrides, load_profile, single_cell
 from lab.joboptions import settle_profile, user_layer
@@ -34,7 +35,6 @@ TRAIN_METRICS = ("train_loss", "train_loss_cls", "train_loss_reg", "positives_pe
 
 TAG_SWEEP = "detlab.sweep"  #: the sweep's stable name (parent and children)
 TAG_TRIAL = "detlab.trial_id"
-TAG_WEIGHTS = "detlab.weights"  #: same tag as lab.runner: where the trial's model.pt lives
 TAG_MODE = "detlab.sweep_mode"  #: "tune" or "posthoc"
 TAG_PARENT = "mlflow.parentRunId"
 
