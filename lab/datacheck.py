@@ -27,22 +27,27 @@ def describe(data: DataConfig) -> str:
     return f"data.dataset={data.dataset} data.root={root!r}"
 
 
+def validate_split(data: DataConfig, split: str) -> DetectionDataset:
+    """The ``split`` ("train" or "val") opened as training or evaluation reads it; ``ConfigError``
+    naming the root and the split for a bad file or an empty split."""
+    train = split == "train"
+    name = data.train_split if train else data.val_split
+    try:
+        dataset = build_dataset(data, split, train=train)
+    except (DatasetError, OSError) as e:  # OSError: permissions, a directory where a file should be
+        # "opening": VOC class discovery reads every XML under the root, other splits' too
+        raise ConfigError(f"{describe(data)}, opening the {split} split {name!r}: {e}") from None
+    if not len(dataset):
+        what = "no image with a usable (non-crowd, non-difficult) box" if train else "no image"
+        raise ConfigError(f"{describe(data)}, {split} split {name!r}: {what} (data.max_images={data.max_images})")
+    return dataset
+
+
 def validate_data(data: DataConfig, num_classes: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
     """Build the train split (as training reads it) and the val split (every image); raise
     ``ConfigError`` for a bad file, an empty split, train/val class lists that differ, or a
     ``model.num_classes`` (``num_classes``; 0 = from the data) the data does not have."""
-    sets: dict[str, DetectionDataset] = {}
-    for split, train in (("train", True), ("val", False)):
-        name = data.train_split if split == "train" else data.val_split
-        try:
-            sets[split] = build_dataset(data, split, train=train)
-        except (DatasetError, OSError) as e:  # OSError: permissions, a directory where a file should be
-            # "opening": VOC class discovery reads every XML under the root, other splits' too
-            raise ConfigError(f"{describe(data)}, opening the {split} split {name!r}: {e}") from None
-        if not len(sets[split]):
-            what = "no image with a usable (non-crowd, non-difficult) box" if train else "no image"
-            raise ConfigError(f"{describe(data)}, {split} split {name!r}: {what} (data.max_images={data.max_images})")
-    train_set, val_set = sets["train"], sets["val"]
+    train_set, val_set = validate_split(data, "train"), validate_split(data, "val")
     if train_set.class_names != val_set.class_names:
         # labels are positions in the class list: different lists would silently mislabel val
         raise ConfigError(f"{describe(data)}: the train split's classes {train_set.class_names} differ from the "

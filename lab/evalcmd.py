@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from detector.config import apply_overrides
     from lab import models, provenance
     from lab.config import config_from_dict
-    from lab.datacheck import describe
+    from lab.datacheck import describe, validate_split
     from lab.train import evaluate_weights
 
     try:
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.model.weights = cfg.model.weights_backbone = None  # the state_dict has everything
     cfg.model.weights_backbone_sha256 = None
     cfg.validate()  # every value checked before a run is opened
-    val_set = _open_val(cfg, describe)
+    cfg.data.validate()
+    val_set = validate_split(cfg.data, "val")  # bad files named before a run is opened
     names = list(payload["class_names"])
     if list(val_set.class_names) != names:
         raise ConfigError(f"{describe(cfg.data)} has classes {list(val_set.class_names)}, the weights {src.label!r} "
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"eval-{src.label.rstrip('/').split('/')[-1]}"[:200]
     exp = tracking.init_store(uri, args.experiment)
     client = MlflowClient(uri)
-    tags = {TAG_SOURCE: src.label, "detlab.weights": src.path, tracking.TAG_KIND: "eval",
+    tags = {TAG_SOURCE: src.label, tracking.TAG_WEIGHTS: src.path, tracking.TAG_KIND: "eval",
             tracking.TAG_DATASET: tracking.dataset_tag(cfg.data.dataset), **provenance.source_tags()}
     if src.run_id:
         tags[TAG_SOURCE_RUN] = src.run_id
@@ -113,20 +114,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"run {run_id} ({args.experiment}) in {scrub_text(uri)}"
           + (f"; source run {src.run_id}" if src.run_id else ""))
     return 0
-
-
-def _open_val(cfg: Any, describe: Any) -> Any:
-    """The val split, opened as the evaluation will read it; bad files are a ConfigError naming them."""
-    from detector.data import DatasetError, build_dataset
-
-    cfg.data.validate()
-    try:
-        val_set = build_dataset(cfg.data, "val", train=False)
-    except (DatasetError, OSError) as e:
-        raise ConfigError(f"{describe(cfg.data)}, opening the val split {cfg.data.val_split!r}: {e}") from None
-    if not len(val_set):
-        raise ConfigError(f"{describe(cfg.data)}, split {cfg.data.val_split!r}: no image")
-    return val_set
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
