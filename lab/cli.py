@@ -41,6 +41,7 @@ from lab.experiments import (
 from lab.joboptions import add_job_options, settle_profile, user_layer
 from lab.pretrain import needs_pretraining
 from lab.scrub import scrub_text
+from lab.specs import TableSpec, load_spec, paper_spec
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -49,21 +50,31 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="rerun cells that already have a FINISHED run (a cell whose Ray checkpoint under --out is "
                    "complete is only re-evaluated; delete <out>/ray/<run> to retrain it)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="register each finished cell's MLflow model as a new version of NAME in the model registry")
+    p.add_argument("--no-log-models", dest="log_models", action="store_false",
+                   help="do not log each finished cell's model as an MLflow logged model (saves a few seconds a cell; "
+                   "the weights file under --storage is written either way)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detlab", description="detlab: run the paper's experiments on Ray Train + MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("table", help="train and evaluate Table 1 or Table 2 of the paper (detlab tables: rebuild from MLflow)")
-    p.add_argument("table", type=int, choices=(1, 2))
+    p = sub.add_parser("table", help="train and evaluate Table 1 or 2 of the paper, or a table spec of your own "
+                       "(detlab tables: rebuild from MLflow)")
+    p.add_argument("table", type=int, choices=(1, 2), nargs="?", help="the paper's table (or --spec)")
+    p.add_argument("--spec", type=Path, default=None, metavar="FILE.yaml",
+                   help="a table of your own: rows as named override sets, and its profile, datasets and seeds "
+                   "(see lab/specs.py; the paper's tables are lab/specs/table1.yaml and table2.yaml)")
     _add_run_options(p)
-    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the profile's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the spec's, else the profile's)")
     p.add_argument("--data-root", action="append", default=[], metavar="[TAG=]PATH",
                    help="dataset root, for all datasets or one (voc07=/data/VOCdevkit); repeatable")
-    p.add_argument("--rows", default=None, metavar="M1,M2",
-                   help="Table 1 only: methods to run, comma-separated, from " + ", ".join(TABLE1_METHODS)
-                   + " (default: " + ",".join(TABLE1_DEFAULT_METHODS) + "); each runs on its block's backbones")
+    p.add_argument("--rows", default=None, metavar="R1,R2",
+                   help="rows to run, comma-separated (default: the spec's default rows; a row that evaluates "
+                   "another's weights brings it); Table 1: " + ", ".join(TABLE1_METHODS) + " (default: "
+                   + ",".join(TABLE1_DEFAULT_METHODS) + "), each on its block's backbones")
 
     p = sub.add_parser("train", help="train and evaluate one config (one MLflow run)")
     _add_run_options(p)
@@ -145,11 +156,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    spec = table_spec(args.table, args.spec)
+    if args.profile is None and spec.profile:  # the spec's own profile: no smoke warning
+        args.profile = spec.profile
     profile = load_profile(settle_profile(args))
     methods = [m.strip() for m in args.rows.split(",") if m.strip()] if args.rows else None
-    cells = table_cells(args.table, profile, args.seeds, user_layer(args), args.data_root, methods)
-    return _run(cells, args, tracking.experiment_name(args.table), table=args.table,
+    cells = table_cells(spec, profile, args.seeds, user_layer(args), args.data_root, methods)
+    return _run(cells, args, spec.experiment, table=spec,
                 data_for=lambda tag: profile_data(profile, tag, user_layer(args), args.data_root))
+
+
+def table_spec(number: int | None, path: Path | None) -> TableSpec:
+    """``detlab table 1|2`` or ``--spec FILE``: exactly one of them."""
+    if (number is None) == (path is None):
+        raise ConfigError("give the paper's table (detlab table 1|2) or a spec of your own (--spec FILE.yaml), "
+                          "not both" if number is not None else "which table? detlab table 1|2, or --spec FILE.yaml")
+    return paper_spec(number) if number is not None else load_spec(path)
 
 
 def _print_dry_run(cells: list[Cell], out: Path, data_for: Callable[[str], Any] | None) -> None:
@@ -191,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 data_for=lambda tag: profile_data(profile, tag, user_layer(args)))
 
 
-def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: int | None,
+def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: TableSpec | None,
          data_for: Callable[[str], Any] | None = None) -> int:
     """Shared tail of ``table`` and ``train``: resolve where things go, pretrain, run, report."""
     out = args.out.expanduser().resolve()
@@ -225,7 +247,7 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
     t0 = time.time()
     opts = runner.RunOptions(tracking_uri=uri, experiment=experiment, out=out, force=args.force,
                              ray_address=args.ray_address, max_concurrent=args.max_concurrent,
-                             storage_uri=args.storage)
+                             storage_uri=args.storage, log_models=args.log_models, register=args.register)
     outcomes = runner.run_cells(cells, opts)
     print("\n" + runner.summarize(outcomes))
     print(f"wall time {time.time() - t0:.0f}s")
@@ -235,16 +257,21 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: in
         try:
             paths = tables.write_tables(uri, table, out, profile=args.profile)
             print("\n" + paths["md"].read_text())
-            print(paths["claims_md"].read_text())
-            print(f"tables written under {out} (table{table}.md/.html/.tex/.csv, table{table}_deltas.png, "
-                  f"claims{table}.md); the runs in the MLflow UI: detlab ui --tracking-uri {scrub_text(uri)}")
+            if "claims_md" in paths:
+                print(paths["claims_md"].read_text())
+            print(f"tables written under {out} ({', '.join(p.name for p in paths.values())}); "
+                  f"the runs in the MLflow UI: detlab ui --tracking-uri {scrub_text(uri)}")
             if args.profile == "smoke":
                 print("(profile smoke: a pipeline check; these numbers mean nothing)")
         except Exception as e:  # noqa: BLE001 - the runs are safe in MLflow; `detlab tables` can redo this
             print(f"detlab: writing the tables failed ({type(e).__name__}: {e}); "
-                  f"rerun `detlab tables --table {table} --tracking-uri {scrub_text(uri)}`", file=sys.stderr)
+                  f"rerun `detlab tables {_tables_arg(table)} --tracking-uri {scrub_text(uri)}`", file=sys.stderr)
             return 1
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
+
+
+def _tables_arg(spec: TableSpec) -> str:
+    return f"--table {spec.paper_table}" if spec.paper_table else f"--spec {spec.path}"
 
 
 def _warn_if_ephemeral(out: Path, uri: str) -> None:

@@ -21,37 +21,16 @@ from typing import Any
 
 from detector.config import DETECTORS, ConfigError, flatten, from_dict, merge_dicts, overrides_to_dict
 from lab.config import PROFILES, PROFILES_DIR, LabConfig, build_config, cell_key, read_yaml_mapping
+from lab.specs import RowSpec, TableSpec, as_spec, paper_spec
 from lab.tracking import DATASETS, dataset_tag
 
-#: Table 2 rows: the components switched on (IAC assignment, DC loss, CL-B NMS).
-TABLE2_ROWS: dict[str, dict[str, bool]] = {
-    "baseline": {"assign.iac": False, "loss.dc": False, "nms.clb": False},
-    "iac": {"assign.iac": True, "loss.dc": False, "nms.clb": False},
-    "iac_dc": {"assign.iac": True, "loss.dc": True, "nms.clb": False},
-    "iac_dc_clb": {"assign.iac": True, "loss.dc": True, "nms.clb": True},
-}
-#: CL-B changes inference only: this row evaluates the weights trained for that row.
-TABLE2_REUSE = {"iac_dc_clb": "iac_dc"}
-_OFF = {"assign.iac": False, "loss.dc": False, "nms.clb": False}
-#: Table 1 methods (row ``<method>_<backbone>``): RetinaNet vs ours (IAC + DC + CL-B) on
-#: ``table1.backbones``; GFL vs GFL + DC (+ CL-B), the paper's best row, on ``table1.gfl_backbones``;
-#: torchvision's FCOS and Faster R-CNN, retrained on ``table1.backbones`` (opt-in: ``--rows``).
-TABLE1_METHODS: dict[str, dict[str, bool | str]] = {
-    "retinanet": {"model.detector": "retinanet", **_OFF},
-    "ours": {"model.detector": "retinanet", "assign.iac": True, "loss.dc": True, "nms.clb": True},
-    "gfl": {"model.detector": "gfl", **_OFF},
-    "gfl_dc": {"model.detector": "gfl", **_OFF, "loss.dc": True},
-    "gfl_dc_clb": {"model.detector": "gfl", **_OFF, "loss.dc": True, "nms.clb": True},
-    "fcos": {"model.detector": "fcos", **_OFF},
-    "faster_rcnn": {"model.detector": "faster_rcnn", **_OFF},
-}
-#: the methods run by default; ``--rows`` picks others (e.g. ``--rows retinanet,ours,fcos``).
-TABLE1_DEFAULT_METHODS = ("retinanet", "ours", "gfl", "gfl_dc", "gfl_dc_clb")
-#: methods that run over ``table1.gfl_backbones`` (the others over ``table1.backbones``).
-TABLE1_GFL_METHODS = ("gfl", "gfl_dc", "gfl_dc_clb")
-#: CL-B changes inference only: "GFL + DC + CL-B" evaluates the weights of "GFL + DC", so the
-#: table separates what DC and CL-B each add (the paper reports only their sum).
-TABLE1_REUSE = {"gfl_dc_clb": "gfl_dc"}
+#: The paper's tables are specs (``lab/specs/table1.yaml``, ``table2.yaml``); these names are read
+#: from them for the options and checks that name rows.
+TABLE2_ROWS: tuple[str, ...] = tuple(r.name for r in paper_spec(2).rows)
+#: Table 1 methods (row ``<method>_<backbone>``), those run without ``--rows``, and the GFL block's.
+TABLE1_METHODS: tuple[str, ...] = tuple(r.name for r in paper_spec(1).rows)
+TABLE1_DEFAULT_METHODS: tuple[str, ...] = tuple(r.name for r in paper_spec(1).rows if r.default)
+TABLE1_GFL_METHODS: tuple[str, ...] = tuple(r.name for r in paper_spec(1).rows if r.over == "gfl_backbones")
 
 
 def table1_row(method: str, backbone: str, dcn: bool) -> str:
@@ -69,8 +48,8 @@ def split_table1_row(row: str) -> tuple[str, str] | None:
 
 
 @dataclass
-class TableSpec:
-    """What one table runs over in a profile."""
+class ProfileTable:
+    """What one of the paper's tables runs over in a profile."""
 
     datasets: list[str] = field(default_factory=list)
     #: Table 1 only: the backbones of the RetinaNet block (and of the FCOS / Faster R-CNN rows).
@@ -94,12 +73,12 @@ class Profile:
     #: model.detector value -> LabConfig overrides for cells of that detector (e.g. GFL's anchors,
     #: DCN stages and multi-scale training in the paper profile).
     detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    table1: TableSpec = field(default_factory=TableSpec)
-    table2: TableSpec = field(default_factory=TableSpec)
+    table1: ProfileTable = field(default_factory=ProfileTable)
+    table2: ProfileTable = field(default_factory=ProfileTable)
     #: dotted keys the user must set (e.g. data.root for real datasets).
     required: list[str] = field(default_factory=list)
 
-    def table(self, table: int) -> TableSpec:
+    def table(self, table: int) -> ProfileTable:
         return {1: self.table1, 2: self.table2}[table]
 
 
@@ -107,7 +86,7 @@ class Profile:
 class Cell:
     """One (row x dataset x seed) of a table, resolved."""
 
-    table: int
+    table: int | str  #: the paper's table (1, 2), a spec's name, or 0 (detlab train)
     row: str
     dataset: str  #: detlab.dataset tag (voc07, coco, trees, shapes)
     seed: int
@@ -119,8 +98,10 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """Readable id, unique within a table run (e.g. ``t2-iac_dc-trees-s0``)."""
-        return f"t{self.table}-{self.row}-{self.dataset}-s{self.seed}"
+        """Readable id, unique within a table run (e.g. ``t2-iac_dc-trees-s0``; a spec's cells
+        ``<spec name>-<row>-<dataset>-s<seed>``)."""
+        prefix = f"t{self.table}" if isinstance(self.table, int) else self.table
+        return f"{prefix}-{self.row}-{self.dataset}-s{self.seed}"
 
     @property
     def run_name(self) -> str:
@@ -181,48 +162,50 @@ def data_root_overrides(items: list[str] | None, tags: list[str]) -> dict[str, d
 
 
 def table_cells(
-    table: int,
+    table: int | TableSpec,
     profile: Profile,
     seeds: int | None = None,
     user: dict[str, Any] | None = None,
     data_roots: list[str] | None = None,
     methods: list[str] | None = None,
 ) -> list[Cell]:
-    """All cells of Table ``table`` under ``profile``, in run order (a CL-B cell after its source).
+    """All cells of ``table`` (the paper's Table 1 or 2, or a spec) under ``profile``, in run order
+    (an evaluating row's cell after its source's).
 
-    ``methods`` (Table 1 only; ``--rows``): which of ``TABLE1_METHODS`` to run, default
-    ``TABLE1_DEFAULT_METHODS``. A reusing method brings the method it reuses.
+    ``methods`` (``--rows``): which rows to run, default the spec's ``default`` ones; a row that
+    evaluates another row's weights brings that row. Datasets: the spec's, else the profile's
+    ``table{N}.datasets`` (a user's spec: the profile's Table 2 datasets). Seeds: ``seeds``, else
+    the spec's, else the profile's.
     """
-    if table not in (1, 2):
-        raise ConfigError(f"table={table!r} is not 1 or 2")
-    spec = profile.table(table)
-    if not spec.datasets:
-        raise ConfigError(f"profile {profile.name!r} defines no datasets for table {table}")
-    n_seeds = profile.seeds if seeds is None else seeds
+    spec = as_spec(table)
+    datasets = list(spec.datasets or profile.table(spec.paper_table or 2).datasets)
+    if not datasets:
+        raise ConfigError(f"profile {profile.name!r} defines no datasets for {_what(spec)}")
+    n_seeds = seeds if seeds is not None else spec.seeds if spec.seeds is not None else profile.seeds
     if n_seeds < 1:
         raise ConfigError(f"--seeds {n_seeds} must be >= 1")
-    roots = data_root_overrides(data_roots, spec.datasets)
-    if table == 2:
-        if methods:
-            raise ConfigError("--rows selects Table 1 rows; Table 2 always runs its four rows")
-        rows = [(name, switches, TABLE2_REUSE.get(name), None) for name, switches in TABLE2_ROWS.items()]
-    else:
-        rows = [(m, {"model.backbone": bb, **TABLE1_METHODS[m]}, TABLE1_REUSE.get(m), bb)
-                for m, bb in _table1_plan(profile, spec, methods)]
+    for tag in datasets:
+        if tag not in profile.datasets:
+            raise ConfigError(f"{_what(spec)}: dataset {tag!r} has no entry under datasets in profile "
+                              f"{profile.name!r} ({', '.join(profile.datasets)})")
+    roots = data_root_overrides(data_roots, datasets)
+    plan = _plan(spec, profile, methods)
     cells: list[Cell] = []
-    for tag in spec.datasets:
+    for tag in datasets:
         for seed in range(n_seeds):
-            for method, switches, reuse, backbone in rows:
+            for row, backbone in plan:
+                switches = {**row.set, **({"model.backbone": backbone} if backbone else {})}
                 detector = str(switches.get("model.detector", "retinanet"))
                 layers = [
                     profile.config,
                     profile.datasets[tag],
                     profile.detectors.get(detector, {}),
+                    spec.set,
                     user or {},
                     roots.get(tag, {}),
                     overrides_to_dict({**switches, "train.seed": seed}),
                 ]
-                name = f"table {table} cell {method}/{backbone or ''}/{tag}/seed {seed} (profile {profile.name})"
+                name = f"{_what(spec)} cell {row.name}/{backbone or ''}/{tag}/seed {seed} (profile {profile.name})"
                 merged = _expand_backbone(layers)
                 _check_required(merged, profile, name)
                 cfg = build_config(merged, source=name)
@@ -231,29 +214,41 @@ def table_cells(
                         f"{name}: data.dataset={cfg.data.dataset!r} does not match the dataset tag {tag!r}"
                     )
                 dcn = bool(cfg.model.dcn_stages)
-                row = method if backbone is None else table1_row(method, backbone, dcn)
-                src = reuse if (reuse is None or backbone is None) else table1_row(reuse, backbone, dcn)
-                reuse_name = f"t{table}-{src}-{tag}-s{seed}" if src else None
-                cells.append(Cell(table, row, tag, seed, profile.name, cfg, cell_key(cfg), reuse_name))
+                cell_row = row.name if backbone is None else table1_row(row.name, backbone, dcn)
+                src = row.evaluates
+                if src is not None and backbone is not None:
+                    src = table1_row(src, backbone, dcn)
+                reuse = Cell(spec.ident, src, tag, seed, profile.name, cfg).name if src else None
+                cells.append(Cell(spec.ident, cell_row, tag, seed, profile.name, cfg, cell_key(cfg), reuse))
     _check_reuse(cells)
     return cells
 
 
-def _table1_plan(profile: Profile, spec: TableSpec, methods: list[str] | None) -> list[tuple[str, str]]:
-    """(method, backbone) pairs of Table 1, backbone-major; errors name the bad row or key."""
-    chosen = list(methods) if methods else list(TABLE1_DEFAULT_METHODS)
+def _what(spec: TableSpec) -> str:
+    return f"table {spec.paper_table}" if spec.paper_table else f"spec {spec.name!r} ({spec.path})"
+
+
+def _plan(spec: TableSpec, profile: Profile, methods: list[str] | None) -> list[tuple[RowSpec, str | None]]:
+    """(row, backbone) pairs in run order: rows over the profile's backbone lists are backbone-major,
+    one block per list (Table 1: the RetinaNet block, then the GFL block); errors name the bad row."""
+    names = [r.name for r in spec.rows]
+    chosen = list(methods) if methods else [r.name for r in spec.rows if r.default]
     for m in chosen:
-        if m not in TABLE1_METHODS:
-            raise ConfigError(f"--rows {m!r} is not a Table 1 method; known: {', '.join(TABLE1_METHODS)}")
-    for m in list(chosen):  # a reusing row needs the row whose weights it evaluates
-        if m in TABLE1_REUSE and TABLE1_REUSE[m] not in chosen:
-            chosen.insert(chosen.index(m), TABLE1_REUSE[m])
-    plan: list[tuple[str, str]] = []
-    for block, backbones in ((False, spec.backbones), (True, spec.gfl_backbones)):
-        for bb in backbones:
-            plan += [(m, bb) for m in TABLE1_METHODS if m in chosen and (m in TABLE1_GFL_METHODS) == block]
+        if m not in names:
+            raise ConfigError(f"--rows {m!r} is not a row of {_what(spec)}; known: {', '.join(names)}")
+    for m in list(chosen):  # a row that evaluates another's weights needs that row
+        src = spec.row(m).evaluates
+        if src and src not in chosen:
+            chosen.insert(chosen.index(m), src)
+    rows = [r for r in spec.rows if r.name in chosen]
+    plan: list[tuple[RowSpec, str | None]] = [(r, None) for r in rows if r.over is None]
+    # blocks in the spec's order (Table 1: RetinaNet's backbones, then GFL's), whichever rows are chosen
+    blocks = [o for o in dict.fromkeys(r.over for r in spec.rows if r.over is not None) if any(r.over == o for r in rows)]
+    for over in blocks:
+        for bb in getattr(profile.table1, over):
+            plan += [(r, bb) for r in rows if r.over == over]
     if not plan:
-        need = "table1.gfl_backbones" if all(m in TABLE1_GFL_METHODS for m in chosen) else "table1.backbones"
+        need = ", ".join(f"table1.{o}" for o in blocks)
         raise ConfigError(f"profile {profile.name!r}: {need} is empty, so rows {', '.join(chosen)} have no cell")
     return plan
 

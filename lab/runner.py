@@ -177,7 +177,7 @@ def summarize(outcomes: list[Outcome]) -> str:
 
 def cell_tags(cell: Cell) -> dict[str, str]:
     """``detlab.*`` tags of a cell run (``detlab train`` runs belong to no table: no table/kind tag)."""
-    if cell.table in tracking.TABLES:
+    if cell.table:  # the paper's table or a spec's name; 0 for detlab train
         return tracking.run_tags(cell.table, cell.row, cell.dataset, cell.seed, cell.key, cell.profile)
     tags = {tracking.TAG_ROW: cell.row, tracking.TAG_DATASET: cell.dataset, tracking.TAG_SEED: str(cell.seed),
             tracking.TAG_KEY: cell.key, tracking.TAG_PROFILE: cell.profile}
@@ -580,6 +580,7 @@ class _Scheduler:
                         error=f"the cell completed, but {unsent} MLflow write(s) not sent yet (kept in {where}); "
                               f"the next run of the same command sends them and closes this run FINISHED")
         else:
+            log_cell_curves(self.client, cell, run_id)
             self._close(cell, run_id, "FINISHED", t0, metrics=(value or {}).get("metrics", {}),
                         tags=log_cell_model(self.opts, cell, run_id, (value or {}).get("weights")))
 
@@ -700,6 +701,24 @@ def close_run(client: MlflowClient, run_id: str, status: str, seconds: float, er
               f"({scrub_text(f'{type(last).__name__}: {last}'.splitlines()[0])[:300]})", flush=True)
         return False
     return True
+
+
+def log_cell_curves(client: MlflowClient, cell: Cell, run_id: str) -> None:
+    """The run's losses and val metric against epochs, one PNG (``curves.png``, :func:`lab.curves.plot_run_curves`),
+    drawn from its MLflow history once every write of the cell is in. Never raises: a picture."""
+    import matplotlib.pyplot as plt
+
+    from lab.curves import plot_run_curves
+    from lab.scrub import scrub_text
+
+    try:
+        fig = plot_run_curves(client, run_id, title=f"{cell.name} (profile {cell.profile})")
+        try:
+            client.log_figure(run_id, fig, "curves.png")
+        finally:
+            plt.close(fig)
+    except Exception as e:  # noqa: BLE001 - the cell's results stand without its picture
+        print(f"[{cell.name}] could not draw its curves ({scrub_text(f'{type(e).__name__}: {e}')[:300]})", flush=True)
 
 
 def log_cell_model(opts: RunOptions, cell: Cell, run_id: str, weights: str | None) -> dict[str, str]:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -95,9 +96,11 @@ def quiet_mlflow() -> None:
 quiet_mlflow()
 
 
-def experiment_name(table: int) -> str:
-    """MLflow experiment of the paper's Table ``table`` (1 or 2)."""
-    return f"detlab-table{_check_table(table)}"
+def experiment_name(table: int | str) -> str:
+    """MLflow experiment of the paper's Table ``table`` (1 or 2), or of a table spec by its name
+    (``detlab-<name>``; :attr:`lab.specs.TableSpec.experiment`)."""
+    checked = _check_table(table)
+    return f"detlab-table{checked}" if isinstance(checked, int) else f"detlab-{checked}"
 
 
 def resolve_tracking_uri(uri: str | None = None, base_dir: Path | None = None) -> str:
@@ -222,6 +225,9 @@ def experiment_description(experiment: str) -> str:
     if experiment.startswith(SWEEP_EXPERIMENT_PREFIX):
         dataset = experiment.removeprefix(SWEEP_EXPERIMENT_PREFIX)
         return f"Ray Tune sweeps on {dataset}: a parent run per sweep, a child run per trial or post-hoc NMS grid point."
+    if experiment.startswith("detlab-") and experiment not in (PRETRAIN_EXPERIMENT, "detlab-train", "detlab-eval"):
+        return (f"Table spec {experiment.removeprefix('detlab-')}: a run per row, dataset and seed, and tables runs "
+                "(detlab table --spec).")
     if experiment == PRETRAIN_EXPERIMENT:
         return "Backbone pretraining on object crops (the offline ImageNet stand-in): a run per body and settings."
     return "detlab train: one config per run, trained and evaluated as `detlab train` resolves it."
@@ -312,7 +318,7 @@ def _sha12(blob: bytes) -> str:
 
 
 def run_tags(
-    table: int,
+    table: int | str,
     row: str | None,
     dataset: str | None,
     seed: int | None,
@@ -407,9 +413,12 @@ def close_dangling_runs(uri: str, experiment: str, status: str = "FAILED") -> in
     return len(runs)
 
 
-def _check_table(table: int) -> int:
+def _check_table(table: int | str) -> int | str:
+    """A paper table (1, 2) or a spec's name."""
+    if isinstance(table, str) and re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", table) and not re.fullmatch(r"table\d+", table):
+        return table
     if isinstance(table, bool) or table not in TABLES:
-        raise ValueError(f"table={table!r} is not one of {TABLES}")
+        raise ValueError(f"table={table!r} is not one of {TABLES}, nor a table spec's name")
     return int(table)
 
 

@@ -175,7 +175,7 @@ def submitted(workdir, mlflow_server, ray_head):
     commit = _commit()
     provenance.write_stamp()  # what make's git hooks keep current (.git does not travel with the job)
     logs = submit_and_wait(ray_head, f"{sys.executable} jobs/table2.py --profile smoke --out {out} "
-                                     f"--tracking-uri {mlflow_server}")
+                                     f"--tracking-uri {mlflow_server} --register detlab-e2e-smoke")
     return {"logs": logs, "uri": mlflow_server, "out": out, "commit": commit}
 
 
@@ -217,9 +217,23 @@ def test_eight_cells_finished_with_tags_metrics_and_artifacts(submitted):
             assert {"lr", "images_per_s"} <= set(metrics)
     assert len(keys) == 8
 
+    # every cell's model is an MLflow logged model of its run, its final metrics linked, registered
+    model_ids = {r.data.tags["detlab.model_id"] for r in runs}
+    assert len(model_ids) == 8
+    for run in runs:
+        model = client.get_logged_model(run.data.tags["detlab.model_id"])
+        assert model.source_run_id == run.info.run_id and model.name == "model"
+        linked = {m.key: m.value for m in model.metrics}
+        final = "mAP" if run.data.tags["detlab.dataset"] == "trees" else "AP"
+        assert linked[final] == run.data.metrics[final]
+    versions = client.search_model_versions("name = 'detlab-e2e-smoke'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, 9))
+    assert {v.run_id for v in versions} == {r.info.run_id for r in runs}
+
     run_id = cells[("iac_dc_clb", "shapes")].info.run_id
     files = {f.path for d in ("eval", "config") for f in client.list_artifacts(run_id, d)}
     assert {"eval/detections.json", "eval/pr_curve.png", "eval/samples.png", "config/resolved.yaml"} <= files
+    assert "curves.png" in {f.path for f in client.list_artifacts(cells[("iac", "shapes")].info.run_id)}
 
     tables = client.search_runs([exp.experiment_id], "tags.`detlab.kind` = 'tables'")
     assert tables and tables[0].info.status == "FINISHED"

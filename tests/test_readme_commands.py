@@ -15,7 +15,7 @@ from lab import cli, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "cluster/README.md")
-_JOB = re.compile(r"(?:python\s+\S*jobs/(table1|table2|sweep)\.py|detlab\s+(table|train|sweep))\b")
+_JOB = re.compile(r"(?:python\s+\S*jobs/(table1|table2|table|sweep)\.py|detlab\s+(table|train|sweep))\b")
 # Absolute paths of the cluster (and the repo-relative results/) that a stand-in replaces.
 _STANDIN = re.compile(r"^(/data/|/mnt/|/shared/|/tmp/detlab-out|results/)")
 
@@ -65,6 +65,8 @@ def _argv(line: str, tmp: Path) -> tuple[str, list[str]]:
             else:
                 local.mkdir(parents=True, exist_ok=True)
             val = ("shared://" + str(local)) if val.startswith("shared:///") else str(local)
+        elif not path.startswith(("/", "-")) and (ROOT / path).is_file():  # a file of the repo: a spec
+            val = str(ROOT / path)
         out.append(f"{key}{eq}{val}" if eq else val)
     return entry, out
 

@@ -410,6 +410,7 @@ def test_a_finished_cell_logs_its_model_and_registers_it_before_its_run_closes(t
     sched._end(cell, run_id, time.time(), {"metrics": {"AP": 0.5}, "weights": str(weights)}, None)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and sched.outcomes[cell.name].status == "FINISHED"
+    assert "curves.png" in {f.path for f in client.list_artifacts(run_id)}  # its losses and AP, one picture
     model = client.get_logged_model(run.data.tags[models.TAG_MODEL_ID])
     assert model.source_run_id == run_id
     assert [(m.key, m.step, m.value) for m in model.metrics] == [("AP", cell.cfg.train.epochs, 0.5)]

@@ -28,9 +28,9 @@ def test_rows_select_methods_and_bring_the_row_a_clb_row_reuses():
     cells = table_cells(1, load_profile("smoke"), methods=["gfl_dc_clb", "fcos", "faster_rcnn"])
     assert [c.row for c in cells] == ["fcos_resnet18", "faster_rcnn_resnet18", "gfl_dc_resnet18",
                                       "gfl_dc_clb_resnet18"]
-    with pytest.raises(ConfigError, match="--rows 'yolo' is not a Table 1 method"):
+    with pytest.raises(ConfigError, match="--rows .yolo. is not a row of table 1"):
         table_cells(1, load_profile("smoke"), methods=["yolo"])
-    with pytest.raises(ConfigError, match="--rows selects Table 1 rows"):
+    with pytest.raises(ConfigError, match="--rows .gfl. is not a row of table 2"):
         table_cells(2, load_profile("smoke"), methods=["gfl"])
 
 

@@ -66,7 +66,6 @@ from lab.tables.rows import (
     DATASET_VIEWS,
     PAPER_BACKBONE,
     TABLE2_ROWS,
-    TABLE2_STEPS,
     DatasetView,
     Row,
     add_bootstrap,
@@ -76,7 +75,7 @@ from lab.tables.rows import (
 )
 
 __all__ = ["BOOT_MARK", "DATASET_ORDER", "DATASET_VIEWS", "METRICS", "MISSING", "NO_PROFILE", "PAPER_BACKBONE",
-           "SEED_MARK", "TABLE2_ROWS", "TABLE2_STEPS", "DatasetView", "Row", "RunRecord", "Section", "Stat",
+           "SEED_MARK", "TABLE2_ROWS", "DatasetView", "Row", "RunRecord", "Section", "Stat",
            "add_bootstrap", "aggregate", "aggregate_records", "build_parser", "build_sections", "csv_records",
            "delta_stat", "fetch_cell_runs", "fmt_boot", "fmt_stat", "fmt_value", "main", "plot_deltas",
            "render_html", "render_markdown", "render_tex", "runs_table", "summarize", "tex_escape", "write_csv",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from mlflow.entities import Run
 
 from lab import tracking
+from lab.specs import TableSpec, as_spec
 from lab.tracking import TAG_DATASET, TAG_GIT, TAG_KEY, TAG_KIND, TAG_PROFILE, TAG_ROW, TAG_SEED
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ class RunRecord:
     used: bool = True  #: False when a newer run of the same (cell, seed) superseded it
 
 
-def fetch_cell_runs(uri: str, table: int, profile: str | None = None) -> list[RunRecord]:
-    """All FINISHED ``detlab.kind=cell`` runs of ``detlab-table{table}``, oldest first.
+def fetch_cell_runs(uri: str, table: int | TableSpec, profile: str | None = None) -> list[RunRecord]:
+    """All FINISHED ``detlab.kind=cell`` runs of the table's experiment (``detlab-table{N}``, or a
+    spec's ``detlab-<name>``), oldest first.
 
     Runs without row/dataset/seed tags, or with an unknown dataset, are skipped with a warning.
     Within one (row, dataset, profile, seed) only the newest run has ``used=True``.
@@ -51,7 +53,7 @@ def fetch_cell_runs(uri: str, table: int, profile: str | None = None) -> list[Ru
     if profile is not None:
         flt += f" and {tracking.tag_filter(TAG_PROFILE, profile)}"
     runs = tracking.search_all_runs(
-        uri, tracking.experiment_name(table), flt, order_by=["attributes.start_time ASC"]
+        uri, as_spec(table).experiment, flt, order_by=["attributes.start_time ASC"]
     )
     records: list[RunRecord] = []
     for run in runs:

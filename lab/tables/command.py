@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
 from lab import tracking
+from lab.specs import TableSpec, as_spec, load_spec
 from lab.tables.rows import Row, build_rows
 from lab.tables.collect import RunRecord, fetch_cell_runs
 from lab.tables.render import (
@@ -30,7 +31,7 @@ from lab.tables.render import (
 
 def write_tables(
     uri: str,
-    table: int,
+    table: int | TableSpec,
     out_dir: Path | str,
     *,
     profile: str | None = None,
@@ -38,49 +39,79 @@ def write_tables(
     log_to_mlflow: bool = True,
     bootstrap: bool = True,
 ) -> dict[str, Path]:
-    """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png`` and
-    the verdicts on the paper's deltas, ``claims{N}.md/.tex/.html``.
+    """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png``,
+    the rows' learning curves ``table{N}_curves_<dataset>.png`` and the verdicts on the paper's
+    deltas, ``claims{N}.md/.tex/.html``. ``table``: the paper's 1 or 2, or a spec (files named after
+    it, ``<name>.md`` ..., and no paper columns or claims).
 
-    Returns ``{"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html"}``
-    → absolute paths. With ``log_to_mlflow`` the files are also logged (under ``tables/``) to a new
-    FINISHED run tagged ``detlab.kind=tables`` in experiment ``detlab-table{N}``. ``bootstrap``: the
+    Returns ``{"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html",
+    "curves_<dataset>"...}`` → absolute paths. With ``log_to_mlflow`` the files are also logged (under
+    ``tables/``) to a new FINISHED run tagged ``detlab.kind=tables`` in the table's experiment. ``bootstrap``: the
     two-level bootstrap of the deltas (CI, MDE, P(B > A); see :func:`add_bootstrap`; needs the runs'
     detections and their val data); without it the claims have no verdict.
     """
-    experiment = tracking.experiment_name(table)
+    spec = as_spec(table)
     if digits < 0:
         raise ValueError(f"digits={digits} must be >= 0")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    records = fetch_cell_runs(uri, table, profile)
-    rows = build_rows(uri, records, table, bootstrap)
-    stem = f"table{table}"
+    records = fetch_cell_runs(uri, spec, profile)
+    rows = build_rows(uri, records, spec, bootstrap)
+    stem = spec.stem
     paths = {
         "md": out / f"{stem}.md", "tex": out / f"{stem}.tex", "csv": out / f"{stem}.csv",
         "html": out / f"{stem}.html", "parquet": out / f"{stem}_runs.parquet", "png": out / f"{stem}_deltas.png",
-        "claims_md": out / f"claims{table}.md", "claims_tex": out / f"claims{table}.tex",
-        "claims_html": out / f"claims{table}.html",
     }
-    paths["md"].write_text(render_markdown(rows, table, digits))
-    paths["tex"].write_text(render_tex(rows, table, digits))
-    paths["html"].write_text(render_html(rows, table, digits))
-    write_csv(paths["csv"], csv_records(rows, table))
-    pq.write_table(runs_table(records, table), paths["parquet"])
-    plot_deltas(rows, table, paths["png"])
-    paths["claims_md"].write_text(render_claims_markdown(rows, table, digits))
-    paths["claims_tex"].write_text(render_claims_tex(rows, table, digits))
-    paths["claims_html"].write_text(render_claims_html(rows, table, digits))
+    paths["md"].write_text(render_markdown(rows, spec, digits))
+    paths["tex"].write_text(render_tex(rows, spec, digits))
+    paths["html"].write_text(render_html(rows, spec, digits))
+    write_csv(paths["csv"], csv_records(rows, spec))
+    pq.write_table(runs_table(records, spec), paths["parquet"])
+    plot_deltas(rows, spec, paths["png"])
+    if spec.paper_table:  # verdicts on the paper's own deltas
+        n = spec.paper_table
+        paths.update({"claims_md": out / f"claims{n}.md", "claims_tex": out / f"claims{n}.tex",
+                      "claims_html": out / f"claims{n}.html"})
+        paths["claims_md"].write_text(render_claims_markdown(rows, n, digits))
+        paths["claims_tex"].write_text(render_claims_tex(rows, n, digits))
+        paths["claims_html"].write_text(render_claims_html(rows, n, digits))
+    paths.update(write_curves(uri, rows, stem, out))
     if log_to_mlflow:
-        _log_tables_run(uri, experiment, table, profile, paths, records, rows)
+        _log_tables_run(uri, spec, profile, paths, records, rows)
     return paths
 
 
-def _log_tables_run(uri: str, experiment: str, table: int, profile: str | None, paths: dict[str, Path],
+def write_curves(uri: str, rows: Sequence[Row], stem: str, out: Path) -> dict[str, Path]:
+    """The learning curves of each section's rows overlaid (:func:`lab.curves.plot_rows_curves`): one
+    PNG per dataset (and profile, when there are several), ``<stem>_curves_<dataset>.png``."""
+    import matplotlib.pyplot as plt
+
+    from lab.curves import plot_rows_curves
+
+    client = MlflowClient(uri)
+    sections = list(dict.fromkeys((r.dataset, r.profile) for r in rows))
+    several = len({p for _, p in sections}) > 1
+    paths: dict[str, Path] = {}
+    for dataset, profile in sections:
+        cells = [r for r in rows if (r.dataset, r.profile) == (dataset, profile) and r.run_ids]
+        if not cells:
+            continue
+        suffix = f"{dataset}_{profile}" if several else dataset
+        metric = cells[0].view.headline
+        fig = plot_rows_curves(client, {r.label: list(r.run_ids) for r in cells}, metric,
+                               title=f"{dataset}, profile {profile}: val {metric} (mean over seeds, band min-max)")
+        paths[f"curves_{suffix}"] = out / f"{stem}_curves_{suffix}.png"
+        fig.savefig(paths[f"curves_{suffix}"])
+        plt.close(fig)
+    return paths
+
+
+def _log_tables_run(uri: str, spec: TableSpec, profile: str | None, paths: dict[str, Path],
                     records: Sequence[RunRecord], rows: Sequence[Row]) -> str:
     client = MlflowClient(uri)
-    exp_id = tracking.init_store(uri, experiment)
-    tags = tracking.run_tags(table, None, None, None, None, profile, kind="tables")
-    run = client.create_run(exp_id, run_name=f"tables-table{table}", tags=tags)
+    exp_id = tracking.init_store(uri, spec.experiment)
+    tags = tracking.run_tags(spec.ident, None, None, None, None, profile, kind="tables")
+    run = client.create_run(exp_id, run_name=f"tables-{spec.stem}", tags=tags)
     run_id = run.info.run_id
     try:
         client.log_param(run_id, "profile", profile or "all")
@@ -99,14 +130,17 @@ def _log_tables_run(uri: str, experiment: str, table: int, profile: str | None, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detlab tables",
-        description="Rebuild the paper's Table 1/2 from the runs in MLflow, training nothing (`detlab table 1|2` "
-                    "trains it): ours (mean ± 95% CI over seeds) beside the paper's.",
+        description="Rebuild the paper's Table 1/2, or a table spec's, from the runs in MLflow, training nothing "
+                    "(`detlab table 1|2` or `detlab table --spec FILE` trains it): ours (mean ± 95% CI over seeds) "
+                    "beside the paper's.",
     )
     # `detlab tables 2` and `detlab tables --table 2` both work: one letter away from `detlab table 2`
     # (which trains), the rebuild must not fail on the form people type first.
     parser.add_argument("number", type=int, nargs="?", choices=tracking.TABLES, metavar="{1,2}",
                         help="which paper table (or --table)")
     parser.add_argument("--table", type=int, choices=tracking.TABLES, default=None, help="which paper table")
+    parser.add_argument("--spec", type=Path, default=None, metavar="FILE.yaml",
+                        help="a table spec of your own (what `detlab table --spec FILE` ran)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
@@ -129,13 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.number is not None and args.table is not None and args.number != args.table:
         parser.error(f"table {args.number} and --table {args.table} disagree")
     args.table = args.table if args.table is not None else args.number
-    if args.table is None:
-        parser.error("which table? detlab tables 1|2 (this rebuilds it from MLflow; detlab table 1|2 trains it)")
+    if args.table is not None and args.spec is not None:
+        parser.error("give a paper table (1|2) or --spec FILE, not both")
+    if args.table is None and args.spec is None:
+        parser.error("which table? detlab tables 1|2 or --spec FILE.yaml (this rebuilds it from MLflow; "
+                     "detlab table 1|2 trains it)")
+    if args.spec is not None:
+        from detector.config import ConfigError
+
+        try:
+            table: int | TableSpec = load_spec(args.spec)
+        except ConfigError as e:
+            parser.error(str(e))
+    else:
+        table = args.table
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    paths = write_tables(uri, args.table, args.out, profile=args.profile, digits=args.digits,
+    paths = write_tables(uri, table, args.out, profile=args.profile, digits=args.digits,
                          log_to_mlflow=not args.no_log, bootstrap=not args.no_bootstrap)
     print(paths["md"].read_text())
-    print(paths["claims_md"].read_text())
+    if "claims_md" in paths:
+        print(paths["claims_md"].read_text())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}", file=sys.stderr)
     return 0

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lab import paper, stats, tracking
+from lab import paper, stats
 from lab.stats import SeedsNeeded, Stat, TwoLevelCI
-from lab.tables.rows import DATASET_VIEWS, T1_METHOD_LABEL, Claim, Row, claims, row_label, t1_backbone, t1_method
+from lab.specs import TableSpec, as_spec
+from lab.tables.rows import T1_METHOD_LABEL, Claim, Row, claims, dataset_view, row_label, t1_backbone, t1_method
 from lab.tables.collect import RunRecord
 
 MISSING = "—"
@@ -84,8 +85,13 @@ def fmt_seeds(seeds: SeedsNeeded | None) -> str:
     return "none: val set too small" if seeds.reason.startswith("val set") else seeds.reason
 
 
-def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Section]:
-    """One section per (dataset, profile) with our cells, then the paper's table as reported."""
+def build_sections(rows: Sequence[Row], table: int | TableSpec, digits: int = 1) -> list[Section]:
+    """One section per (dataset, profile) with our cells, then the paper's table as reported (a
+    spec of one's own: our cells only)."""
+    spec = as_spec(table)
+    if not spec.paper_table:
+        return _spec_sections(rows, spec, digits)
+    table = spec.paper_table
     sections: list[Section] = []
     order: list[tuple[str, str]] = []
     for r in rows:
@@ -93,7 +99,7 @@ def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Sec
             order.append((r.dataset, r.profile))
     for dataset, profile in order:
         cells = [r for r in rows if (r.dataset, r.profile) == (dataset, profile)]
-        view = DATASET_VIEWS[table][dataset]
+        view = dataset_view(table, dataset)
         ref = "same benchmark" if view.comparable else "reference only: a different dataset, compare deltas"
         if table == 1 and dataset == "coco":
             ref = "paper on test-dev, ours on val2017"
@@ -118,6 +124,24 @@ def build_sections(rows: Sequence[Row], table: int, digits: int = 1) -> list[Sec
             )
         sections.append(Section(f"{dataset} — profile {profile}", note, header, body))
     sections.append(_reported_section(table, digits))
+    return sections
+
+
+def _spec_sections(rows: Sequence[Row], spec: TableSpec, digits: int) -> list[Section]:
+    """A spec's table: per (dataset, profile) our metrics, and each row's Δ against the row it is
+    compared with, with the same CIs, MDE and P(B > A) as the paper's tables."""
+    sections: list[Section] = []
+    for dataset, profile in dict.fromkeys((r.dataset, r.profile) for r in rows):
+        cells = [r for r in rows if (r.dataset, r.profile) == (dataset, profile)]
+        view = dataset_view(spec.ident, dataset)
+        header = ["Row", "n", *(f"{m}" for m in view.metrics),
+                  "compared with", f"Δ{view.headline}", f"Δ{view.headline} two-level 95% CI", "MDE", "P(B > A)"]
+        body = [[r.label, str(r.n), *(fmt_stat(r.stats.get(m) if r.n else None, digits) for m in view.metrics)]
+                + ([row_label(spec, r.delta_ref), fmt_stat(r.delta, digits, signed=True, mark=True),
+                    fmt_boot(r.boot, digits), fmt_mde(r.boot, digits), fmt_p_better(r.boot)]
+                   if r.delta_ref is not None else [""] * 5)
+                for r in cells]
+        sections.append(Section(f"{dataset} — profile {profile}", f"{view.fmt.upper()}-format; percent", header, body))
     return sections
 
 
@@ -153,10 +177,6 @@ def _reported_section(table: int, digits: int) -> Section:
                    "ResNet-50 RetinaNet baseline.", header, body)
 
 
-_TITLES = {
-    1: "Table 1 — RetinaNet vs ours and GFL vs GFL + DC + CL-B, by backbone",
-    2: "Table 2 — component analysis (paper: ResNet-50 RetinaNet; ours: the profile's backbone)",
-}
 _LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no CI for n = 1); n = seeds; "
            f"{MISSING} = no finished run (or no paper value); Δ = headline-metric gain over the previous "
            "row (Table 2) or over the block's baseline (Table 1: RetinaNet, GFL), CI paired over the seeds both "
@@ -172,24 +192,31 @@ _BOOT_LEGEND = (f"Two-level CI (95%): Δ ± t_ν·sqrt(s_seed²/n + s_img²), s_
                 "resample) outcomes in which the row beats the one it is compared with (ties ½).")
 
 
-def _legend(table: int) -> str:
-    return f"{_LEGEND} {_BOOT_LEGEND}"
+_SPEC_LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no CI for n = 1); n = seeds; "
+                f"{MISSING} = no finished run; Δ = headline-metric gain over the row it is compared with (the "
+                "spec's compare_to, else the row it builds on, else the first row), CI paired over the seeds both rows "
+                f"have (Welch when fewer than 2 are shared); {SEED_MARK} = that CI excludes 0. Percent.")
 
 
-def render_markdown(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+def _legend(table: int | TableSpec) -> str:
+    return f"{_LEGEND if as_spec(table).paper_table else _SPEC_LEGEND} {_BOOT_LEGEND}"
+
+
+def render_markdown(rows: Sequence[Row], table: int | TableSpec, digits: int = 1) -> str:
     """The table as Markdown (what ``detlab tables`` prints)."""
-    empty = f"_No finished cell runs in experiment `{tracking.experiment_name(table)}`._" if not rows else None
-    return _markdown(_TITLES[table], _legend(table), build_sections(rows, table, digits), empty)
+    spec = as_spec(table)
+    empty = f"_No finished cell runs in experiment `{spec.experiment}`._" if not rows else None
+    return _markdown(spec.title, _legend(spec), build_sections(rows, spec, digits), empty)
 
 
-def render_tex(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+def render_tex(rows: Sequence[Row], table: int | TableSpec, digits: int = 1) -> str:
     """booktabs tables (needs ``\\usepackage{booktabs,amssymb,graphicx}``), one tabular per section."""
-    return _tex(_TITLES[table], _legend(table), build_sections(rows, table, digits))
+    return _tex(as_spec(table).title, _legend(table), build_sections(rows, table, digits))
 
 
-def render_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
+def render_html(rows: Sequence[Row], table: int | TableSpec, digits: int = 1) -> str:
     """A standalone HTML page with one <table> per section."""
-    return _html(_TITLES[table], _legend(table), build_sections(rows, table, digits))
+    return _html(as_spec(table).title, _legend(table), build_sections(rows, table, digits))
 
 
 def _markdown(title: str, legend: str, sections: Sequence[Section], empty: str | None = None) -> str:
@@ -280,7 +307,7 @@ def build_claims_sections(rows: Sequence[Row], table: int, digits: int = 1) -> l
         by_section.setdefault((c.dataset, c.profile), []).append(c)
     sections = []
     for (dataset, profile), lines in by_section.items():
-        view = DATASET_VIEWS[table][dataset]
+        view = dataset_view(table, dataset)
         c0 = lines[0]
         ref = "same benchmark" if view.comparable else "reference only: a different dataset"
         note = f"paper Δ: {view.paper_dataset} {c0.paper_metric} ({ref}); ours: Δ{c0.metric}"
@@ -314,8 +341,11 @@ def render_claims_html(rows: Sequence[Row], table: int, digits: int = 1) -> str:
 # data files: CSV (cells, full precision), Parquet (raw runs), PNG (deltas)
 
 
-def csv_records(rows: Sequence[Row], table: int) -> list[dict[str, object]]:
-    """One dict per cell (``source=ours``) and per reported paper row (``source=paper``); None = empty."""
+def csv_records(rows: Sequence[Row], table: int | TableSpec) -> list[dict[str, object]]:
+    """One dict per cell (``source=ours``) and per reported paper row (``source=paper``, the paper's
+    tables only); None = empty."""
+    spec = as_spec(table)
+    table = spec.ident
     out: list[dict[str, object]] = []
     for r in rows:
         rec: dict[str, object] = {
@@ -345,11 +375,11 @@ def csv_records(rows: Sequence[Row], table: int) -> list[dict[str, object]]:
             "mde": b.mde if b else None, "s_seed": b.s_seed if b else None, "s_img": b.s_img if b else None,
         })
         out.append(rec)
-    if table == 1:
+    if spec.paper_table == 1:
         for p1 in paper.TABLE1:
             out.append({"source": "paper", "table": 1, "row": p1.key, "label": f"{p1.method} ({p1.backbone})",
                         "paper_dataset": p1.dataset, **{f"paper_{m}": v for m, v in p1.metrics.items()}})
-    else:
+    elif spec.paper_table == 2:
         for p2 in paper.TABLE2:
             out.append({"source": "paper", "table": 2, "dataset": "voc07", "row": p2.key, "label": row_label(2, p2.key),
                         "paper_dataset": paper.TABLE2_VOC_DATASET, "paper_mAP": p2.voc07_mAP})
@@ -368,14 +398,14 @@ def write_csv(path: Path, records: list[dict[str, object]]) -> None:
         writer.writerows({k: ("" if v is None else v) for k, v in rec.items()} for rec in records)
 
 
-def runs_table(records: Sequence[RunRecord], table: int) -> pa.Table:
+def runs_table(records: Sequence[RunRecord], table: int | TableSpec) -> pa.Table:
     """Raw per-run rows: ids, tags, ``used``, one float column per metric, ``params.*`` strings."""
     metric_names = sorted({m for r in records for m in r.metrics})
     param_names = sorted({p for r in records for p in r.params})
     cols: dict[str, pa.Array] = {
         "run_id": pa.array([r.run_id for r in records], pa.string()),
         "run_name": pa.array([r.run_name for r in records], pa.string()),
-        "table": pa.array([table] * len(records), pa.int64()),
+        "table": _table_column(as_spec(table).ident, len(records)),
         "row": pa.array([r.row for r in records], pa.string()),
         "dataset": pa.array([r.dataset for r in records], pa.string()),
         "profile": pa.array([r.profile for r in records], pa.string()),
@@ -393,8 +423,15 @@ def runs_table(records: Sequence[RunRecord], table: int) -> pa.Table:
     return pa.table(cols)
 
 
-def plot_deltas(rows: Sequence[Row], table: int, path: Path) -> None:
-    """Bar chart of each component's headline gain, ours (with 95% CI) beside the paper's."""
+def _table_column(ident: int | str, n: int) -> pa.Array:
+    """The paper's table number (int64), or a spec's name (string)."""
+    return pa.array([ident] * n, pa.int64() if isinstance(ident, int) else pa.string())
+
+
+def plot_deltas(rows: Sequence[Row], table: int | TableSpec, path: Path) -> None:
+    """Bar chart of each component's headline gain, ours (with 95% CI) beside the paper's (a spec
+    of one's own: ours only)."""
+    spec = as_spec(table)
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no global backend switch
     from matplotlib.figure import Figure
 
@@ -411,21 +448,22 @@ def plot_deltas(rows: Sequence[Row], table: int, path: Path) -> None:
     for i, (dataset, profile) in enumerate(groups, start=1):
         ax = fig.add_subplot(1, len(groups), i)
         cells = [r for r in rows if (r.dataset, r.profile) == (dataset, profile) and r.delta_ref is not None]
-        view = DATASET_VIEWS[table][dataset]
+        view = dataset_view(spec.ident, dataset)
         xs = list(range(len(cells)))
         width = 0.38
         nan = float("nan")  # missing → no bar (never a zero-height bar that reads as "no gain")
         ours = [r.delta.mean if r.delta else nan for r in cells]
         errs = [(r.delta.ci95 or 0.0) if r.delta else nan for r in cells]
         ax.bar([x - width / 2 for x in xs], ours, width, yerr=errs, capsize=3, label="ours (95% CI)", color="C0")
-        theirs = [r.paper_delta if r.paper_delta is not None else nan for r in cells]
-        kind = "" if view.comparable else ", reference"
-        ax.bar([x + width / 2 for x in xs], theirs, width, color="C1", hatch="" if view.comparable else "//",
-               label=f"paper ({view.paper_dataset}{kind})")
+        if spec.paper_table:
+            theirs = [r.paper_delta if r.paper_delta is not None else nan for r in cells]
+            kind = "" if view.comparable else ", reference"
+            ax.bar([x + width / 2 for x in xs], theirs, width, color="C1", hatch="" if view.comparable else "//",
+                   label=f"paper ({view.paper_dataset}{kind})")
         for x, r in zip(xs, cells):
             if r.delta is None:
                 ax.text(x - width / 2, 0, "missing", ha="center", va="bottom", fontsize=7, rotation=90)
-            if r.paper_delta is None:
+            if spec.paper_table and r.paper_delta is None:
                 ax.text(x + width / 2, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         labels = [r.delta_label or r.row for r in cells]
         ax.set_xticks(xs, labels, fontsize=8)
@@ -436,6 +474,7 @@ def plot_deltas(rows: Sequence[Row], table: int, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{dataset} — {profile}", fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle(_TITLES[table] + (": component gains" if table == 2 else ": gains over each block's baseline"),
-                 fontsize=10)
+    what = {1: ": gains over each block's baseline", 2: ": component gains"}.get(spec.paper_table or 0,
+                                                                                 ": gains over the rows compared with")
+    fig.suptitle(spec.title + what, fontsize=10)
     fig.savefig(path, dpi=120)

@@ -18,12 +18,11 @@ from scipy import stats as sstats
 
 from lab import paper, stats, tracking
 from lab.experiments import TABLE1_GFL_METHODS, TABLE1_METHODS, split_table1_row
+from lab.specs import TableSpec, as_spec
 from lab.stats import SeedsNeeded, Stat, TwoLevelCI, summarize
 from lab.tables.collect import DATASET_ORDER, RunRecord, fetch_cell_runs
 
 TABLE2_ROWS = tuple(r.key for r in paper.TABLE2)
-#: Table 2 component increments: (label, row, the row it adds to)
-TABLE2_STEPS = (("+IAC", "iac", "baseline"), ("+DC", "iac_dc", "iac"), ("+CL-B", "iac_dc_clb", "iac_dc"))
 #: ``model.backbone`` names (the suffix of ``ours_<backbone>``) → the paper's Table 1 backbone key,
 #: for the RetinaNet, FCOS and Faster R-CNN rows. The paper does not say which ResNeXt-101 variant
 #: its RetinaNet rows used; all map to it.
@@ -38,13 +37,11 @@ PAPER_BACKBONE = {
 #: the paper's "Ours" 48.9 is GFL + DC + CL-B on X-101-32x4d-DCN, and it reports no GFL + DC row.
 GFL_PAPER_METHOD = {"gfl": "gfl", "gfl_dc_clb": "ours"}
 GFL_PAPER_BACKBONE = "resnext101_32x4d_dcn"
-#: Table 1 method → its label in the tables
-T1_METHOD_LABEL = {"retinanet": "RetinaNet", "ours": "Ours", "gfl": "GFL", "gfl_dc": "GFL +DC",
-                   "gfl_dc_clb": "GFL +DC +CL-B", "fcos": "FCOS", "faster_rcnn": "Faster R-CNN"}
-#: Table 1 deltas: row method → (the method it is measured against, label). "GFL +DC +CL-B" is
-#: against GFL (the paper's 48.9 − 48.2); CL-B alone is its Δ minus "GFL +DC"'s.
-T1_DELTAS = {"ours": ("retinanet", "ours − RetinaNet"), "gfl_dc": ("gfl", "+DC − GFL"),
-             "gfl_dc_clb": ("gfl", "+DC +CL-B − GFL")}
+#: Table 1 method → its label in the tables (from the spec, lab/specs/table1.yaml)
+T1_METHOD_LABEL = {r.name: r.label for r in as_spec(1).rows}
+#: how Table 1's deltas read (each is measured against the row its spec compares it to: "GFL +DC
+#: +CL-B" against GFL, the paper's 48.9 − 48.2; CL-B alone is its Δ minus "GFL +DC"'s)
+T1_DELTA_LABEL = {"ours": "ours − RetinaNet", "gfl_dc": "+DC − GFL", "gfl_dc_clb": "+DC +CL-B − GFL"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +63,13 @@ _T2_VOC = {"mAP": "mAP"}
 _T2_COCO = {m: m for m in ("AP", "AP50", "AP75")}
 _T1_VOC = {"mAP": "AP50"}  # VOC mAP is at IoU 0.5, like COCO AP50
 _T1_COCO = {m: m for m in paper.TABLE1_METRICS}
+#: a table spec of one's own: our metrics only, no paper columns
+CUSTOM_VIEWS: dict[str, DatasetView] = {
+    "voc07": DatasetView("voc", ("mAP",), {"mAP": "mAP"}, "", False),
+    "coco": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, "", False),
+    "trees": DatasetView("voc", ("mAP",), {"mAP": "mAP"}, "", False),
+    "shapes": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, "", False),
+}
 DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
     1: {
         "voc07": DatasetView("voc", ("mAP",), _T1_VOC, paper.TABLE1_DATASET, False),
@@ -81,6 +85,11 @@ DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
         "shapes": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, paper.TABLE2_COCO_DATASET, False),
     },
 }
+
+
+def dataset_view(table: int | str, dataset: str) -> DatasetView:
+    """How ``dataset`` shows in the paper's Table ``table``, or in a spec's table (``table`` its name)."""
+    return DATASET_VIEWS[table][dataset] if isinstance(table, int) else CUSTOM_VIEWS[dataset]
 
 
 def delta_stat(a: dict[int, float], b: dict[int, float]) -> tuple[Stat, str] | None:
@@ -123,7 +132,7 @@ class Row:
     ``n == 0`` marks a missing cell (expected but no FINISHED run): it renders as "—".
     """
 
-    table: int
+    table: int | str  #: the paper's table (1, 2) or a spec's name
     row: str
     dataset: str
     profile: str
@@ -153,11 +162,12 @@ class Row:
 
     @property
     def view(self) -> DatasetView:
-        return DATASET_VIEWS[self.table][self.dataset]
+        return dataset_view(self.table, self.dataset)
 
 
-def aggregate(uri: str, table: int, profile: str | None = None, bootstrap: bool = True) -> list[Row]:
-    """Cells of Table ``table`` from the MLflow store at ``uri`` (missing expected cells have n = 0).
+def aggregate(uri: str, table: int | TableSpec, profile: str | None = None, bootstrap: bool = True) -> list[Row]:
+    """Cells of ``table`` (the paper's 1 or 2, or a spec) from the MLflow store at ``uri`` (missing
+    expected cells have n = 0).
 
     ``bootstrap``: also the two-level bootstrap of the deltas (:func:`add_bootstrap`), from each
     run's detections and config artifacts.
@@ -165,7 +175,7 @@ def aggregate(uri: str, table: int, profile: str | None = None, bootstrap: bool 
     return build_rows(uri, fetch_cell_runs(uri, table, profile), table, bootstrap)
 
 
-def build_rows(uri: str, records: Sequence[RunRecord], table: int, bootstrap: bool) -> list[Row]:
+def build_rows(uri: str, records: Sequence[RunRecord], table: int | TableSpec, bootstrap: bool) -> list[Row]:
     rows = aggregate_records(records, table)
     if bootstrap:
         from lab.compare import RunMatchesLoader  # rebuilds val datasets: only when asked
@@ -174,14 +184,14 @@ def build_rows(uri: str, records: Sequence[RunRecord], table: int, bootstrap: bo
     return rows
 
 
-def aggregate_records(records: Sequence[RunRecord], table: int) -> list[Row]:
+def aggregate_records(records: Sequence[RunRecord], table: int | TableSpec) -> list[Row]:
     """Group ``records`` (``used`` ones) into cells, add expected-but-missing cells, paper values, deltas.
 
-    Expected cells per (dataset, profile) seen: Table 2's four rows; for Table 1, per backbone ``b``
-    seen in a block, that block's rows: ``retinanet_<b>``, ``ours_<b>`` (and any other non-GFL
-    method seen on ``b``); ``gfl_<b>``, ``gfl_dc_<b>``, ``gfl_dc_clb_<b>``.
+    Expected cells per (dataset, profile) seen: the spec's default rows (Table 2's four); for Table 1,
+    per backbone ``b`` seen in a block, that block's rows: ``retinanet_<b>``, ``ours_<b>`` (and any
+    other non-GFL method seen on ``b``); ``gfl_<b>``, ``gfl_dc_<b>``, ``gfl_dc_clb_<b>``.
     """
-    tracking.experiment_name(table)  # validates table
+    spec = as_spec(table)
     groups: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         if rec.used:
@@ -189,16 +199,16 @@ def aggregate_records(records: Sequence[RunRecord], table: int) -> list[Row]:
     rows: list[Row] = []
     for dataset, profile in sorted(groups, key=lambda g: (DATASET_ORDER.index(g[0]), g[1])):
         cells = groups[(dataset, profile)]
-        for name in _row_order(table, cells):
-            rows.append(_make_row(table, name, dataset, profile, cells.get(name, [])))
-    _add_deltas(rows, table)
+        for name in _row_order(spec, cells):
+            rows.append(_make_row(spec, name, dataset, profile, cells.get(name, [])))
+    _add_deltas(rows, spec)
     return rows
 
 
-def _row_order(table: int, cells: dict[str, list[RunRecord]]) -> list[str]:
-    """Expected rows first in paper order, then unknown rows (alphabetical) so nothing is hidden."""
-    if table == 2:
-        expected = list(TABLE2_ROWS)
+def _row_order(spec: TableSpec, cells: dict[str, list[RunRecord]]) -> list[str]:
+    """Expected rows first in the spec's order, then unknown rows (alphabetical) so nothing is hidden."""
+    if spec.paper_table != 1:
+        expected = [r.name for r in spec.rows if r.default and r.over is None]
     else:
         seen = [p for name in cells if (p := split_table1_row(name))]
         expected = []
@@ -222,21 +232,21 @@ def t1_method(row: str) -> str | None:
     return None if split is None else split[0]
 
 
-def _make_row(table: int, name: str, dataset: str, profile: str, recs: list[RunRecord]) -> Row:
-    view = DATASET_VIEWS[table][dataset]
+def _make_row(spec: TableSpec, name: str, dataset: str, profile: str, recs: list[RunRecord]) -> Row:
+    view = dataset_view(spec.ident, dataset)
     recs = sorted(recs, key=lambda r: r.seed)
     values: dict[str, dict[int, float]] = defaultdict(dict)
     for rec in recs:
         for metric, value in rec.metrics.items():
             if math.isfinite(value):
                 values[metric][rec.seed] = value
-    pvals = _paper_values(table, name)
+    pvals = _paper_values(spec.paper_table, name) if spec.paper_table else None
     return Row(
-        table=table,
+        table=spec.ident,
         row=name,
         dataset=dataset,
         profile=profile,
-        label=row_label(table, name),
+        label=row_label(spec, name),
         seeds=tuple(r.seed for r in recs),
         run_ids=tuple(r.run_id for r in recs),
         stats={m: s for m, v in values.items() if (s := summarize(list(v.values()))) is not None},
@@ -264,32 +274,55 @@ def _paper_values(table: int, row: str) -> dict[str, float | None] | None:
     return None if p1 is None else dict(p1.metrics)
 
 
-def row_label(table: int, row: str) -> str:
-    if table == 2:
-        return {"baseline": "RetinaNet R-50 (baseline)", "iac": "+IAC", "iac_dc": "+IAC +DC",
-                "iac_dc_clb": "+IAC +DC +CL-B"}.get(row, row)
-    split = split_table1_row(row)
-    if split is None:
+def row_label(table: int | TableSpec, row: str) -> str:
+    """The row's label: the spec's (Table 1 and rows over backbones: ``label (backbone)``)."""
+    spec = as_spec(table)
+    found = _spec_row(spec, row)
+    if found is None:
         return row
-    return f"{T1_METHOD_LABEL[split[0]]} ({split[1]})"
+    method, backbone = found
+    label = spec.row(method).label
+    return label if backbone is None else f"{label} ({backbone})"
 
 
-def _add_deltas(rows: list[Row], table: int) -> None:
-    """Headline-metric deltas: Table 2 each step vs the previous one; Table 1 each block's
-    modified rows vs its baseline (:data:`T1_DELTAS`)."""
+def _spec_row(spec: TableSpec, row: str) -> tuple[str, str | None] | None:
+    """``(spec row, backbone)`` of a cell row name: ``iac`` -> ("iac", None), ``gfl_dc_x`` ->
+    ("gfl_dc", "x") for rows over backbones (the longest row name that prefixes it wins)."""
+    names = {r.name: r for r in spec.rows}
+    if row in names and names[row].over is None:
+        return row, None
+    for r in sorted(spec.rows, key=lambda r: len(r.name), reverse=True):
+        if r.over is not None and row.startswith(r.name + "_") and len(row) > len(r.name) + 1:
+            return r.name, row[len(r.name) + 1:]
+    return None
+
+
+def step_label(label: str, ref_label: str) -> str:
+    """What a row adds to the row it is compared with, read off their labels: "+IAC +DC" against
+    "+IAC" is "+DC"; a label that does not extend the other's is kept whole."""
+    rest = label[len(ref_label):].strip() if label.startswith(ref_label) else ""
+    return rest or label
+
+
+def _add_deltas(rows: list[Row], table: int | TableSpec) -> None:
+    """Headline-metric deltas: each row against the row its spec compares it with
+    (:meth:`lab.specs.TableSpec.reference`: Table 2 each step against the one above; Table 1 each
+    block's modified rows against its baseline)."""
+    spec = as_spec(table)
     by_key = {(r.dataset, r.profile, r.row): r for r in rows}
     for r in rows:
-        if table == 2:
-            step = next((s for s in TABLE2_STEPS if s[1] == r.row), None)
-            if step is None:
-                continue
-            label, ref = step[0], step[2]
+        found = _spec_row(spec, r.row)
+        if found is None:
+            continue
+        method, backbone = found
+        ref_method = spec.reference(method)
+        if ref_method is None:
+            continue
+        ref = ref_method if backbone is None else f"{ref_method}_{backbone}"
+        if spec.paper_table == 1:
+            label = f"{T1_DELTA_LABEL.get(method, f'{method} − {ref_method}')} ({backbone})"
         else:
-            split = split_table1_row(r.row)
-            if split is None or split[0] not in T1_DELTAS:
-                continue
-            base_method, what = T1_DELTAS[split[0]]
-            label, ref = f"{what} ({split[1]})", f"{base_method}_{split[1]}"
+            label = step_label(spec.row(method).label, spec.row(ref_method).label)
         base = by_key.get((r.dataset, r.profile, ref))
         if base is None:
             continue
