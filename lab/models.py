@@ -111,13 +111,19 @@ def log_model(tracking_uri: str, run_id: str, weights: str | Path, step: int, re
         payload["config"] = {**payload["config"], "nms": dict(nms)}
     built = rebuild(payload)
     with tempfile.TemporaryDirectory() as d, _use_tracking_uri(tracking_uri), _quiet_mlflow_model_io():
+        # Created here, in the run's experiment: log_model alone files it under the active
+        # experiment (Default, 0), where the UI's Models tab of the run's experiment never shows it.
+        run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+        model = mlflow.initialize_logged_model(name=MODEL_NAME, source_run_id=run_id,
+                                               experiment_id=run.info.experiment_id,
+                                               params={k: str(v) for k, v in run.data.params.items()})
         named = Path(d) / "model.pt"  # extra_files keeps the base name
         if nms is None:
             named.write_bytes(Path(local).read_bytes())
         else:
             torch.save(payload, named)
         info = mlflow.pytorch.log_model(
-            built.model, name=MODEL_NAME, run_id=run_id, step=step, signature=signature(),
+            built.model, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, step=step, signature=signature(),
             extra_files=[str(named)], serialization_format="pickle",  # pt2 would trace a fixed-size graph
             # given, not inferred: inference loads the model in a subprocess (seconds per cell)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",

@@ -49,6 +49,9 @@ def test_the_logged_model_is_linked_to_the_run_and_its_final_metrics(logged):
     client = MlflowClient(logged["uri"])
     model = client.get_logged_model(logged["model_id"])
     assert model.source_run_id == logged["run_id"] and model.name == models.MODEL_NAME
+    # in the run's experiment (the UI's Models tab lists it there), not the Default one; finalized
+    assert model.experiment_id == client.get_run(logged["run_id"]).info.experiment_id != "0"
+    assert str(model.status) in ("READY", "LoggedModelStatus.READY") or model.status.to_string() == "READY"
     assert [(m.key, m.step, m.value) for m in model.metrics] == [("AP", 2, 2.5)]  # the final evaluation's only
     # linking re-sends the step's metrics with the model id: the run's own history keeps one point per step
     assert [(m.step, m.value) for m in client.get_metric_history(logged["run_id"], "AP")] == [(1, 1.5), (2, 2.5)]
