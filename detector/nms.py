@@ -41,11 +41,12 @@ def nms_clusters(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: f
     if num == 0:
         return leaders, cluster
 
-    # A leader is its own cluster; only suppressed boxes need a search. Enumerate the (suppressed
-    # box, leader of the same class) pairs without a Python loop: group the leaders by class
-    # (stable, so within a class they stay in NMS order) and give each box the block of its class.
-    # The pair count is sum_c |suppressed_c| * |leaders_c|, far below K * L with many classes.
-    cluster[leaders] = torch.arange(leaders.numel(), device=boxes.device)
+    # A leader is its own cluster; only suppressed boxes need a search, and only among the leaders
+    # of their own class. Lay those out as a table [classes, W] (W = most leaders in one class,
+    # each class's leaders in NMS order) and test every suppressed box against its class's row at
+    # once: a few dense ops on [M, W] instead of a Python loop or a gather per (box, leader) pair.
+    n_lead = leaders.numel()
+    cluster[leaders] = torch.arange(n_lead, device=boxes.device)
     is_leader = torch.zeros(num, dtype=torch.bool, device=boxes.device)
     is_leader[leaders] = True
     members = torch.where(~is_leader)[0]
@@ -56,45 +57,38 @@ def nms_clusters(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: f
     else:
         label_ids = torch.unique(labels, return_inverse=True)[1]
     leader_cls = label_ids[leaders]
+    n_cls = int(label_ids.max()) + 1
     order = torch.sort(leader_cls, stable=True).indices  # positions in `leaders`, grouped by class
-    per_cls = torch.bincount(leader_cls, minlength=int(label_ids.max()) + 1)
-    start = torch.cumsum(per_cls, 0) - per_cls
+    per_cls = torch.bincount(leader_cls, minlength=n_cls)
+    width = int(per_cls.max())
+    sorted_cls = leader_cls[order]
+    rank = torch.arange(n_lead, device=boxes.device) - (torch.cumsum(per_cls, 0) - per_cls)[sorted_cls]
+    table = torch.full((n_cls, width), -1, dtype=torch.int64, device=boxes.device)
+    table[sorted_cls, rank] = order
+    # coordinates and areas as columns [5, ...]: each coordinate of [M, W] is then contiguous
+    cols = torch.cat([boxes.t(), ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None]])
+    lead_cols = torch.zeros(5, n_cls, width, dtype=boxes.dtype, device=boxes.device)
+    lead_cols[:, sorted_cls, rank] = cols[:, leaders[order]]
     member_cls = label_ids[members]
-    counts = per_cls[member_cls]  # leaders in each suppressed box's class
-    pair_member = torch.repeat_interleave(torch.arange(members.numel(), device=boxes.device), counts)
-    pair_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    within = torch.arange(pair_member.numel(), device=boxes.device) - pair_start
-    leader_pos = order.index_select(0, start.index_select(0, member_cls.index_select(0, pair_member)) + within)
-    # Overlap test as inter > t * union (no division), on column-gathered coordinates: cheaper
-    # than row gathers of [P, 4] on CPU.
-    cols = boxes.t().contiguous()
-    area = (cols[2] - cols[0]) * (cols[3] - cols[1])
-    ia = members.index_select(0, pair_member)
-    ib = leaders.index_select(0, leader_pos)
-    a, b = cols.index_select(1, ia), cols.index_select(1, ib)
-    iw = (torch.min(a[2], b[2]) - torch.max(a[0], b[0])).clamp(min=0)
-    ih = (torch.min(a[3], b[3]) - torch.max(a[1], b[1])).clamp(min=0)
-    inter = iw * ih
-    union = area.index_select(0, ia) + area.index_select(0, ib) - inter
-
-    # First leader (lowest position) with IoU > threshold.
-    n_mem = members.numel()
-    big = torch.iinfo(torch.int64).max
-    cand = torch.where(inter > iou_threshold * union, leader_pos, torch.full_like(leader_pos, big))
-    first = torch.full((n_mem,), big, dtype=torch.int64, device=boxes.device)
-    first.scatter_reduce_(0, pair_member, cand, reduce="amin")
+    cand = table.index_select(0, member_cls)  # [M, W] leader positions, -1 = none
+    lb = lead_cols.index_select(1, member_cls)  # [5, M, W]; a missing leader is an all-zero box
+    mb = cols.index_select(1, members).unsqueeze(2)  # [5, M, 1]
+    iw = (torch.min(mb[2], lb[2]) - torch.max(mb[0], lb[0])).clamp_(min=0)
+    ih = (torch.min(mb[3], lb[3]) - torch.max(mb[1], lb[1])).clamp_(min=0)
+    inter = iw.mul_(ih)
+    union = (mb[4] + lb[4]).sub_(inter)
+    # First leader (lowest position: a row is in NMS order) with IoU > threshold, tested as
+    # inter > t * union (no division; the zero boxes of missing leaders never pass); argmax of a
+    # 0/1 row is its first 1.
+    hit = inter > iou_threshold * union
+    found = hit.any(dim=1)
+    first = cand.gather(1, hit.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1)
     # The kernel in batched_nms computes IoU in its own float order; a box it suppressed at exactly
     # the threshold may miss every leader here. Give such boxes their highest-IoU leader.
-    orphan = first == big
-    if bool(orphan.any()):
-        iou = torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
-        best = torch.full((n_mem,), -1.0, dtype=iou.dtype, device=boxes.device)
-        best.scatter_reduce_(0, pair_member, iou, reduce="amax")
-        is_best = (iou == best[pair_member]) & orphan[pair_member]
-        cand = torch.where(is_best, leader_pos, torch.full_like(leader_pos, big))
-        fallback = torch.full((n_mem,), big, dtype=torch.int64, device=boxes.device)
-        fallback.scatter_reduce_(0, pair_member, cand, reduce="amin")
-        first = torch.where(orphan, fallback, first)
+    if not bool(found.all()):
+        iou = torch.where((union > 0) & (cand >= 0), inter / union.clamp(min=torch.finfo(inter.dtype).tiny),
+                          torch.full_like(inter, -1.0))
+        first = torch.where(found, first, cand.gather(1, iou.argmax(dim=1, keepdim=True)).squeeze(1))
     cluster[members] = first
     return leaders, cluster
 

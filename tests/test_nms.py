@@ -66,9 +66,10 @@ def test_beta_zero_equals_batched_nms(n):
         assert clb_nms(boxes, scores, logits, labels, 0.5, beta=2.0).keep.numel() == expected.numel()
 
 
-def test_matches_loop_reference():
+@pytest.mark.parametrize("num_classes, objects", [(5, 12), (80, 40)])  # few leaders per class, and many classes
+def test_matches_loop_reference(num_classes, objects):
     for seed in range(4):
-        boxes, scores, logits, labels = _clustered(400, seed, num_classes=5, objects=12)
+        boxes, scores, logits, labels = _clustered(400, seed, num_classes=num_classes, objects=objects)
         for beta in (0.5, 1.0, 3.0):
             ref, members = _reference_clb(boxes, scores, logits, labels, 0.5, beta)
             got = clb_nms(boxes, scores, logits, labels, 0.5, beta).keep
