@@ -13,7 +13,9 @@ Every check (the source, the data files, the class count) runs before a run is o
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from detector.config import ConfigError, flatten
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if list(val_set.class_names) != names:
         raise ConfigError(f"{describe(cfg.data)} has classes {list(val_set.class_names)}, the weights {src.label!r} "
                           f"were trained on {names}: labels would not mean the same")
-    name = args.name or f"eval-{src.label.rstrip('/').split('/')[-1]}"[:200]
+    name = args.name or run_name_for(src.label)
     exp = tracking.init_store(uri, args.experiment)
     client = MlflowClient(uri)
     tags = {TAG_SOURCE: src.label, tracking.TAG_WEIGHTS: src.path, tracking.TAG_KIND: "eval",
@@ -114,6 +116,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"run {run_id} ({args.experiment}) in {scrub_text(uri)}"
           + (f"; source run {src.run_id}" if src.run_id else ""))
     return 0
+
+
+def run_name_for(source: str) -> str:
+    """``eval-<what was evaluated>``: ``models:/shapes/3`` -> ``eval-shapes-v3``, ``runs:/<id>/model``
+    -> ``eval-<id>``, ``.../<run>/model.pt`` -> ``eval-<run>``, a run name or id as it is."""
+    text = source.rstrip("/")
+    if text.startswith("models:/"):
+        name, _, version = text.removeprefix("models:/").partition("/")
+        text = f"{name}-v{version}" if version.isdigit() else f"{name}-{version}" if version else name
+    elif text.startswith("runs:/"):
+        text = text.removeprefix("runs:/").split("/")[0]
+    elif "/" in text:
+        path = Path(text.split("://")[-1])
+        text = path.parent.name if path.name == "model.pt" and path.parent.name else path.name
+    return f"eval-{re.sub(r'[^A-Za-z0-9_.@-]+', '-', text)}"[:200]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -141,3 +141,16 @@ def test_export_takes_a_run_name(logged, tmp_path):
     from detector.digest import file_sha256
 
     assert file_sha256(logged["weights"]) in json.dumps(manifest)
+
+
+@pytest.mark.parametrize("source, name", [
+    ("models:/detlab-demo/3", "eval-detlab-demo-v3"), ("models:/detlab-demo@best", "eval-detlab-demo@best"),
+    ("models:/m-0123abcd", "eval-m-0123abcd"), ("runs:/0123456789abcdef0123456789abcdef/model",
+                                                 "eval-0123456789abcdef0123456789abcdef"),
+    ("results/ray/t2-iac-shapes-s0-abc123/model.pt", "eval-t2-iac-shapes-s0-abc123"),
+    ("s3://bucket/ray/t2-iac-shapes-s0-abc/model.pt", "eval-t2-iac-shapes-s0-abc"),
+    ("t2-iac-shapes-s0", "eval-t2-iac-shapes-s0")])
+def test_an_eval_run_is_named_after_what_it_evaluates(source, name):
+    from lab.evalcmd import run_name_for
+
+    assert run_name_for(source) == name
