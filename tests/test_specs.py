@@ -152,7 +152,7 @@ def test_a_three_row_spec_runs_at_smoke_and_gets_its_table(tmp_path, capsys):
     clb_line = next(line for line in md.splitlines() if line.startswith("| +IAC +CL-B |"))
     assert "| +IAC |" in clb_line  # compared with the row it builds on
     for name in ("mini-ablation.tex", "mini-ablation.html", "mini-ablation.csv", "mini-ablation_deltas.png",
-                 "mini-ablation_curves_shapes.png"):
+                 "mini-ablation_curves_shapes.png", "mini-ablation_loss_shapes.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob("claims*"))
     raw = pq.read_table(out / "mini-ablation_runs.parquet").to_pylist()

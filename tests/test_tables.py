@@ -180,7 +180,7 @@ def test_table1_rows_n1_and_missing(store: dict) -> None:
 def test_write_tables_files_parquet_and_tables_run(store: dict, tmp_path: Path) -> None:
     paths = tables.write_tables(store["uri"], 2, tmp_path / "out")
     assert set(paths) == {"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html",
-                          "curves_trees", "curves_shapes"}
+                          "curves_trees", "curves_shapes", "loss_trees", "loss_shapes"}
     assert paths["curves_trees"].name == "table2_curves_trees.png"
     assert {p.name for p in paths.values() if p.name.startswith("claims")} == {"claims2.md", "claims2.tex",
                                                                               "claims2.html"}

@@ -40,12 +40,13 @@ def write_tables(
     bootstrap: bool = True,
 ) -> dict[str, Path]:
     """Write ``table{N}.md/.tex/.csv/.html``, ``table{N}_runs.parquet``, ``table{N}_deltas.png``,
-    the rows' learning curves ``table{N}_curves_<dataset>.png`` and the verdicts on the paper's
+    the rows' learning curves ``table{N}_curves_<dataset>.png`` (val metric) and ``table{N}_loss_<dataset>.png``
+    and the verdicts on the paper's
     deltas, ``claims{N}.md/.tex/.html``. ``table``: the paper's 1 or 2, or a spec (files named after
     it, ``<name>.md`` ..., and no paper columns or claims).
 
     Returns ``{"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html",
-    "curves_<dataset>"...}`` → absolute paths. With ``log_to_mlflow`` the files are also logged (under
+    "curves_<dataset>", "loss_<dataset>"...}`` → absolute paths. With ``log_to_mlflow`` the files are also logged (under
     ``tables/``) to a new FINISHED run tagged ``detlab.kind=tables`` in the table's experiment. ``bootstrap``: the
     two-level bootstrap of the deltas (CI, MDE, P(B > A); see :func:`add_bootstrap`; needs the runs'
     detections and their val data); without it the claims have no verdict.
@@ -82,8 +83,10 @@ def write_tables(
 
 
 def write_curves(uri: str, rows: Sequence[Row], stem: str, out: Path) -> dict[str, Path]:
-    """The learning curves of each section's rows overlaid (:func:`lab.curves.plot_rows_curves`): one
-    PNG per dataset (and profile, when there are several), ``<stem>_curves_<dataset>.png``."""
+    """The learning curves of each section's rows overlaid (:func:`lab.curves.plot_rows_curves`), per
+    dataset (and profile, when there are several): the val metric, ``<stem>_curves_<dataset>.png``
+    (one point per evaluation: ``eval.every`` sets how many), and the training loss per epoch,
+    ``<stem>_loss_<dataset>.png`` (rows that only evaluate have none)."""
     import matplotlib.pyplot as plt
 
     from lab.curves import plot_rows_curves
@@ -97,12 +100,13 @@ def write_curves(uri: str, rows: Sequence[Row], stem: str, out: Path) -> dict[st
         if not cells:
             continue
         suffix = f"{dataset}_{profile}" if several else dataset
-        metric = cells[0].view.headline
-        fig = plot_rows_curves(client, {r.label: list(r.run_ids) for r in cells}, metric,
-                               title=f"{dataset}, profile {profile}: val {metric} (mean over seeds, band min-max)")
-        paths[f"curves_{suffix}"] = out / f"{stem}_curves_{suffix}.png"
-        fig.savefig(paths[f"curves_{suffix}"])
-        plt.close(fig)
+        runs = {r.label: list(r.run_ids) for r in cells}
+        for kind, metric, what in (("curves", cells[0].view.headline, "val"), ("loss", "train_loss", "training")):
+            fig = plot_rows_curves(client, runs, metric, title=f"{dataset}, profile {profile}: {what} {metric} "
+                                                              "(mean over seeds, band min-max)")
+            paths[f"{kind}_{suffix}"] = out / f"{stem}_{kind}_{suffix}.png"
+            fig.savefig(paths[f"{kind}_{suffix}"])
+            plt.close(fig)
     return paths
 
 
