@@ -1,0 +1,55 @@
+"""The layers hold: ``detector`` (the science) imports neither ``lab`` nor Ray nor MLflow, ``lab`` sits
+over it (import-linter contracts in pyproject.toml), and ``jobs/`` are thin entry points over the CLI."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(cwd: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run([str(LINT), "--config", str(config), "--no-cache"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_import_contracts_are_kept():
+    out = _lint(ROOT, ROOT / "pyproject.toml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    assert f"Contracts: {len(contracts)} kept, 0 broken." in out.stdout
+
+
+def test_the_contracts_catch_detector_importing_the_platform(tmp_path):
+    """The same contracts over a two-package stand-in where detector imports lab and mlflow: broken."""
+    (tmp_path / "detector").mkdir()
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "detector" / "__init__.py").write_text("")
+    (tmp_path / "detector" / "model.py").write_text("import mlflow\nfrom lab import runner\n")
+    (tmp_path / "lab" / "__init__.py").write_text("")
+    (tmp_path / "lab" / "runner.py").write_text("import detector.model\n")
+    (tmp_path / "mlflow").mkdir()  # an external package, found on the path
+    (tmp_path / "mlflow" / "__init__.py").write_text("")
+    config = tmp_path / "pyproject.toml"
+    section = (ROOT / "pyproject.toml").read_text().split("[tool.importlinter]", 1)[1].split("[tool.pytest", 1)[0]
+    config.write_text("[tool.importlinter]" + section)
+    out = _lint(tmp_path, config)
+    assert out.returncode != 0
+    assert "BROKEN" in out.stdout and "detector.model -> lab.runner" in out.stdout, out.stdout
+
+
+def test_jobs_are_thin_entry_points_over_the_cli():
+    allowed = {"sys", "pathlib", "lab.cli", "lab.sweep"}
+    for job in sorted((ROOT / "jobs").glob("*.py")):
+        tree = ast.parse(job.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert names <= allowed, (job.name, names - allowed)
+        assert len(job.read_text().splitlines()) < 40, job.name
