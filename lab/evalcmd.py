@@ -16,7 +16,6 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 from detector.config import ConfigError, flatten
 from lab import tracking

@@ -1,8 +1,10 @@
 """Fault injection for the recovery tests: what a worker does wrong, and when.
 
-The tests set ``DETLAB_FAULT`` in the driver's environment; the runner forwards it to every cell
-task and Train worker (``lab.workerenv.FORWARD_ENV``), so a fault reaches a real worker process
-through the same path as the tracking URI. Unset, nothing here does anything.
+The tests set ``DETLAB_FAULT`` in the driver's environment; the runner and sweeps forward it to every
+cell task and trial (``lab.workerenv.FORWARD_ENV``), so a fault reaches a real worker process
+through the same path as the tracking URI, and :func:`lab.train.fit_cell` reads it where it is
+called and hands it to every rank. This is the only fault-injection path. Unset, nothing here
+does anything.
 
 Grammar: items separated by ``;``, each ``kind:arg[:arg]``; every fault fires on the last rank
 (``world - 1``) only, once per process:

@@ -233,7 +233,7 @@ def _from_run(source: str, tracking_uri: str) -> WeightsSource:
     """A run id, or a run name (the latest FINISHED run of that name in any experiment, else the latest)."""
     from mlflow.exceptions import MlflowException
 
-    from lab import storage, tracking
+    from lab import storage
 
     client = _client(tracking_uri)
     run = None

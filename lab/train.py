@@ -325,8 +325,9 @@ class LoopArgs:
     run_dir: str = ""
     run_id: str | None = None
     tracking_uri: str | None = None
-    #: fault injection for tests: the last rank raises once after this epoch's checkpoint.
-    fail_after_epoch: int | None = None
+    #: fault injection for tests: the ``DETLAB_FAULT`` spec (:mod:`lab.faults`) that :func:`fit_cell`
+    #: read where it was called, carried to every rank (a worker's own environment may predate it)
+    fault: str = ""
     #: local mode inside a Tune trial: report each epoch (and its checkpoint) to Tune directly, and
     #: resume from Tune's checkpoint. Ray 2.60's local mode never calls Train callbacks, so
     #: ``TuneReportCallback`` would see nothing.
@@ -364,7 +365,7 @@ def _fit(cfg: LabConfig, args: LoopArgs, rank: int, world: int, device: torch.de
     """The body of :func:`train_loop_per_worker` on one placed worker."""
     use_amp = cfg.train.amp and device.type == "cuda"
     log = RunLog(args.tracking_uri, args.run_id, spool_dir_for(args.run_id)) if rank == 0 else RunLog(None, None)
-    plan = faults.from_env()
+    plan = faults.parse(args.fault)
     guard = NonFiniteGuard(cfg.train.max_nonfinite, plan.nan_at_steps if rank == world - 1 else frozenset())
 
     train_set = build_dataset(cfg.data, "train", train=True)
@@ -627,7 +628,7 @@ def _checkpoint_write(name: str, epoch: int) -> Iterator[None]:
 
 def _inject_after_epoch(plan: faults.FaultPlan, args: LoopArgs, epoch: int) -> None:
     """The fault hooks (last rank, after this epoch's checkpoint): see :mod:`lab.faults`."""
-    if args.fail_after_epoch == epoch or plan.raise_after_epoch == epoch:
+    if plan.raise_after_epoch == epoch:
         time.sleep(_REGISTER_WAIT_S)
         raise RuntimeError(f"[{args.name}] injected failure after epoch {epoch + 1} (fault-injection test hook)")
     if plan.exit_after_epoch == epoch:
@@ -859,7 +860,6 @@ def fit_cell(
     storage_path: str | Path,
     run_id: str | None = None,
     tracking_uri: str | None = None,
-    fail_after_epoch: int | None = None,
     callbacks: list[Any] | None = None,
     report_to_tune: bool = False,
 ) -> dict[str, Any]:
@@ -871,6 +871,9 @@ def fit_cell(
 
     ``name`` prefixes progress lines. ``(storage_path, run_name)`` identifies the Ray run: calling this again with the same pair
     resumes from its latest checkpoint. Raises ``ray.train.TrainingFailedError`` on failure.
+
+    Fault injection (tests) has one path: ``DETLAB_FAULT`` in this process's environment
+    (:mod:`lab.faults`), read here and carried to every rank.
     """
     root = storage.parse(storage_path)  # a local path, shared:///mount or s3://bucket/prefix
     storage.mkdir(root)  # local dirs only: an object store has none
@@ -886,7 +889,7 @@ def fit_cell(
         name=name,
         weights_path=storage.join(root, run_name, WEIGHTS_FILE),
         run_dir=storage.join(root, run_name),
-        run_id=run_id, tracking_uri=tracking_uri, fail_after_epoch=fail_after_epoch,
+        run_id=run_id, tracking_uri=tracking_uri, fault=os.environ.get(faults.ENV, ""),
         report_to_tune=report_to_tune,
     )
     if s.workers == 0:

@@ -181,7 +181,7 @@ def test_local_upload_that_fails_halfway_keeps_the_previous_file(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_train_checkpoints_in_s3_and_resume(s3, local_ray, tmp_path):
+def test_train_checkpoints_in_s3_and_resume(s3, local_ray, tmp_path, monkeypatch):
     """A 1-worker Ray Train fit checkpoints into s3:// and dies after epoch 1; refitted under the
     same name it resumes at epoch 2 from the bucket. The final weights land in the bucket and are
     read back from it by a CL-B evaluation and by ``detlab predict``."""
@@ -189,14 +189,17 @@ def test_train_checkpoints_in_s3_and_resume(s3, local_ray, tmp_path):
 
     from detector.data import build_dataset
     from lab.cli import main
+    from lab import faults
     from lab.train import evaluate_weights, fit_cell, load_weights
     from test_train import tiny_cell
 
     cell = tiny_cell("scaling.workers=1", "train.epochs=2")
     root = "s3://detlab/train-test"
     kwargs = {"name": "s3", "run_name": cell.run_name, "storage_path": root}
+    monkeypatch.setenv(faults.ENV, "raise_after_epoch:0")  # the one fault-injection path (lab.faults)
     with pytest.raises(TrainingFailedError, match="injected failure"):
-        fit_cell(cell.cfg, fail_after_epoch=0, **kwargs)
+        fit_cell(cell.cfg, **kwargs)
+    monkeypatch.delenv(faults.ENV)
     keys = s3.keys("detlab", f"train-test/{cell.run_name}/")
     assert any("checkpoint" in k and k.endswith("state.pt") for k in keys), keys
     assert not any(k.endswith("model.pt") for k in keys)

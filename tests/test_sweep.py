@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 
 from detector.config import ConfigError
-from lab import sweep
+from lab import faults, sweep
 from lab.config import build_config, user_overrides
 from lab.sweep import Param, load_space, parse_spec, resolve_sample, validate_space
 
@@ -389,7 +389,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: P
 
 
 @pytest.mark.slow
-def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path) -> None:
+def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-failures 1 in local mode: Tune restarts a trial that failed after epoch 1 from the
     checkpoint it reported, and the same MLflow run finishes, the failure kept on record."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -397,7 +397,8 @@ def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path) -> None
         "--profile", "smoke", "--dataset", "shapes", "--num-samples", "1", "--max-failures", "1",
         "--grace-period", "2", "--out", str(tmp_path / "out"), "--set", f"data.root={tmp_path / 'shapes'}"])
     plan = sweep.build_plan(args)
-    assert sweep.run_sweep(plan, uri, fail_after_epoch=0) == 0  # the loop raises once, after epoch 1's report
+    monkeypatch.setenv(faults.ENV, "raise_after_epoch:0")  # forwarded to the trial, which reads it in fit_cell
+    assert sweep.run_sweep(plan, uri) == 0  # the loop raises once, after epoch 1's report (the retry starts past it)
     runs = _runs(uri)
     (trial,) = [r for r in runs if r.data.tags.get("detlab.kind") == "trial"]
     assert trial.info.status == "FINISHED" and trial.data.metrics["epochs_trained"] == 2

@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from detector.data import build_dataset
-from lab import tracking
+from lab import faults, tracking
 from lab.config import user_overrides
 from lab.experiments import load_profile, single_cell
 from lab.train import evaluate_weights, fit_cell, load_weights, lr_lambda, reposition_schedule
@@ -203,15 +203,17 @@ def test_predict_cli_takes_a_directory_and_a_glob(trained, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_ddp_two_workers_resume_after_failure(local_ray, tmp_path):
+def test_ddp_two_workers_resume_after_failure(local_ray, tmp_path, monkeypatch):
     """A real 2-worker gloo DDP fit dies after its epoch-1 checkpoint; resubmitted with the same
     run name, it resumes at epoch 2 from that checkpoint."""
     from ray.train import TrainingFailedError
 
     cell = tiny_cell("scaling.workers=2", "train.epochs=2")
     kwargs = {"name": "ddp", "run_name": cell.run_name, "storage_path": tmp_path}
+    monkeypatch.setenv(faults.ENV, "raise_after_epoch:0")
     with pytest.raises(TrainingFailedError, match="injected failure"):
-        fit_cell(cell.cfg, fail_after_epoch=0, **kwargs)
+        fit_cell(cell.cfg, **kwargs)
+    monkeypatch.delenv(faults.ENV)
     assert not Path(tmp_path / cell.run_name / "model.pt").exists()
 
     result = fit_cell(cell.cfg, **kwargs)

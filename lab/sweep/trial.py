@@ -62,7 +62,7 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         # the Ray run name is stable per trial: a restored trial resumes from its last checkpoint
         value = fit_cell(cfg, name=run_name, run_name=run_name, storage_path=train_storage, run_id=run_id,
                          tracking_uri=ctx["uri"], callbacks=None if local else [TuneReportCallback()],
-                         report_to_tune=local, fail_after_epoch=ctx.get("fail_after_epoch")) or {}
+                         report_to_tune=local) or {}
         metrics = value.get("metrics", {})
         final = {"epochs_trained": float(cfg.train.epochs), "trial_wall_s": time.time() - t0}
         if ctx["metric"] in metrics:

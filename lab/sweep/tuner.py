@@ -35,11 +35,9 @@ from lab.workerenv import forwarded_env, init_address
 TRIAL_RESOURCE = "detlab_trial_driver"
 
 
-def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail_after_epoch: int | None = None) -> int:
+def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None) -> int:
     """Run (or resume) the sweep of ``plan``; write the best config; 0 if at least one trial finished.
-
-    ``fail_after_epoch``: fault injection for tests, passed to every trial's :func:`lab.train.fit_cell`.
-    """
+    Fault injection for tests: ``DETLAB_FAULT`` (:mod:`lab.faults`), forwarded to every trial."""
     from mlflow import MlflowClient
 
     if storage.exists(plan.sweep_dir) and not plan.resume:
@@ -56,7 +54,7 @@ def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None, *, fail
     parent_id = _open_parent_run(client, exp_id, plan)
     status = "FAILED"
     try:
-        tuner, concurrency, stopped = _make_tuner(plan, uri, exp_id, parent_id, fail_after_epoch)
+        tuner, concurrency, stopped = _make_tuner(plan, uri, exp_id, parent_id)
         print(f"detlab sweep: {plan.name}: {plan.num_samples} trial(s), up to {concurrency} at a time, "
               f"metric {plan.metric} ({plan.mode}), MLflow {scrub_text(uri)} experiment {plan.experiment} parent run {parent_id}",
               flush=True)
@@ -146,8 +144,7 @@ def trial_capacity(total: dict[str, float], need: dict[str, float]) -> int:
     return max(min(fits), 0) if fits else 1
 
 
-def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
-                fail_after_epoch: int | None = None) -> tuple[Any, int]:
+def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str) -> tuple[Any, int]:
     """A new Tuner, or the restored one (``--resume`` with an existing sweep dir)."""
     import ray
     from ray import tune
@@ -173,7 +170,7 @@ def _make_tuner(plan: SweepPlan, uri: str, exp_id: str, parent_id: str,
               f"node:__internal_head__=0.001 instead (declare {TRIAL_RESOURCE} on the head to place them freely)")
     ctx = {
         "base": plan.base, "space": plan.space, "uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id,
-        "train_storage": storage.join(plan.sweep_dir, "train"), "metric": plan.metric, "fail_after_epoch": fail_after_epoch,
+        "train_storage": storage.join(plan.sweep_dir, "train"), "metric": plan.metric,
         "tags": {tracking.TAG_DATASET: plan.dataset, tracking.TAG_PROFILE: plan.profile, TAG_SWEEP: plan.name,
                  **provenance.source_tags()},
     }

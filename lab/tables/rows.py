@@ -16,7 +16,7 @@ import numpy as np
 from mlflow import MlflowClient
 from scipy import stats as sstats
 
-from lab import paper, stats, tracking
+from lab import paper, stats
 from lab.experiments import TABLE1_GFL_METHODS, TABLE1_METHODS, split_table1_row
 from lab.specs import TableSpec, as_spec
 from lab.stats import SeedsNeeded, Stat, TwoLevelCI, summarize
