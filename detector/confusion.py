@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from detector.evaluate import _as_boxes, _as_vector, _pairwise_iou, _to_int
+from detector.eval_inputs import _as_boxes, _as_vector, _to_int
+from detector.voc_eval import _pairwise_iou
 
 __all__ = ["detection_confusion_matrix"]
 

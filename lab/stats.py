@@ -39,6 +39,8 @@ from scipy import stats as sstats
 from scipy.optimize import brentq
 
 from detector import evaluate as det_eval
+from detector import voc_eval
+from detector.eval_inputs import _to_int
 
 __all__ = [
     "CONTRADICTED",
@@ -184,8 +186,8 @@ def voc_matches(
     ``voc_evaluate(...)["mAP"]`` with the same arguments.
     """
     num_classes = len(class_names) if class_names is not None else None
-    flat = det_eval._Flat(gts, detections, num_classes)  # the same validation and matching
-    order, tp, ignored, _ = det_eval._match(flat, iou_threshold, legacy_plus_one)
+    flat = voc_eval._Flat(gts, detections, num_classes)  # the same validation and matching
+    order, tp, ignored, _ = voc_eval._match(flat, iou_threshold, legacy_plus_one)
     if num_classes is None:
         num_classes = int(max(flat.g_labels.max(initial=-1), flat.d_labels.max(initial=-1))) + 1
     n_images = len(gts)
@@ -194,7 +196,7 @@ def voc_matches(
     real = ~flat.g_diff
     np.add.at(n_gt, (flat.g_img[real], flat.g_labels[real]), 1)
     return VocMatches(
-        image_ids=np.asarray([det_eval._to_int(g["image_id"], "gts[*].image_id") for g in gts], dtype=np.int64),
+        image_ids=np.asarray([_to_int(g["image_id"], "gts[*].image_id") for g in gts], dtype=np.int64),
         n_gt=n_gt,
         det_image=flat.d_img[order][keep],
         det_label=flat.d_labels[order][keep],
@@ -306,7 +308,7 @@ def _voc_resampled(m: VocMatches, counts: np.ndarray) -> np.ndarray:
     b_total, n_classes = counts.shape[0], m.n_gt.shape[1]
     npos = counts @ m.n_gt  # [B, K]
     ap = np.full((b_total, n_classes), np.nan)
-    thresholds = det_eval.voc07_thresholds(m.exact_thresholds)
+    thresholds = voc_eval.voc07_thresholds(m.exact_thresholds)
     for c in range(n_classes):
         sel = m.det_label == c
         img, tp = m.det_image[sel], m.det_tp[sel].astype(np.float64)

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from scipy import stats as sps
 
 from detector import evaluate as det_eval
+from detector import voc_eval
 from lab import stats, tracking
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
@@ -78,7 +79,7 @@ def _with_extra_tp(gts, dets):
     exact box on it: a TP that takes nothing from A's detections, so B >= A on any image set."""
     out = []
     for g, d in zip(gts, dets):
-        ious = det_eval._pairwise_iou(g["boxes"], d["boxes"], False)
+        ious = voc_eval._pairwise_iou(g["boxes"], d["boxes"], False)
         missed = np.flatnonzero(~g["difficult"] & ~(ious >= 0.3).any(axis=1))
         j = missed[:1]
         out.append({"image_id": d["image_id"], "boxes": np.concatenate([g["boxes"][j], d["boxes"]]),
