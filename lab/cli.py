@@ -41,7 +41,7 @@ from lab.experiments import (
 from lab.joboptions import add_job_options, settle_profile, user_layer
 from lab.pretrain import needs_pretraining
 from lab.scrub import scrub_text
-from lab.specs import TableSpec, load_spec, paper_spec
+from lab.specs import TableSpec, choose
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    spec = table_spec(args.table, args.spec)
+    spec = choose(args.table, args.spec)
     if args.profile is None and spec.profile:  # the spec's own profile: no smoke warning
         args.profile = spec.profile
     profile = load_profile(settle_profile(args))
@@ -164,14 +164,6 @@ def cmd_table(args: argparse.Namespace) -> int:
     cells = table_cells(spec, profile, args.seeds, user_layer(args), args.data_root, methods)
     return _run(cells, args, spec.experiment, table=spec,
                 data_for=lambda tag: profile_data(profile, tag, user_layer(args), args.data_root))
-
-
-def table_spec(number: int | None, path: Path | None) -> TableSpec:
-    """``detlab table 1|2`` or ``--spec FILE``: exactly one of them."""
-    if (number is None) == (path is None):
-        raise ConfigError("give the paper's table (detlab table 1|2) or a spec of your own (--spec FILE.yaml), "
-                          "not both" if number is not None else "which table? detlab table 1|2, or --spec FILE.yaml")
-    return paper_spec(number) if number is not None else load_spec(path)
 
 
 def _print_dry_run(cells: list[Cell], out: Path, data_for: Callable[[str], Any] | None) -> None:

@@ -48,7 +48,6 @@ SPECS_DIR = Path(__file__).resolve().parent / "specs"
 #: the paper's tables, by number: their specs, and what ``detlab table 1|2`` runs
 PAPER_TABLES = (1, 2)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-_SPEC_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _OVER = ("backbones", "gfl_backbones")
 
 
@@ -105,6 +104,17 @@ class TableSpec:
     def row(self, name: str) -> RowSpec:
         return next(r for r in self.rows if r.name == name)
 
+    def split_row(self, row: str) -> tuple[str, str | None] | None:
+        """``(spec row, backbone)`` of a cell's row name: ``iac`` -> ("iac", None); for rows over
+        backbones ``gfl_dc_x`` -> ("gfl_dc", "x"), the longest row name that prefixes it winning
+        (names contain "_": ``gfl_dc_clb_x`` is gfl_dc_clb on x, not gfl on dc_clb_x). None: no row."""
+        if any(r.name == row and r.over is None for r in self.rows):
+            return row, None
+        for r in sorted(self.rows, key=lambda r: len(r.name), reverse=True):
+            if r.over is not None and row.startswith(r.name + "_") and len(row) > len(r.name) + 1:
+                return r.name, row[len(r.name) + 1:]
+        return None
+
     def reference(self, name: str) -> str | None:
         """The row ``name``'s delta is measured against: ``compare_to`` (or the row it builds on),
         else the first row that runs over the same backbones; None for that first row."""
@@ -131,13 +141,15 @@ def parse_spec(data: dict[str, Any], where: str, shipped: bool = False) -> Table
     known = {"name", "title", "paper_table", "profile", "datasets", "seeds", "set", "rows"}
     _no_unknown(data, known, where)
     name = data.get("name")
-    if not isinstance(name, str) or not _SPEC_NAME.match(name):
+    from lab.tracking import PAPER_TABLE_NAME, SPEC_NAME
+
+    if not isinstance(name, str) or not SPEC_NAME.fullmatch(name):
         raise ConfigError(f"{where}: name: {name!r} must be lowercase letters, digits, '_' or '-' (it names the "
                           f"MLflow experiment detlab-<name> and the output files)")
     paper_table = data.get("paper_table")
     if paper_table is not None and (not shipped or paper_table not in PAPER_TABLES):
         raise ConfigError(f"{where}: paper_table: only the shipped specs of Table 1 and 2 set it")
-    if paper_table is None and re.fullmatch(r"table\d+", name):
+    if paper_table is None and PAPER_TABLE_NAME.fullmatch(name):
         raise ConfigError(f"{where}: name: {name!r} is reserved for the paper's tables; choose another")
     from lab.config import PROFILES
 
@@ -256,6 +268,14 @@ def paper_spec(table: int) -> TableSpec:
     if table not in PAPER_TABLES:
         raise ConfigError(f"table={table!r} is not 1 or 2")
     return load_spec(SPECS_DIR / f"table{table}.yaml")
+
+
+def choose(number: int | None, path: str | Path | None) -> TableSpec:
+    """``table 1|2`` or ``--spec FILE``, exactly one of them (``detlab table``, ``detlab tables``)."""
+    if (number is None) == (path is None):
+        raise ConfigError("give the paper's table (1|2) or a spec of your own (--spec FILE.yaml), not both"
+                          if number is not None else "which table? 1|2, or --spec FILE.yaml")
+    return paper_spec(number) if number is not None else load_spec(path)
 
 
 def as_spec(table: int | TableSpec) -> TableSpec:

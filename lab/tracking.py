@@ -413,9 +413,14 @@ def close_dangling_runs(uri: str, experiment: str, status: str = "FAILED") -> in
     return len(runs)
 
 
+#: a table spec's name (``detlab-<name>`` experiment, ``<name>.md`` files); ``table<N>`` is the paper's
+SPEC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+PAPER_TABLE_NAME = re.compile(r"table\d+")
+
+
 def _check_table(table: int | str) -> int | str:
     """A paper table (1, 2) or a spec's name."""
-    if isinstance(table, str) and re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", table) and not re.fullmatch(r"table\d+", table):
+    if isinstance(table, str) and SPEC_NAME.fullmatch(table) and not PAPER_TABLE_NAME.fullmatch(table):
         return table
     if isinstance(table, bool) or table not in TABLES:
         raise ValueError(f"table={table!r} is not one of {TABLES}, nor a table spec's name")

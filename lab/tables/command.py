@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
 from lab import tracking
-from lab.specs import TableSpec, as_spec, load_spec
+from lab.specs import TableSpec, as_spec, choose
 from lab.tables.rows import Row, build_rows
 from lab.tables.collect import RunRecord, fetch_cell_runs
 from lab.tables.render import (
@@ -167,20 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.number is not None and args.table is not None and args.number != args.table:
         parser.error(f"table {args.number} and --table {args.table} disagree")
     args.table = args.table if args.table is not None else args.number
-    if args.table is not None and args.spec is not None:
-        parser.error("give a paper table (1|2) or --spec FILE, not both")
-    if args.table is None and args.spec is None:
-        parser.error("which table? detlab tables 1|2 or --spec FILE.yaml (this rebuilds it from MLflow; "
-                     "detlab table 1|2 trains it)")
-    if args.spec is not None:
-        from detector.config import ConfigError
+    from detector.config import ConfigError
 
-        try:
-            table: int | TableSpec = load_spec(args.spec)
-        except ConfigError as e:
-            parser.error(str(e))
-    else:
-        table = args.table
+    try:
+        table = choose(args.table, args.spec)
+    except ConfigError as e:
+        parser.error(f"{e} (this rebuilds it from MLflow; detlab table 1|2 trains it)")
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     paths = write_tables(uri, table, args.out, profile=args.profile, digits=args.digits,
                          log_to_mlflow=not args.no_log, bootstrap=not args.no_bootstrap)

@@ -118,13 +118,17 @@ def build_sections(rows: Sequence[Row], table: int | TableSpec, digits: int = 1)
                 + [str(r.n)]
                 + [c for m in view.metrics for c in (fmt_stat(r.stats.get(m) if r.n else None, digits),
                                                       fmt_value(r.paper.get(m), digits))]
-                + ([fmt_stat(r.delta, digits, signed=True, mark=True), fmt_boot(r.boot, digits),
-                    fmt_mde(r.boot, digits), fmt_p_better(r.boot), _fmt_signed(r.paper_delta, digits)]
-                   if r.delta_ref is not None else [""] * 5)
+                + ([*_delta_cells(r, digits), _fmt_signed(r.paper_delta, digits)] if r.delta_ref is not None else [""] * 5)
             )
         sections.append(Section(f"{dataset} — profile {profile}", note, header, body))
     sections.append(_reported_section(table, digits))
     return sections
+
+
+def _delta_cells(r: Row, digits: int) -> list[str]:
+    """Δ (seed-paired CI), its two-level CI, MDE and P(B > A): the delta columns of every table."""
+    return [fmt_stat(r.delta, digits, signed=True, mark=True), fmt_boot(r.boot, digits), fmt_mde(r.boot, digits),
+            fmt_p_better(r.boot)]
 
 
 def _spec_sections(rows: Sequence[Row], spec: TableSpec, digits: int) -> list[Section]:
@@ -137,9 +141,7 @@ def _spec_sections(rows: Sequence[Row], spec: TableSpec, digits: int) -> list[Se
         header = ["Row", "n", *(f"{m}" for m in view.metrics),
                   "compared with", f"Δ{view.headline}", f"Δ{view.headline} two-level 95% CI", "MDE", "P(B > A)"]
         body = [[r.label, str(r.n), *(fmt_stat(r.stats.get(m) if r.n else None, digits) for m in view.metrics)]
-                + ([row_label(spec, r.delta_ref), fmt_stat(r.delta, digits, signed=True, mark=True),
-                    fmt_boot(r.boot, digits), fmt_mde(r.boot, digits), fmt_p_better(r.boot)]
-                   if r.delta_ref is not None else [""] * 5)
+                + ([row_label(spec, r.delta_ref), *_delta_cells(r, digits)] if r.delta_ref is not None else [""] * 5)
                 for r in cells]
         sections.append(Section(f"{dataset} — profile {profile}", f"{view.fmt.upper()}-format; percent", header, body))
     return sections

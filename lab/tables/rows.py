@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from mlflow import MlflowClient
@@ -64,12 +64,6 @@ _T2_COCO = {m: m for m in ("AP", "AP50", "AP75")}
 _T1_VOC = {"mAP": "AP50"}  # VOC mAP is at IoU 0.5, like COCO AP50
 _T1_COCO = {m: m for m in paper.TABLE1_METRICS}
 #: a table spec of one's own: our metrics only, no paper columns
-CUSTOM_VIEWS: dict[str, DatasetView] = {
-    "voc07": DatasetView("voc", ("mAP",), {"mAP": "mAP"}, "", False),
-    "coco": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, "", False),
-    "trees": DatasetView("voc", ("mAP",), {"mAP": "mAP"}, "", False),
-    "shapes": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, "", False),
-}
 DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
     1: {
         "voc07": DatasetView("voc", ("mAP",), _T1_VOC, paper.TABLE1_DATASET, False),
@@ -85,6 +79,11 @@ DATASET_VIEWS: dict[int, dict[str, DatasetView]] = {
         "shapes": DatasetView("coco", ("AP", "AP50", "AP75"), _T2_COCO, paper.TABLE2_COCO_DATASET, False),
     },
 }
+
+
+#: a table spec of one's own: Table 2's metrics, no paper beside them
+CUSTOM_VIEWS: dict[str, DatasetView] = {tag: replace(v, paper_dataset="", comparable=False)
+                                        for tag, v in DATASET_VIEWS[2].items()}
 
 
 def dataset_view(table: int | str, dataset: str) -> DatasetView:
@@ -277,24 +276,12 @@ def _paper_values(table: int, row: str) -> dict[str, float | None] | None:
 def row_label(table: int | TableSpec, row: str) -> str:
     """The row's label: the spec's (Table 1 and rows over backbones: ``label (backbone)``)."""
     spec = as_spec(table)
-    found = _spec_row(spec, row)
+    found = spec.split_row(row)
     if found is None:
         return row
     method, backbone = found
     label = spec.row(method).label
     return label if backbone is None else f"{label} ({backbone})"
-
-
-def _spec_row(spec: TableSpec, row: str) -> tuple[str, str | None] | None:
-    """``(spec row, backbone)`` of a cell row name: ``iac`` -> ("iac", None), ``gfl_dc_x`` ->
-    ("gfl_dc", "x") for rows over backbones (the longest row name that prefixes it wins)."""
-    names = {r.name: r for r in spec.rows}
-    if row in names and names[row].over is None:
-        return row, None
-    for r in sorted(spec.rows, key=lambda r: len(r.name), reverse=True):
-        if r.over is not None and row.startswith(r.name + "_") and len(row) > len(r.name) + 1:
-            return r.name, row[len(r.name) + 1:]
-    return None
 
 
 def step_label(label: str, ref_label: str) -> str:
@@ -311,7 +298,7 @@ def _add_deltas(rows: list[Row], table: int | TableSpec) -> None:
     spec = as_spec(table)
     by_key = {(r.dataset, r.profile, r.row): r for r in rows}
     for r in rows:
-        found = _spec_row(spec, r.row)
+        found = spec.split_row(r.row)
         if found is None:
             continue
         method, backbone = found
