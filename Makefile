@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # git hooks keep .detlab-source.json current: the commit of runs whose code travelled without .git
-# (`ray job submit --working-dir .`); see lab/provenance.py
+# (`ray job submit --working-dir .`); see lab/records/provenance.py
 hooks:
-	@$(PYTHON) lab/provenance.py --install-hooks
+	@$(PYTHON) lab/records/provenance.py --install-hooks
 
 demo: $(STAMP) hooks
 	$(PY) jobs/table2.py --profile demo

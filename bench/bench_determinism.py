@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from bench.bench_train_step import make_batch  # noqa: E402
 from detector.ema import ModelEMA  # noqa: E402
-from lab.experiments import load_profile, table_cells  # noqa: E402
-from lab.train import build_optimizer, build_train_model  # noqa: E402
+from lab.plan.experiments import load_profile, table_cells  # noqa: E402
+from lab.execution.schedule import build_optimizer, build_train_model  # noqa: E402
 
 
 def main() -> None:

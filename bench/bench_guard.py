@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from bench.bench_train_step import make_batch
 from detector.config import DetectorConfig, apply_overrides
 from detector.model import build_detector
-from lab.train import NonFiniteGuard
+from lab.execution.worker import NonFiniteGuard
 
 
 def _free_port() -> int:

@@ -1,6 +1,6 @@
 """Ray Train data-parallel scaling on CPU: 2 workers x 1 thread against 1 worker x 1 thread.
 
-Both runs use the real training loop (``lab.train.fit_cell``: DDP over gloo, ``DistributedSampler``,
+Both runs use the real training loop (``lab.execution.train.fit_cell``: DDP over gloo, ``DistributedSampler``,
 SGD, checkpoint per epoch) on the generated shapes data, with the same per-worker batch. The number
 compared is the training throughput of the last epoch (images/s over all workers, from the loop's
 own ``images_per_s``), so worker start-up, the first epoch's warm-up and evaluation are left out.
@@ -30,9 +30,9 @@ if _ROOT not in sys.path:
 
 import ray  # noqa: E402
 
-from lab.experiments import load_profile, single_cell  # noqa: E402
-from lab.config import user_overrides  # noqa: E402
-from lab.train import fit_cell  # noqa: E402
+from lab.plan.experiments import load_profile, single_cell  # noqa: E402
+from lab.settings.config import user_overrides  # noqa: E402
+from lab.execution.train import fit_cell  # noqa: E402
 
 
 def throughput(workers: int, args: argparse.Namespace, storage: Path) -> dict[str, float]:

@@ -6,7 +6,7 @@
    wall time is the parent run's ``sweep_wall_s`` (Tuner.fit plus the driver's MLflow bookkeeping,
    without ``ray.init``).
 2. The same N configs (read back from the trials' MLflow params) trained back to back with
-   :func:`lab.train.fit_cell`, one worker each, on the same Ray cluster; each one timed alone.
+   :func:`lab.execution.train.fit_cell`, one worker each, on the same Ray cluster; each one timed alone.
    Also, as a floor, each one in local mode inside this already-warm process (pure training and
    evaluation: no process to start, nothing to import).
 
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlflow import MlflowClient  # noqa: E402
 
-from lab import sweep, tracking  # noqa: E402
+from lab import sweep  # noqa: E402
+from lab.records import tracking  # noqa: E402
 
 
 def main() -> int:
@@ -64,8 +65,8 @@ def main() -> int:
         trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         wall = parent.data.metrics["sweep_wall_s"]
 
-        from lab.config import build_config
-        from lab.train import fit_cell
+        from lab.settings.config import build_config
+        from lab.execution.train import fit_cell
         from detector.config import overrides_to_dict
 
         solo: list[float] = []  # the issue's reference: back to back, one Train worker each

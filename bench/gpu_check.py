@@ -11,7 +11,7 @@ budget; all of them share an 8-minute deadline):
   (weights=None, weights_backbone=None), steps alternating in one process after warm-up; images/s
   and their ratio (PASS: ratio >= ``--min-step-ratio``, every loss finite).
 * ``gfl_amp_step``: the same step for ``model.detector=gfl``; images/s (PASS: finite losses).
-* ``ray_train``: ``lab.train.fit_cell`` with one Ray Train worker holding the GPU, one short epoch of
+* ``ray_train``: ``lab.execution.train.fit_cell`` with one Ray Train worker holding the GPU, one short epoch of
   the smoke profile (PASS: the backend is nccl, a checkpoint exists).
 * ``clb_nms``: ``detector.nms.clb_nms`` on CUDA against ``torchvision.ops.batched_nms`` on 5000
   clustered boxes (PASS: with beta=0 it equals batched_nms, as its docstring says; the time ratio
@@ -198,7 +198,7 @@ def _batch(mode: Mode, device: Any, seed: int = 0) -> tuple[list[Any], list[dict
 
 
 class _Stepper:
-    """One model's AMP train step (autocast + GradScaler as lab.train does), timed to a device sync."""
+    """One model's AMP train step (autocast + GradScaler as lab.execution.loop does), timed to a device sync."""
 
     def __init__(self, model: Any, mode: Mode, device: Any):
         import torch
@@ -295,8 +295,8 @@ def check_gfl_amp_step(mode: Mode, device: Any, workdir: Path, opts: argparse.Na
 def check_ray_train(mode: Mode, device: Any, workdir: Path, opts: argparse.Namespace) -> tuple[bool, str]:
     import ray
 
-    from lab.experiments import load_profile, single_cell
-    from lab.train import fit_cell
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.execution.train import fit_cell
 
     gpu = device.type == "cuda"
     user = {"scaling": {"workers": 1, "gpus_per_worker": 1.0 if gpu else 0.0, "cpus_per_worker": 1},
@@ -373,9 +373,9 @@ def check_coco_eval(mode: Mode, device: Any, workdir: Path, opts: argparse.Names
     from detector.data import build_dataset, collate_fn
     from detector.evaluate import coco_evaluate, predictions_to_coco
     from detector.model import build_detector
-    from lab.config import config_from_dict
-    from lab.experiments import load_profile, single_cell
-    from lab.train import load_weights, resolve_num_classes
+    from lab.settings.config import config_from_dict
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.records.weights import load_weights, resolve_num_classes
 
     # a low score threshold: an (almost) untrained model's scores sit near the 0.01 prior
     low = ["model.score_thresh=0.001"]

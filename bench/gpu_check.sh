@@ -15,7 +15,7 @@ py="${DETLAB_PYTHON:-}"
 if [[ -z "$py" ]]; then
   if [[ -x .venv/bin/python && -f .venv/.installed ]]; then
     py=.venv/bin/python
-  elif command -v python3 >/dev/null && python3 -c 'import lab.train, ray, torch, torchvision' 2>/dev/null; then
+  elif command -v python3 >/dev/null && python3 -c 'import lab.execution.train, ray, torch, torchvision' 2>/dev/null; then
     py=python3
   else
     echo "gpu_check: no .venv; creating it with 'make .venv/.installed' (pyproject.toml + constraints.txt)" >&2

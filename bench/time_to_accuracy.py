@@ -24,10 +24,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from detector.data import build_dataset, collate_fn  # noqa: E402
-from lab import evaluation  # noqa: E402
-from lab.config import user_overrides  # noqa: E402
-from lab.experiments import TABLE1_METHODS, TABLE2_ROWS, load_profile, split_table1_row, table_cells  # noqa: E402
-from lab.train import build_optimizer, build_scheduler, build_train_model, resolve_num_classes, seed_everything  # noqa: E402
+from lab.execution import evaluation  # noqa: E402
+from lab.settings.config import user_overrides  # noqa: E402
+from lab.plan.experiments import TABLE1_METHODS, TABLE2_ROWS, load_profile, split_table1_row, table_cells  # noqa: E402
+from detector.repro import seed_everything  # noqa: E402
+from lab.execution.schedule import build_optimizer, build_scheduler, build_train_model  # noqa: E402
+from lab.records.weights import resolve_num_classes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Seed-to-seed spread of one table cell, measured: how much a row's metric moves between seeds.
 
 For each seed of a profile's cell (Table 2 row x dataset, with ``--set`` overrides) this makes the
-cell's pretrained backbone file(s) (:mod:`lab.pretrain`, in parallel processes), then trains the
+cell's pretrained backbone file(s) (:mod:`lab.execution.pretrain`, in parallel processes), then trains the
 cell with the real Ray Train loop in local mode (``scaling.workers=0``: the loop runs in the
 process, no cluster), ``--parallel`` cells at a time in their own processes, and prints per seed:
 the headline metric, the pretrained file's held-out accuracy and the CPU seconds; then the mean,
@@ -38,15 +38,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector.config import to_dict  # noqa: E402
-from lab.config import cell_key, config_from_dict, file_sha256, user_overrides  # noqa: E402
-from lab.experiments import TABLE2_ROWS, load_profile, profile_data, table_cells  # noqa: E402
-from lab.pretrain import attach_pretrained  # noqa: E402
-from lab.workerenv import DETERMINISM_ENV  # noqa: E402
+from lab.settings.config import cell_key, config_from_dict, file_sha256, user_overrides  # noqa: E402
+from lab.plan.experiments import TABLE2_ROWS, load_profile, profile_data, table_cells  # noqa: E402
+from lab.execution.pretrain import attach_pretrained  # noqa: E402
+from lab.execution.workerenv import DETERMINISM_ENV  # noqa: E402
 
 
 def _train(cfg_dict: dict[str, Any], name: str, run_name: str, storage: str) -> dict[str, Any]:
     """One cell in this (fresh) process: the Ray Train loop in local mode; final metrics and CPU time."""
-    from lab.train import fit_cell
+    from lab.execution.train import fit_cell
 
     cfg = config_from_dict(cfg_dict)
     c0, w0 = time.process_time(), time.time()
@@ -61,9 +61,10 @@ def _image_bootstrap_sd(weights: str, cfg_dict: dict[str, Any], resamples: int =
 
     from detector.data import build_dataset
     from detector.model import build_detector
-    from lab import evaluation, stats
-    from lab.compare import matches_for
-    from lab.train import load_weights, resolve_num_classes
+    from lab.execution import evaluation
+    from lab.tables import resampling
+    from lab.tables.compare import matches_for
+    from lab.records.weights import load_weights, resolve_num_classes
 
     cfg = config_from_dict(cfg_dict)
     val = build_dataset(cfg.data, "val", train=False)
@@ -74,7 +75,7 @@ def _image_bootstrap_sd(weights: str, cfg_dict: dict[str, Any], resamples: int =
     with tempfile.TemporaryDirectory() as d:  # the detections artifact a run logs, matched as compare does
         path = evaluation.write_detections(Path(d) / "detections.json", val, preds)
         m = matches_for(val, json.loads(path.read_text()))
-    boot = stats.resampled_metric(m, stats.resample_counts(m.image_ids.size, resamples))
+    boot = resampling.resampled_metric(m, resampling.resample_counts(m.image_ids.size, resamples))
     return float(statistics.stdev(boot[boot == boot]))  # NaN resamples (no GT drawn) left out
 
 

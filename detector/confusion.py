@@ -32,7 +32,7 @@ def detection_confusion_matrix(
             difficult: [N] bool (optional; ``iscrowd`` accepted instead)}``, e.g.
             ``dataset.eval_targets()``. Every image counted must appear, even with no boxes.
         predictions: per image ``{image_id, boxes: [M, 4] x1y1x2y2, scores: [M], labels: [M]}``
-            (what :func:`lab.evaluation.predict` returns); an image may be absent (no detections).
+            (what :func:`lab.execution.evaluation.predict` returns); an image may be absent (no detections).
         num_classes: C.
         iou_threshold: a prediction and a ground truth can pair when IoU > this (strict, as YOLO).
         score_threshold: only predictions scoring above this (strictly, as YOLO) are counted.

@@ -31,7 +31,7 @@ Outputs per detector (``A`` = anchors/points over all levels at ``(H, W)``, ``C`
 Faster R-CNN is refused: its RPN's NMS and RoIAlign lie between its two stages, so there is no
 dense output to stop at before NMS.
 
-Pure torch: no Ray, no MLflow (the ``detlab export`` command is :mod:`lab.export`).
+Pure torch: no Ray, no MLflow (the ``detlab export`` command is :mod:`lab.inference.export`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Only *training* splits feed it; the held-out accuracy is measured on crops of th
 Every row of a table starts from the same file for a given seed, so an ablation stays fair: the
 rows differ only in what the paper changes.
 
-Pure PyTorch: :mod:`lab.pretrain` adds the caching, the MLflow run and the CLI.
+Pure PyTorch: :mod:`lab.execution.pretrain` adds the caching, the MLflow run and the CLI.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What changes float results on CPU (``../shared/notes/reproducibility.md``): the intra-op thread
 count (reductions split into that many partial sums), threading runtimes that change the count on
 their own (``OMP_DYNAMIC``/``MKL_DYNAMIC``, which must be set before torch is imported: the
-platform sets them in every worker's environment, ``lab.workerenv.DETERMINISM_ENV``), kernels without a deterministic implementation, and the data order and
+platform sets them in every worker's environment, ``lab.execution.workerenv.DETERMINISM_ENV``), kernels without a deterministic implementation, and the data order and
 augmentation draws. With a fixed thread count, :func:`set_determinism` and the seeded loader pieces
 below, the same command and seed give byte-identical weights on the same kind of machine.
 

@@ -13,11 +13,11 @@ Subcommands::
     detlab export SOURCE --format onnx|torchscript|both [--check]                 ONNX / TorchScript
 
 SOURCE (weights): a model.pt path or s3:// URI, an MLflow run id or name, models:/NAME/VERSION or
-runs:/ID/model (lab.models).
+runs:/ID/model (lab.records.models).
     detlab ui [--port 5000]                           MLflow UI on 127.0.0.1 over the same store
 
 Every config error (unknown key, bad value, missing data root) and every bad dataset file (each
-dataset a job reads is opened in the driver: lab.datacheck) is raised before Ray starts and before
+dataset a job reads is opened in the driver: lab.plan.datacheck) is raised before Ray starts and before
 any MLflow run is opened.
 """
 
@@ -33,15 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from detector.config import ConfigError
-from lab import models, tracking
-from lab.config import PROFILES
-from lab.experiments import (
+from lab.records import models, tracking
+from lab.settings.config import PROFILES
+from lab.plan.experiments import (
     TABLE1_DEFAULT_METHODS, TABLE1_METHODS, Cell, load_profile, profile_data, single_cell, table_cells,
 )
-from lab.joboptions import add_job_options, settle_profile, user_layer
-from lab.pretrain import needs_pretraining
-from lab.scrub import scrub_text
-from lab.specs import TableSpec, choose
+from lab.settings.joboptions import add_job_options, settle_profile, user_layer
+from lab.execution.pretrain import needs_pretraining
+from lab.settings.scrub import scrub_text
+from lab.plan.specs import TableSpec, choose
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", type=int, choices=(1, 2), nargs="?", help="the paper's table (or --spec)")
     p.add_argument("--spec", type=Path, default=None, metavar="FILE.yaml",
                    help="a table of your own: rows as named override sets, and its profile, datasets and seeds "
-                   "(see lab/specs.py; the paper's tables are lab/specs/table1.yaml and table2.yaml)")
+                   "(see lab/plan/specs.py; the paper's tables are lab/plan/specs/table1.yaml and table2.yaml)")
     _add_run_options(p)
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the spec's, else the profile's)")
     p.add_argument("--data-root", action="append", default=[], metavar="[TAG=]PATH",
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("sweep", help="Ray Tune sweep over IAC/DC/CL-B parameters (see detlab sweep --help)", add_help=False)
 
-    from lab import compare
+    from lab.tables import compare
 
     p = sub.add_parser("compare", help="two runs, or runs per seed (A1,A2 B1,B2): metric, delta, two-level CI, P(B > A), MDE")
     compare.add_arguments(p)
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="nms.KEY=VALUE", dest="sets",
                    help="inference overrides, e.g. --set nms.clb=true --set model.score_thresh=0.1")
 
-    from lab import evalcmd, export
+    from lab.inference import evalcmd, export
 
     p = sub.add_parser("eval", help="evaluate saved weights (a run, a file or an MLflow model) on any dataset and "
                        "split, as an MLflow run of its own")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="trained weights to ONNX and/or TorchScript (the dense graph; NMS outside)")
     export.add_arguments(p)
 
-    from lab import cluster
+    from lab.infra import cluster
 
     p = sub.add_parser("cluster", help="a local multi-node Ray cluster + MLflow server: up | down | status")
     cluster.add_arguments(p)
@@ -171,11 +171,11 @@ def _print_dry_run(cells: list[Cell], out: Path, data_for: Callable[[str], Any] 
     cell the keys where they differ. A cell whose pretrained file is not made yet shows the key it has
     before the pretraining stage (the file's sha256 joins it once the file exists)."""
     from detector.config import flatten
-    from lab.scrub import scrub_mapping
+    from lab.settings.scrub import scrub_mapping
 
     pending: set[str] = set()
     if data_for is not None and any(needs_pretraining(c.cfg) for c in cells):
-        from lab.pretrain import attach_found
+        from lab.execution.pretrain import attach_found
 
         cells, pending = attach_found(cells, out, data_for)
     for c in cells:
@@ -210,7 +210,7 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: Ta
     """Shared tail of ``table`` and ``train``: resolve where things go, pretrain, run, report."""
     out = args.out.expanduser().resolve()
     if args.storage:  # a bad URI (s3:// without a bucket) fails here, before Ray or MLflow
-        from lab import storage
+        from lab.infra import storage
 
         args.storage = str(storage.parse(args.storage))
     if args.dry_run:
@@ -218,7 +218,7 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: Ta
         return 0
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1")
-    from lab.datacheck import validate_cells  # every dataset opened here: a bad file never reaches Ray or MLflow
+    from lab.plan.datacheck import validate_cells  # every dataset opened here: a bad file never reaches Ray or MLflow
 
     for line in validate_cells(cells):
         print(f"detlab: {line}", flush=True)
@@ -229,10 +229,10 @@ def _run(cells: list[Cell], args: argparse.Namespace, experiment: str, table: Ta
     _warn_if_ephemeral(out, uri)
     tracking.check_reachable(uri)  # before pretraining and before Ray: seconds, not minutes of retries
     if data_for is not None and any(needs_pretraining(c.cfg) for c in cells):
-        from lab.pretrain import attach_pretrained
+        from lab.execution.pretrain import attach_pretrained
 
         cells = attach_pretrained(cells, out, uri, data_for)
-    from lab import runner  # imports Ray: only once the config is known to be good
+    from lab.execution import runner  # imports Ray: only once the config is known to be good
 
     print(f"detlab: {len(cells)} cell(s), profile {args.profile}, MLflow {scrub_text(uri)} "
           f"(experiment {experiment}), results {out}")
@@ -282,7 +282,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from detector.anchors import anchor_fit, dataset_boxes, fit_anchor_sizes
     from detector.config import DetectorConfig, apply_overrides, overrides_to_dict
     from detector.data import build_dataset, dataset_root
-    from lab.datacheck import describe, split_summary, validate_data
+    from lab.plan.datacheck import describe, split_summary, validate_data
 
     sets = [f"data.dataset={args.name}", *([f"data.root={args.root}"] if args.root else []), *args.sets]
     base = DetectorConfig()
@@ -354,7 +354,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
-    from lab import evaluation
+    from lab.execution import evaluation
 
     images = image_paths(args.images)
     src, payload = models.load_source(args.weights, args.tracking_uri)
@@ -379,25 +379,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lab import evalcmd
+    from lab.inference import evalcmd
 
     return evalcmd.run(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lab import export
+    from lab.inference import export
 
     return export.run(args)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from lab import cluster
+    from lab.infra import cluster
 
     return cluster.main(args)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lab import compare
+    from lab.tables import compare
 
     return compare.run(args)
 

@@ -11,7 +11,7 @@ from torchvision.models.detection import _utils as det_utils
 
 from detector.anchors import anchor_fit, dataset_boxes, image_anchors, positive_anchors
 from detector.model import build_detector
-from lab.config import build_config
+from lab.settings.config import build_config
 
 RETINANET_ANCHORS = (32, 64, 128, 256, 512)
 

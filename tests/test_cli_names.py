@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab import cli
-from lab.joboptions import SMOKE_WARNING
+from lab.settings.joboptions import SMOKE_WARNING
 from lab.tables import command as tables_command
 
 

@@ -244,8 +244,8 @@ def _dockerignore_problems(patterns: list[str]) -> list[str]:
                    for pat in patterns for pre in prefixes)
 
     must_out = [".git", ".venv", "data", "mlruns", "results", "lab/__pycache__", "detlab.egg-info"]
-    must_in = ["pyproject.toml", "constraints.txt", "lab/train.py", "detector/model.py", "jobs/table1.py",
-               "lab/profiles/paper.yaml"]
+    must_in = ["pyproject.toml", "constraints.txt", "lab/execution/train.py", "detector/model.py", "jobs/table1.py",
+               "lab/settings/profiles/paper.yaml"]
     return ([f"{p} is sent to the docker daemon (not excluded)" for p in must_out if not excluded(p)]
             + [f"{p} is excluded but the image needs it" for p in must_in if excluded(p)])
 
@@ -541,7 +541,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 def test_dockerignore_check_can_fail() -> None:
     assert _dockerignore_problems(["data", "mlruns*"])[0] == ".git is sent to the docker daemon (not excluded)"
-    assert "lab/train.py is excluded but the image needs it" in _dockerignore_problems([".git", ".venv", "lab"])
+    assert "lab/execution/train.py is excluded but the image needs it" in _dockerignore_problems([".git", ".venv", "lab"])
 
 
 def test_no_credentials_anywhere_under_cluster() -> None:

@@ -53,7 +53,7 @@ def cluster_run():
 
 
 def _cluster_run(workdir: Path, bystander: subprocess.Popen):
-    from lab.cluster import ClusterState, _session_members
+    from lab.infra.cluster import ClusterState, _session_members
 
     with moto_s3(log=workdir / "moto.log") as s3:
         s3.create_bucket("detlab")
@@ -104,7 +104,7 @@ def _cluster_run(workdir: Path, bystander: subprocess.Popen):
 
 
 def _all_members(state) -> list[int]:
-    from lab.cluster import _session_members
+    from lab.infra.cluster import _session_members
 
     return [m.pid for p in state.procs for m in _session_members(p.sid)]
 
@@ -122,7 +122,7 @@ def _in_subprocess(state, code: str) -> str:
 
 
 def _cluster_nodes(state) -> list[dict]:
-    code = ("import json; from pathlib import Path; from lab.cluster import ClusterState, list_nodes; "
+    code = ("import json; from pathlib import Path; from lab.infra.cluster import ClusterState, list_nodes; "
             f"print(json.dumps(list_nodes(ClusterState.load(Path({state.state_dir!r}))), default=str))")
     return json.loads(_in_subprocess(state, code))
 
@@ -172,7 +172,7 @@ def test_three_nodes_on_one_host(cluster_run):
     assert len({n["node_ip"] for n in nodes}) == 1  # one host: a local --storage would be accepted
     workers = [n for n in nodes if not n["is_head_node"]]
     assert all(n["resources_total"].get("CPU") == 1.0 for n in workers)
-    # Ray's own gRPC servers listen where Ray puts them (see lab/cluster.py); printed for the record
+    # Ray's own gRPC servers listen where Ray puts them (see lab/infra/cluster.py); printed for the record
     print(f"listening addresses of the cluster's processes: {sorted(cluster_run['listening'])}")
     state = cluster_run["state"]
     assert state.dashboard_url.startswith("http://127.0.0.1:") and state.tracking_uri.startswith("http://127.0.0.1:")

@@ -24,7 +24,7 @@ from PIL import Image
 from detector.config import ConfigError, DataConfig, DetectorConfig, apply_overrides
 from detector.data import CocoDetection, DatasetError, VOCDetection, build_dataset
 from detector.evaluate import coco_evaluate
-from lab.datacheck import validate_data
+from lab.plan.datacheck import validate_data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from detector.config import flatten
-from lab.config import LabConfig
+from lab.settings.config import LabConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "paper.md"
 

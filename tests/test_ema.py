@@ -35,9 +35,10 @@ def test_ema_follows_the_update_rule_and_copies_integer_buffers():
 
 
 def test_a_cell_with_ema_saves_the_averaged_weights(tmp_path):
-    from lab.config import user_overrides
-    from lab.experiments import load_profile, single_cell
-    from lab.train import fit_cell, load_weights
+    from lab.settings.config import user_overrides
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.execution.train import fit_cell
+    from lab.records.weights import load_weights
 
     sets = ["data.dataset=shapes", "train.epochs=1", "train.max_iters=2", "train.warmup_iters=1",
             "eval.num_samples=0", "train.system_metrics_s=0"]

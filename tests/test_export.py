@@ -24,9 +24,9 @@ from detector.digest import file_sha256
 from detector.export import (ExportableDetector, detections_mismatch, export_layout, export_onnx, export_torchscript,
                              postprocess)
 from detector.model import build_detector
-from lab import export as cli_export
-from lab.config import build_config
-from lab.train import save_weights
+from lab.inference import export as cli_export
+from lab.settings.config import build_config
+from lab.records.weights import save_weights
 
 ort = pytest.importorskip("onnxruntime")
 

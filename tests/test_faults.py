@@ -1,6 +1,6 @@
 """Faults injected into real runs, and what survives them (issue #11).
 
-Each test injects one fault through the real path: ``DETLAB_FAULT`` (lab/faults.py) read by a real
+Each test injects one fault through the real path: ``DETLAB_FAULT`` (lab/execution/faults.py) read by a real
 Train worker, a real tracking server stopped and restarted, a real node removed from a
 ``ray.cluster_utils.Cluster``, a real SIGKILL to a driver, a real full filesystem. Real Ray, real
 MLflow, tiny shapes images and ResNet-18 so each runs on 2 CPUs.
@@ -22,11 +22,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lab import faults, runner, tracking
-from lab.config import user_overrides
-from lab.experiments import load_profile, single_cell
-from lab.runlog import RunLog, replay_spool, spool_dir_for
-from lab.train import fit_cell
+from lab.execution import faults, runner
+from lab.records import tracking
+from lab.settings.config import user_overrides
+from lab.plan.experiments import load_profile, single_cell
+from lab.execution.runlog import RunLog, replay_spool, spool_dir_for
+from lab.execution.train import fit_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -216,8 +217,8 @@ def test_complete_checkpoint_ray_never_registered_is_resumed_from(local_ray, tmp
     4 epochs. Both ranks must resume from epoch 3 (rank 0 decides and broadcasts)."""
     import torch
 
-    from lab.resume import META_FILE, STATE_FILE, write_checkpoint_meta
-    from lab.train import fit_cell
+    from lab.execution.resume import META_FILE, STATE_FILE, write_checkpoint_meta
+    from lab.execution.train import fit_cell
 
     first = tiny_cell(*DDP, "train.epochs=2")
     kw = dict(name="adopt", run_name=first.run_name, storage_path=tmp_path / "ray")
@@ -266,9 +267,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 _FIT_SCRIPT = """
 import json, sys
-from lab.config import user_overrides
-from lab.experiments import load_profile, single_cell
-from lab.train import fit_cell
+from lab.settings.config import user_overrides
+from lab.plan.experiments import load_profile, single_cell
+from lab.execution.train import fit_cell
 sets, storage, run_id, uri = json.loads(sys.argv[1])
 cell = single_cell(load_profile("smoke"), user_overrides(sets=sets), "shapes")
 out = fit_cell(cell.cfg, name="outage", run_name=cell.run_name, storage_path=storage, run_id=run_id, tracking_uri=uri)
@@ -399,9 +400,10 @@ _DISK_SCRIPT = """
 import glob, json, os, sys, threading, time
 from pathlib import Path
 import ray, torch
-from lab.config import user_overrides
-from lab.experiments import load_profile, single_cell
-from lab.train import STATE_FILE, fit_cell
+from lab.settings.config import user_overrides
+from lab.plan.experiments import load_profile, single_cell
+from lab.execution.resume import STATE_FILE
+from lab.execution.train import fit_cell
 sets, storage = json.loads(sys.argv[1])
 storage = Path(storage)
 ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2, logging_level="WARNING")
@@ -490,7 +492,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
 def test_torch_writer_failure_while_checkpointing_is_named():
     """torch's zip writer reports a failed write (a full /tmp: here /dev/full, which fails every
     write with ENOSPC) as RuntimeError, not OSError; the checkpoint block still names it."""
-    from lab.train import _checkpoint_write
+    from lab.execution.loop import _checkpoint_write
 
     with pytest.raises(OSError) as info, _checkpoint_write("cell", 1):
         torch.save({"model": torch.zeros(4096)}, "/dev/full")
@@ -501,7 +503,7 @@ def test_torch_writer_failure_while_checkpointing_is_named():
 
 
 def test_other_runtime_errors_in_the_checkpoint_block_pass_through():
-    from lab.train import _checkpoint_write
+    from lab.execution.loop import _checkpoint_write
 
     with pytest.raises(RuntimeError, match="not a write"), _checkpoint_write("cell", 1):
         raise RuntimeError("not a write")

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from detector.config import ModelConfig, flatten
 from detector.gfl import GFLLoss, GFLTargets, atss_assign, level_points, valid_points
 from detector.model import build_detector
-from lab.config import PROFILES, build_config, cell_key
-from lab.experiments import load_profile, split_table1_row, table_cells
+from lab.settings.config import PROFILES, build_config, cell_key
+from lab.plan.experiments import load_profile, split_table1_row, table_cells
 
 GFL_ANCHORS = (64, 128, 256, 512, 1024)  # 8 x stride, P3..P7
 RETINANET_ANCHORS = (32, 64, 128, 256, 512)  # 4 x stride

@@ -22,7 +22,7 @@ from detector.gfl import (
     quality_focal_loss,
 )
 from detector.model import MultiScaleTransform, build_detector
-from lab.config import build_config
+from lab.settings.config import build_config
 
 # ---------------------------------------------------------------------------------------------
 # Losses against values worked out by hand

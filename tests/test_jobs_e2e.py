@@ -25,7 +25,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from lab import provenance
+from lab.records import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
 """Observability metrics, called directly in this process (no Ray cluster, no MLflow run):
-lab.train._train_one_epoch (IAC averaged over the steps after warm-up, DC lambda' spread, data wait
-vs compute) and lab.evaluation.evaluate's CL-B ``clb_kept_not_top_frac``."""
+lab.execution.loop._train_one_epoch (IAC averaged over the steps after warm-up, DC lambda' spread, data wait
+vs compute) and lab.execution.evaluation.evaluate's CL-B ``clb_kept_not_top_frac``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from lab import evaluation
-from lab.config import build_config
-from lab.runlog import RunLog
-from lab.train import NonFiniteGuard, Progress, _train_one_epoch
+from lab.execution import evaluation
+from lab.settings.config import build_config
+from lab.execution.runlog import RunLog
+from lab.execution.loop import _train_one_epoch
+from lab.execution.worker import NonFiniteGuard, Progress
 from detector.model import build_detector
 
 SIZE = 96

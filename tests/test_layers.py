@@ -27,22 +27,43 @@ def test_the_import_contracts_are_kept():
     assert f"Contracts: {len(contracts)} kept, 0 broken." in out.stdout
 
 
-def test_the_contracts_catch_detector_importing_the_platform(tmp_path):
-    """The same contracts over a two-package stand-in where detector imports lab and mlflow: broken."""
-    (tmp_path / "detector").mkdir()
-    (tmp_path / "lab").mkdir()
-    (tmp_path / "detector" / "__init__.py").write_text("")
-    (tmp_path / "detector" / "model.py").write_text("import mlflow\nfrom lab import runner\n")
-    (tmp_path / "lab" / "__init__.py").write_text("")
-    (tmp_path / "lab" / "runner.py").write_text("import detector.model\n")
-    (tmp_path / "mlflow").mkdir()  # an external package, found on the path
-    (tmp_path / "mlflow" / "__init__.py").write_text("")
+def _stand_in(tmp_path: Path) -> Path:
+    """detector and lab as empty packages, lab with every room the contracts name, and an external
+    ``mlflow``; returns the config (the contracts of pyproject.toml, verbatim)."""
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    rooms = [r.strip() for c in contracts if c.get("containers") == ["lab"] for layer in c["layers"]
+             for r in layer.split("|")]
+    assert {"cli", "execution", "settings"} <= set(rooms), rooms
+    for pkg in ["detector", "lab", "mlflow", *(f"lab/{r}" for r in rooms)]:
+        (tmp_path / pkg).mkdir(parents=True, exist_ok=True)
+        (tmp_path / pkg / "__init__.py").write_text("")
     config = tmp_path / "pyproject.toml"
     section = (ROOT / "pyproject.toml").read_text().split("[tool.importlinter]", 1)[1].split("[tool.pytest", 1)[0]
     config.write_text("[tool.importlinter]" + section)
+    return config
+
+
+def test_the_contracts_catch_detector_importing_the_platform(tmp_path):
+    """The same contracts over a stand-in where detector imports lab and mlflow: broken."""
+    config = _stand_in(tmp_path)
+    (tmp_path / "detector" / "model.py").write_text("import mlflow\nfrom lab.execution import runner\n")
+    (tmp_path / "lab" / "execution" / "runner.py").write_text("import detector.model\n")
     out = _lint(tmp_path, config)
     assert out.returncode != 0
-    assert "BROKEN" in out.stdout and "detector.model -> lab.runner" in out.stdout, out.stdout
+    assert "BROKEN" in out.stdout and "detector.model -> lab.execution.runner" in out.stdout, out.stdout
+
+
+def test_the_contracts_catch_a_room_importing_a_room_above_it(tmp_path):
+    """A low room (settings) importing a higher one (execution) breaks the rooms' layers; the same
+    import the other way round is allowed."""
+    config = _stand_in(tmp_path)
+    (tmp_path / "lab" / "execution" / "runner.py").write_text("from lab.settings import config\n")
+    (tmp_path / "lab" / "settings" / "config.py").write_text("x = 1\n")
+    assert _lint(tmp_path, config).returncode == 0
+    (tmp_path / "lab" / "settings" / "config.py").write_text("from lab.execution import runner\n")
+    out = _lint(tmp_path, config)
+    assert out.returncode != 0 and "lab's rooms" in out.stdout and "BROKEN" in out.stdout, out.stdout
+    assert "lab.settings.config -> lab.execution.runner" in out.stdout, out.stdout
 
 
 def test_jobs_are_thin_entry_points_over_the_cli():

@@ -1,4 +1,4 @@
-"""lab.lease: one live driver per cell's storage (issue 17, finding 2).
+"""lab.execution.lease: one live driver per cell's storage (issue 17, finding 2).
 
 On a real local filesystem (processes racing for the same lease), and against a local S3 server
 (moto, tests/s3server.py) for the conditional put.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import lease
-from lab.lease import Holder, LeaseHeld, LeaseLost
+from lab.execution import lease
+from lab.execution.lease import Holder, LeaseHeld, LeaseLost
 
 
 
@@ -42,7 +42,7 @@ def test_acquire_refuse_release_and_take_over(tmp_path):
 
 
 def storage_path(uri: str) -> str:
-    from lab import storage
+    from lab.infra import storage
 
     return storage.parse(uri).path
 
@@ -83,7 +83,7 @@ def test_the_heartbeat_refreshes_and_reports_a_takeover(tmp_path):
 
 _RACER = """
 import json, sys, time
-from lab import lease
+from lab.execution import lease
 uri, start = sys.argv[1], float(sys.argv[2])
 time.sleep(max(start - time.time(), 0))
 try:

@@ -12,9 +12,11 @@ import pytest
 from mlflow import MlflowClient
 
 from detector.config import DataConfig
-from lab import pretrain, runner, sweep, tracking
-from lab.config import user_overrides
-from lab.experiments import load_profile, table_cells
+from lab.execution import pretrain, runner
+from lab import sweep
+from lab.records import tracking
+from lab.settings.config import user_overrides
+from lab.plan.experiments import load_profile, table_cells
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
 
@@ -136,7 +138,7 @@ def test_unreadable_annotations_leave_the_input_out_not_the_run(uri: str, tmp_pa
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     client = MlflowClient(uri)
     run_id = client.create_run(tracking.init_store(uri, "detlab-train")).info.run_id
-    with caplog.at_level("WARNING", logger="lab.tracking"):
+    with caplog.at_level("WARNING", logger="lab.records.tracking"):
         tracking.log_dataset_inputs(client, run_id, DataConfig(dataset="coco", root=str(tmp_path / "nothing")))
     assert client.get_run(run_id).inputs.dataset_inputs == []
     assert "no dataset input for the train split" in caplog.text

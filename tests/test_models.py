@@ -1,4 +1,4 @@
-"""Trained detectors as MLflow logged models (lab.models), and the commands that take a weights
+"""Trained detectors as MLflow logged models (lab.records.models), and the commands that take a weights
 source: ``detlab eval``, ``detlab predict``, ``detlab export`` with a run, a run name, a
 ``models:/`` or a ``runs:/`` URI. A real sqlite MLflow store; a smoke-sized model (untrained: what
 is tested is where the weights go and that they come back bit for bit)."""
@@ -14,17 +14,17 @@ from mlflow import MlflowClient
 
 from detector.config import ConfigError
 from detector.data import build_dataset
-from lab import models, tracking
+from lab.records import models, tracking
 from lab.cli import main
-from lab.experiments import load_profile, single_cell
-from lab.train import load_weights, save_weights
+from lab.plan.experiments import load_profile, single_cell
+from lab.records.weights import load_weights, save_weights
 
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A run with a final metric at step 2 whose model is logged and registered as ``shapes-smoke``."""
     from detector.model import build_detector
-    from lab.train import resolve_num_classes
+    from lab.records.weights import resolve_num_classes
 
     tmp = tmp_path_factory.mktemp("models")
     uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
@@ -151,6 +151,6 @@ def test_export_takes_a_run_name(logged, tmp_path):
     ("s3://bucket/ray/t2-iac-shapes-s0-abc/model.pt", "eval-t2-iac-shapes-s0-abc"),
     ("t2-iac-shapes-s0", "eval-t2-iac-shapes-s0")])
 def test_an_eval_run_is_named_after_what_it_evaluates(source, name):
-    from lab.evalcmd import run_name_for
+    from lab.inference.evalcmd import run_name_for
 
     assert run_name_for(source) == name

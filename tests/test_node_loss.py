@@ -18,7 +18,8 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from lab import faults, tracking
+from lab.execution import faults
+from lab.records import tracking
 
 from test_faults import DDP, epoch_history, run_one_cell, tiny_cell
 

@@ -16,8 +16,8 @@ from PIL import Image
 from detector.confusion import detection_confusion_matrix
 from detector.data.coco import CocoDetection
 from detector.data.voc import VOCDetection
-from lab import evaluation
-from lab.curves import plot_rows_curves, plot_run_curves, row_curve
+from lab.execution import evaluation
+from lab.records.curves import plot_rows_curves, plot_run_curves, row_curve
 
 BG = 3  # background index with 3 classes
 
@@ -268,7 +268,7 @@ def mlflow_runs(tmp_path_factory):
     for name, seed_ap in (("a1", [10.0, 20.0, 30.0]), ("a2", [14.0, 26.0, 36.0]), ("b1", [5.0, 8.0])):
         rid = client.create_run(exp, run_name=name).info.run_id
         metrics = []
-        for epoch, ap in enumerate(seed_ap, start=1):  # lab.train's keys, at step = epoch (1-based)
+        for epoch, ap in enumerate(seed_ap, start=1):  # lab.execution.loop's keys, at step = epoch (1-based)
             metrics += [Metric("train_loss", 2.0 / epoch, ts, epoch), Metric("train_loss_cls", 1.2 / epoch, ts, epoch),
                         Metric("train_loss_reg", 0.8 / epoch, ts, epoch), Metric("AP", ap, ts, epoch),
                         Metric("lr", 0.01, ts, epoch)]

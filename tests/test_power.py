@@ -1,4 +1,4 @@
-"""lab.stats.mde / seeds_needed against simulated experiments whose answer is known.
+"""lab.tables.stats.mde / seeds_needed against simulated experiments whose answer is known.
 
 Each simulation runs 20000 experiments with a fixed numpy seed (about a second). The Monte Carlo
 standard error of an empirical power near 0.8 is sqrt(0.8 · 0.2 / 20000) = 0.0028.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from lab import stats
+from lab.tables import stats
 
 REPS = 20_000
 ALPHA, POWER = 0.05, 0.8
@@ -51,7 +51,7 @@ def test_mde_with_a_shared_image_component(n: int, s_seed: float, s_img: float, 
     v ~ N(0, s_img²) once per experiment (shared), s_img known (the image bootstrap's SD).
 
     Test: T = mean(d) / sqrt(sd(d)² / n + s_img²) against t with the Welch–Satterthwaite dof
-    ν = (n − 1) · (sd²/n + s_img²)² / (sd²/n)², the test whose power :func:`lab.stats.mde` solves for.
+    ν = (n − 1) · (sd²/n + s_img²)² / (sd²/n)², the test whose power :func:`lab.tables.stats.mde` solves for.
     Tolerance: Monte Carlo (0.0028) plus the Satterthwaite approximation, which under-powers by up
     to 0.035 at n = 3 with comparable seed and image parts and is within 0.01 from n = 5 or when
     either part dominates.

@@ -15,9 +15,9 @@ from detector.config import DataConfig, DetectorConfig, apply_overrides, merge_d
 from detector.data import build_dataset
 from detector.model import build_detector
 from detector.pretrain import CropSource, pretrain_backbone, sample_crops
-from lab.config import PretrainConfig, build_config, cell_key, file_sha256
-from lab.experiments import load_profile, profile_data, table_cells
-from lab.pretrain import EXPERIMENT, Body, PretrainJob, attach_pretrained, make_pretrained, pretrain_job
+from lab.settings.config import PretrainConfig, build_config, cell_key, file_sha256
+from lab.plan.experiments import load_profile, profile_data, table_cells
+from lab.execution.pretrain import EXPERIMENT, Body, PretrainJob, attach_pretrained, make_pretrained, pretrain_job
 
 
 def _source() -> CropSource:

@@ -1,5 +1,5 @@
 """What a user sees on the console of a job: Ray's known-harmless lines are filtered out
-(:data:`lab.runner.RAY_HARMLESS_LINES`, kept in Ray's log files), a real cell failure still prints
+(:data:`lab.execution.runner.RAY_HARMLESS_LINES`, kept in Ray's log files), a real cell failure still prints
 its error. One real `detlab train` job in a fresh interpreter (Ray reads its log settings at import).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import runner
+from lab.execution import runner
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 

@@ -76,9 +76,9 @@ def _standin_model(path: Path) -> None:
     dry run reads the config and never the weights."""
     import torch
 
-    from lab.config import user_overrides
-    from lab.experiments import load_profile, single_cell
-    from lab.train import save_weights
+    from lab.settings.config import user_overrides
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.records.weights import save_weights
 
     cfg = single_cell(load_profile("smoke"), user_overrides(sets=["model.num_classes=6"]), "shapes").cfg
     save_weights(path, torch.nn.Linear(1, 1), cfg, [f"c{i}" for i in range(6)])

@@ -14,7 +14,7 @@ from detector.backbones import build_backbone, resnet_basic
 from detector.config import ConfigError, DetectorConfig, apply_overrides
 from detector.data.transforms import RandomRot90, RandomVerticalFlip, rot90_boxes
 from detector.model import build_anchor_generator, build_detector
-from lab.train import lr_lambda
+from lab.execution.schedule import lr_lambda
 
 
 def test_resnet_basic_at_stock_width_is_resnet18():
@@ -148,7 +148,7 @@ def test_a_tiny_detector_overfits_a_few_shapes_images(tmp_path):
     the AP on the very images it trained on would stay low.)
     """
     from detector.data import build_dataset
-    from lab import evaluation
+    from lab.execution import evaluation
 
     cfg = _four_shapes_images(tmp_path, {})
     model = build_detector(cfg)

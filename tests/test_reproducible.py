@@ -15,10 +15,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lab import provenance, tracking
-from lab.config import user_overrides
-from lab.experiments import load_profile, single_cell
-from lab.train import fit_cell, load_weights
+from lab.records import provenance, tracking
+from lab.settings.config import user_overrides
+from lab.plan.experiments import load_profile, single_cell
+from lab.execution.train import fit_cell
+from lab.records.weights import load_weights
 
 TINY = ["data.dataset=shapes", "train.epochs=2", "train.max_iters=2", "train.warmup_iters=1", "eval.num_samples=1",
         "train.system_metrics_s=0"]
@@ -124,7 +125,7 @@ def test_a_working_dir_without_git_reads_the_commit_and_the_dirty_flag_from_the_
     assert provenance.git_commit(tmp_path) == stamp["commit"]
     clean = provenance.source_digest(tmp_path) == stamp["source_digest"]  # the checkout's own state
     assert provenance.git_dirty(tmp_path) == ("false" if clean else "true")
-    (tmp_path / "lab" / "train.py").write_text((tmp_path / "lab" / "train.py").read_text() + "\n# edited\n")
+    (tmp_path / "lab" / "execution" / "train.py").write_text((tmp_path / "lab" / "execution" / "train.py").read_text() + "\n# edited\n")
     assert provenance.git_dirty(tmp_path) == "true"
     (tmp_path / provenance.STAMP_FILE).unlink()
     assert provenance.git_commit(tmp_path) is None and provenance.git_dirty(tmp_path) == "unknown"
@@ -136,8 +137,8 @@ def test_the_hooks_keep_the_stamp_current(tmp_path):
     import subprocess
 
     repo = tmp_path / "repo"
-    (repo / "lab").mkdir(parents=True)
-    shutil.copy(provenance.REPO_ROOT / "lab" / "provenance.py", repo / "lab" / "provenance.py")
+    (repo / "lab" / "records").mkdir(parents=True)
+    shutil.copy(provenance.REPO_ROOT / "lab" / "records" / "provenance.py", repo / "lab" / "records" / "provenance.py")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "."], cwd=repo, check=True)

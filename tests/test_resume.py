@@ -1,4 +1,4 @@
-"""Choosing the checkpoint a restarted run resumes from (lab.resume), on a real local filesystem.
+"""Choosing the checkpoint a restarted run resumes from (lab.execution.resume), on a real local filesystem.
 
 The end-to-end cases (a driver SIGKILLed between a checkpoint's upload and its registration, a
 full disk mid-copy) are in test_faults.py; these pin the decision itself.
@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from lab.resume import META_FILE, STATE_FILE, choose_resume_checkpoint, complete_checkpoint_epoch, write_checkpoint_meta
+from lab.execution.resume import META_FILE, STATE_FILE, choose_resume_checkpoint, complete_checkpoint_epoch, write_checkpoint_meta
 
 FS = pafs.LocalFileSystem()
 
@@ -196,7 +196,7 @@ def test_meta_holds_a_checksum_that_catches_a_corrupt_state(tmp_path):
     import hashlib
     import json
 
-    from lab.resume import verify_checkpoint
+    from lab.execution.resume import verify_checkpoint
 
     good = Path(ckpt(tmp_path, "1", 0))
     meta = json.loads((good / META_FILE).read_text())
@@ -212,7 +212,7 @@ def test_meta_holds_a_checksum_that_catches_a_corrupt_state(tmp_path):
 
 
 def _loop_args(run_dir: Path):
-    from lab.train import LoopArgs
+    from lab.execution.loop import LoopArgs
 
     return LoopArgs(name="resume", weights_path=str(run_dir / "model.pt"), run_dir=str(run_dir))
 
@@ -221,7 +221,7 @@ def test_nothing_is_deleted_before_the_chosen_checkpoint_has_loaded(tmp_path):
     """``_resume_checkpoint`` names what to delete; the loop deletes it after loading the state."""
     from ray.train import Checkpoint
 
-    from lab.train import _resume_checkpoint
+    from lab.execution.loop import _resume_checkpoint
 
     old = ckpt(tmp_path, "1", 0)
     reg = ckpt(tmp_path, "2", 1)
@@ -237,7 +237,7 @@ def test_nothing_is_deleted_before_the_chosen_checkpoint_has_loaded(tmp_path):
 def test_a_corrupt_newer_checkpoint_falls_back_to_the_registered_one(tmp_path):
     from ray.train import Checkpoint
 
-    from lab.train import _resume_checkpoint
+    from lab.execution.loop import _resume_checkpoint
 
     reg = ckpt(tmp_path, "2", 1)
     newer = ckpt(tmp_path, "3", 2)
@@ -255,8 +255,8 @@ def test_a_read_error_in_the_loop_deletes_nothing(tmp_path, monkeypatch):
     fails (Ray retries it, or the rerun does) and every checkpoint is still there."""
     from ray.train import Checkpoint
 
-    from lab import storage
-    from lab.train import _resume_checkpoint
+    from lab.infra import storage
+    from lab.execution.loop import _resume_checkpoint
 
     reg = ckpt(tmp_path, "2", 1)
     half = ckpt(tmp_path, "3", 2, truncate=10)

@@ -1,4 +1,4 @@
-"""lab.runlog: rank 0's MLflow writes, the spool that keeps them while the server is away, and
+"""lab.execution.runlog: rank 0's MLflow writes, the spool that keeps them while the server is away, and
 what a resumed attempt logs (issue 17, findings 3-5). A real sqlite MLflow store, a real
 filesystem, and an HTTP URI where nothing listens for "the server is down"; no Ray.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lab import runlog, tracking
-from lab.runlog import RunLog, replay_spool
+from lab.execution import runlog
+from lab.records import tracking
+from lab.execution.runlog import RunLog, replay_spool
 
 
 def free_port() -> int:

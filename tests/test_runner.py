@@ -16,11 +16,12 @@ from mlflow import MlflowClient
 
 from detector.data import build_dataset
 from detector.model import build_detector
-from lab import runner, tracking
+from lab.execution import runner
+from lab.records import tracking
 from lab.cli import main
-from lab.config import ConfigError, user_overrides
-from lab.experiments import load_profile, table_cells
-from lab.train import load_weights, resolve_num_classes, save_weights
+from lab.settings.config import ConfigError, user_overrides
+from lab.plan.experiments import load_profile, table_cells
+from lab.records.weights import load_weights, resolve_num_classes, save_weights
 
 EXPERIMENT = tracking.experiment_name(2)
 
@@ -122,7 +123,7 @@ def test_clb_cell_reuses_weights_of_a_skipped_source(ray_session, tmp_path):
     assert run.data.params["nms.clb"] == "True"
     assert {"AP", "AP50", "AP75", "misalign_spearman", "misalign_pearson"} <= set(run.data.metrics)
     # its logged model is the weights it evaluated, with the NMS it evaluated them with
-    from lab import models
+    from lab.records import models
 
     src_, payload = models.load_source(f"models:/{run.data.tags[models.TAG_MODEL_ID]}", opts.tracking_uri)
     assert src_.run_id == clb.run_id and payload["config"]["nms"]["clb"] is True
@@ -204,7 +205,7 @@ def bare_scheduler(opts: runner.RunOptions) -> runner._Scheduler:
 
 def plant_lease(uri: str, host: str, age_s: float) -> None:
     """A lease record as another host's driver writes it."""
-    from lab import lease
+    from lab.execution import lease
 
     record = lease.Holder(host, 4242, 1000.0, "tok", time.time() - age_s).encode()
     assert lease._store(uri).create(len(lease._store(uri).generations()), record)
@@ -228,7 +229,7 @@ def store(opts: runner.RunOptions) -> tuple[MlflowClient, str]:
 def bobs_run(opts: runner.RunOptions, cell, tmp_path, lease_age_s: float) -> str:
     """A RUNNING run of ``cell`` by a driver on host laptop-of-bob, its lease in a shared storage
     last renewed ``lease_age_s`` ago."""
-    from lab import lease
+    from lab.execution import lease
 
     theirs = lease.lease_uri(f"shared://{tmp_path}/their-storage", cell.run_name)
     plant_lease(theirs, "laptop-of-bob", age_s=lease_age_s)
@@ -249,7 +250,7 @@ def test_a_run_held_by_a_live_driver_on_another_host_is_not_reopened(tmp_path):
 def test_a_live_run_is_not_killed_beside_a_dead_one(tmp_path):
     """Two RUNNING runs of the cell from other hosts: the newer one's driver is gone (its lease
     stale), the older one's alive. Neither is touched; the cell is refused."""
-    from lab import lease
+    from lab.execution import lease
 
     opts = options(tmp_path)
     cell = shapes_cells()[0]
@@ -276,7 +277,7 @@ def test_a_dead_drivers_run_is_reused_once_its_lease_is_stale(tmp_path):
 
 def test_a_run_whose_lease_is_on_another_hosts_own_disk_is_left_alone(tmp_path):
     """Its lease cannot be read from here, so its driver may be alive: a new run, the old one untouched."""
-    from lab import lease
+    from lab.execution import lease
 
     opts = options(tmp_path)
     cell = shapes_cells()[0]
@@ -320,7 +321,7 @@ def test_an_unreachable_server_at_a_cells_close_does_not_stop_the_job(tmp_path, 
 
 
 def _queue_writes(uri_down: str, run_id: str, spool: str, n: int) -> None:
-    from lab.runlog import RunLog
+    from lab.execution.runlog import RunLog
 
     log = RunLog(uri_down, run_id, spool)
     for step in range(1, n + 1):
@@ -331,7 +332,7 @@ def _queue_writes(uri_down: str, run_id: str, spool: str, n: int) -> None:
 def test_the_driver_sends_a_cells_spooled_writes_before_closing_it_finished(tmp_path):
     """The cell's rank 0 left writes in the spool, which lives in the run's storage: the driver
     sends them, then closes the run FINISHED."""
-    from lab.runlog import spool_dir_for
+    from lab.execution.runlog import spool_dir_for
 
     opts = options(tmp_path)
     cell = shapes_cells()[0]
@@ -363,7 +364,7 @@ def test_a_cell_with_writes_the_driver_cannot_send_is_not_closed_finished(tmp_pa
 def test_a_rerun_sends_the_unsent_writes_and_finishes_the_run_without_training(tmp_path, no_ray):
     """A run left FAILED with unsent writes: the same command sends them from its spool and closes
     it FINISHED (no Ray, no training); a run FINISHED that way is then skipped."""
-    from lab.runlog import spool_dir_for
+    from lab.execution.runlog import spool_dir_for
 
     opts = options(tmp_path)
     cell = shapes_cells()[0]
@@ -383,7 +384,7 @@ def test_a_rerun_sends_the_unsent_writes_and_finishes_the_run_without_training(t
 
 
 def test_job_progress_line_counts_cells_and_projects_the_rest_from_the_throughput() -> None:
-    from lab.runner import job_progress
+    from lab.execution.runner import job_progress
 
     line = job_progress(done=2, total=8, failed=0, running=2, elapsed_s=600)
     assert line.startswith("detlab: 2/8 cell(s) done, 2 running, 10.0 min so far")
@@ -395,7 +396,7 @@ def test_a_finished_cell_logs_its_model_and_registers_it_before_its_run_closes(t
     """The driver's end of a cell: the weights the cell reports become the run's logged model, with
     the final metrics linked, registered under --register; a model that cannot be logged is a tag on
     a FINISHED run, not a failed cell."""
-    from lab import models
+    from lab.records import models
 
     opts = options(tmp_path, register="detlab-test-runner")
     cells = shapes_cells()

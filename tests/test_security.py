@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lab import scrub, tracking
+from lab.settings import scrub
+from lab.records import tracking
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs  # noqa: E402

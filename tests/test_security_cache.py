@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import storage
+from lab.infra import storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from detector.config import ConfigError
-from lab import cluster
+from lab.infra import cluster, procs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_a_state_dir_of_another_user_is_refused(tmp_path: Path) -> None:
 
 
 def test_cluster_json_is_private(tmp_path: Path) -> None:
-    state = cluster._private_dir(tmp_path / "state")
+    state = procs.private_dir(tmp_path / "state")
     cluster.ClusterState(str(state), "g", "d", "t", "s", "a", "tok", 1, 1).save()
     assert _mode(state / cluster.STATE_FILE) == 0o600
 
@@ -116,13 +116,13 @@ def test_down_spares_a_process_that_reuses_a_recorded_pid(tmp_path: Path) -> Non
     bystander = _session("sleep", "300")
     try:
         real_start = psutil.Process(bystander.pid).create_time()
-        proc = cluster.Proc("head", bystander.pid, ["ray", "start"], str(tmp_path / "head.log"))
+        proc = procs.Proc("head", bystander.pid, ["ray", "start"], str(tmp_path / "head.log"))
         proc.pids = [bystander.pid]
         proc.started = {str(bystander.pid): real_start - 3600.0}  # the process up started, an hour earlier
-        signalled = cluster._stop([proc], timeout=2)
+        signalled = procs.stop([proc], timeout=2)
         time.sleep(0.2)
         assert bystander.poll() is None, "down killed a process that only reused a recorded pid"
-        assert bystander.pid not in signalled and cluster._ours(proc) == []
+        assert bystander.pid not in signalled and procs.ours(proc) == []
     finally:
         bystander.kill()
         bystander.wait()
@@ -134,11 +134,11 @@ def test_down_stops_a_recorded_session_and_its_children(tmp_path: Path) -> None:
         deadline = time.time() + 10
         while len(psutil.Process(leader.pid).children()) < 2 and time.time() < deadline:
             time.sleep(0.05)
-        proc = cluster.Proc("worker-1", leader.pid, ["sh"], str(tmp_path / "w.log"), started={})
-        cluster._record(proc)
+        proc = procs.Proc("worker-1", leader.pid, ["sh"], str(tmp_path / "w.log"), started={})
+        procs.record(proc)
         members = {int(p) for p in proc.started}
         assert len(members) == 3 and leader.pid in members
-        signalled = cluster._stop([proc], timeout=5)
+        signalled = procs.stop([proc], timeout=5)
         assert set(signalled) == members
         leader.wait(timeout=10)
         assert not [pid for pid in members if psutil.pid_exists(pid)
@@ -151,9 +151,9 @@ def test_down_stops_a_recorded_session_and_its_children(tmp_path: Path) -> None:
 
 def test_down_refuses_a_state_without_create_times(tmp_path: Path) -> None:
     """A cluster.json from before create times were recorded: its pids cannot be checked."""
-    state = cluster._private_dir(tmp_path / "state")
+    state = procs.private_dir(tmp_path / "state")
     st = cluster.ClusterState(str(state), "g", "d", "t", "s", "a", "tok", 1, 1,
-                              procs=[cluster.Proc("head", 4242, ["ray"], "log", pids=[4242, 4243])])
+                              procs=[procs.Proc("head", 4242, ["ray"], "log", pids=[4242, 4243])])
     raw = cluster.json.loads(cluster.json.dumps(cluster.asdict(st)))
     for p in raw["procs"]:
         p.pop("started")
@@ -193,7 +193,7 @@ def test_cluster_up_with_mlflow_auth_refuses_clients_without_the_password(tmp_pa
         assert ok.returncode == 0, ok.stderr
         # the Ray nodes carry the credentials (jobs inherit them)
         head = next(p for p in st.procs if p.role == "head")
-        raylets = [p for p in cluster._ours(head) if "raylet" in " ".join(p.cmdline())]
+        raylets = [p for p in procs.ours(head) if "raylet" in " ".join(p.cmdline())]
         assert raylets and raylets[0].environ().get("MLFLOW_TRACKING_USERNAME") == cluster.MLFLOW_AUTH_USER
     finally:
         down = subprocess.run([*run, "down", "--dir", str(state)], cwd=REPO, env=env, capture_output=True,
@@ -213,5 +213,5 @@ def test_ray_temp_root_is_private_and_never_a_dir_someone_made() -> None:
 def test_http_probe_reads_only_http_urls(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="not an http"):
-        cluster._http_ok(f"file://{tmp_path}/f")
-    assert cluster._http_ok("http://127.0.0.1:9/health", timeout=1) is False  # nothing listens
+        procs.http_ok(f"file://{tmp_path}/f")
+    assert procs.http_ok("http://127.0.0.1:9/health", timeout=1) is False  # nothing listens

@@ -15,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from detector.config import ConfigError
-from lab import scrub, tracking
+from lab.settings import scrub
+from lab.records import tracking
 
 PASSWORD = "hunter2-FAKE-pw"
 DEAD_URI = f"http://bob:{PASSWORD}@127.0.0.1:9"  # nothing listens on port 9
@@ -62,9 +63,9 @@ def _store(tmp_path: Path) -> tuple[str, MlflowClient, str]:
 
 
 def test_a_cell_error_tag_is_scrubbed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lab.config import user_overrides
-    from lab.experiments import load_profile, single_cell
-    from lab.runner import RunOptions, _Scheduler
+    from lab.settings.config import user_overrides
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.execution.runner import RunOptions, _Scheduler
 
     uri, client, exp_id = _store(tmp_path)
     cell = single_cell(load_profile("smoke"), user_overrides(sets=["data.dataset=shapes"]), "shapes")
@@ -101,7 +102,7 @@ def test_a_trial_error_tag_and_its_retry_record_are_scrubbed(tmp_path: Path) -> 
 
 
 def test_the_node_ids_warning_masks_the_password(quick_mlflow: None, capsys: pytest.CaptureFixture[str]) -> None:
-    from lab.cluster import tag_node_ids
+    from lab.infra.nodes import tag_node_ids
 
     tag_node_ids(DEAD_URI, "a" * 32, ["n1"])
     out = capsys.readouterr().out
@@ -110,11 +111,11 @@ def test_the_node_ids_warning_masks_the_password(quick_mlflow: None, capsys: pyt
 
 def test_runlog_does_not_print_the_password(quick_mlflow: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from lab.runlog import RunLog
+    from lab.execution.runlog import RunLog
 
     monkeypatch.setenv("DETLAB_SPOOL_DIR", str(tmp_path / "spool"))
     log = RunLog(DEAD_URI, "a" * 32, tmp_path / "spool" / ("a" * 32))
-    log.metrics({"loss": 1.0}, 0)  # fails: printed once, and kept in last_error (lab.train prints it)
+    log.metrics({"loss": 1.0}, 0)  # fails: printed once, and kept in last_error (lab.execution.loop prints it)
     shown = capsys.readouterr().out + log.last_error
     assert "MLflow write failed" in shown and PASSWORD not in shown
 
@@ -139,7 +140,7 @@ def test_detlab_ui_prints_a_server_uri_scrubbed(capsys: pytest.CaptureFixture[st
 
 
 def test_compare_names_the_store_scrubbed(tmp_path: Path) -> None:
-    from lab.compare import resolve_run
+    from lab.tables.compare import resolve_run
 
     _, client, _ = _store(tmp_path)
     with pytest.raises(LookupError) as e:
@@ -159,7 +160,7 @@ def test_no_config_key_is_secret_so_a_scrubbed_config_rebuilds_the_same_model() 
     """Why model.pt can embed the config scrubbed: no LabConfig key is secret-named (none is masked
     whole), and only values carrying credentials change."""
     from detector.config import flatten
-    from lab.config import LabConfig, to_dict
+    from lab.settings.config import LabConfig, to_dict
 
     assert [k for k in flatten(LabConfig()) if scrub.is_secret_key(k)] == []
     assert scrub.scrub_mapping(to_dict(LabConfig())) == to_dict(LabConfig())
@@ -168,9 +169,9 @@ def test_no_config_key_is_secret_so_a_scrubbed_config_rebuilds_the_same_model() 
 def test_model_pt_does_not_embed_a_secret(tmp_path: Path) -> None:
     import torch
 
-    from lab.config import user_overrides
-    from lab.experiments import load_profile, single_cell
-    from lab.train import save_weights
+    from lab.settings.config import user_overrides
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.records.weights import save_weights
 
     sets = ["data.dataset=shapes", "model.num_classes=3", f"eval.test_dev_split=val?token={PASSWORD}"]
     cfg = single_cell(load_profile("smoke"), user_overrides(sets=sets), "shapes").cfg

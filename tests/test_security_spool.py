@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lab import tracking
-from lab.runlog import RunLog, replay_spool, spool_dir_for
+from lab.records import tracking
+from lab.execution.runlog import RunLog, replay_spool, spool_dir_for
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ import torch
 from mlflow import MlflowClient
 
 from detector.config import ConfigError
-from lab import storage, tracking
+from lab.infra import storage
+from lab.records import tracking
 
 
 class _OpensAFile:
@@ -39,7 +40,7 @@ def _evil_payload(marker: Path) -> dict:
 
 
 def test_load_weights_refuses_a_file_that_runs_code(tmp_path: Path) -> None:
-    from lab.train import load_weights
+    from lab.records.weights import load_weights
 
     marker = tmp_path / "pwned"
     torch.save(_evil_payload(marker), tmp_path / "model.pt")
@@ -50,7 +51,7 @@ def test_load_weights_refuses_a_file_that_runs_code(tmp_path: Path) -> None:
 
 
 def test_load_checkpoint_state_refuses_a_file_that_runs_code(tmp_path: Path) -> None:
-    from lab.train import load_checkpoint_state
+    from lab.records.weights import load_checkpoint_state
 
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "rng": [{"python": random.getstate()}], "x": _OpensAFile(marker)}, tmp_path / "state.pt")
@@ -61,7 +62,7 @@ def test_load_checkpoint_state_refuses_a_file_that_runs_code(tmp_path: Path) -> 
 
 def test_a_numpy_object_array_is_refused_in_a_checkpoint(tmp_path: Path) -> None:
     """The numpy types allowed for the RNG state do not let an object array (arbitrary objects) through."""
-    from lab.train import load_checkpoint_state
+    from lab.records.weights import load_checkpoint_state
 
     torch.save({"rng": [np.array([1, "x"], dtype=object)]}, tmp_path / "state.pt")
     with pytest.raises(pickle.UnpicklingError, match="refusing to load the checkpoint"):
@@ -69,7 +70,7 @@ def test_a_numpy_object_array_is_refused_in_a_checkpoint(tmp_path: Path) -> None
 
 
 def test_a_file_that_is_not_a_torch_file_is_named_as_such(tmp_path: Path) -> None:
-    from lab.train import load_weights
+    from lab.records.weights import load_weights
 
     (tmp_path / "junk.pt").write_bytes(b"x" * 100)
     with pytest.raises(pickle.UnpicklingError, match=r"the weights file .*junk\.pt is not a readable torch file "
@@ -79,7 +80,7 @@ def test_a_file_that_is_not_a_torch_file_is_named_as_such(tmp_path: Path) -> Non
 
 def test_an_empty_weights_file_is_named_not_an_eoferror(tmp_path: Path) -> None:
     """An empty model.pt (a copy cut short, a placeholder) raised a bare EOFError from torch's unpickler."""
-    from lab.train import load_weights
+    from lab.records.weights import load_weights
 
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(pickle.UnpicklingError, match=r"the weights file .*model\.pt is not a readable torch file "
@@ -88,13 +89,13 @@ def test_an_empty_weights_file_is_named_not_an_eoferror(tmp_path: Path) -> None:
 
 
 def test_a_real_checkpoint_and_weights_file_load_with_weights_only(tmp_path: Path) -> None:
-    """What ``lab.train._fit`` saves (the same dict, from the same builders) loads with
+    """What ``lab.execution.loop._fit`` saves (the same dict, from the same builders) loads with
     ``weights_only=True``, and the RNG states it holds restore every generator."""
     from detector.ema import ModelEMA
-    from lab.config import user_overrides
-    from lab.experiments import load_profile, single_cell
-    from lab.train import (build_optimizer, build_scheduler, build_train_model, load_checkpoint_state, load_weights,
-                           rng_state, save_weights, set_rng_state)
+    from lab.settings.config import user_overrides
+    from lab.plan.experiments import load_profile, single_cell
+    from lab.execution.schedule import build_optimizer, build_scheduler, build_train_model, rng_state, set_rng_state
+    from lab.records.weights import load_checkpoint_state, load_weights, save_weights
 
     sets = ["data.dataset=shapes", "model.num_classes=3", "train.ema_decay=0.9"]
     cfg = single_cell(load_profile("smoke"), user_overrides(sets=sets), "shapes").cfg
@@ -170,7 +171,7 @@ def _run_with_weights_tag(client: MlflowClient, exp_id: str, weights: str) -> st
 
 def _bare_scheduler(tmp_path: Path, uri: str, client: MlflowClient, exp_id: str, cell):
     """The runner's scheduler without Ray: ``_source_weights`` needs only the store and the options."""
-    from lab.runner import RunOptions, _Scheduler
+    from lab.execution.runner import RunOptions, _Scheduler
 
     sched = object.__new__(_Scheduler)
     sched.pending = [cell]
@@ -179,15 +180,15 @@ def _bare_scheduler(tmp_path: Path, uri: str, client: MlflowClient, exp_id: str,
 
 
 def _clb_cell():
-    from lab.config import user_overrides
-    from lab.experiments import load_profile, single_cell
+    from lab.settings.config import user_overrides
+    from lab.plan.experiments import load_profile, single_cell
 
     cell = single_cell(load_profile("smoke"), user_overrides(sets=["data.dataset=shapes"]), "shapes")
     return dataclasses.replace(cell, reuse="t2-iac-shapes-s0")
 
 
 def test_a_clb_cell_refuses_weights_tagged_outside_the_storage_root(tmp_path: Path) -> None:
-    from lab.runner import Outcome
+    from lab.execution.runner import Outcome
 
     uri, client, exp_id = _store(tmp_path)
     outside = tmp_path / "attacker" / "model.pt"

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from detector.config import ConfigError
-from lab import tracking
-from lab.experiments import TABLE1_DEFAULT_METHODS, TABLE2_ROWS, load_profile, table_cells
-from lab.specs import SPECS_DIR, as_spec, load_spec, paper_spec, parse_spec
+from lab.records import tracking
+from lab.plan.experiments import TABLE1_DEFAULT_METHODS, TABLE2_ROWS, load_profile, table_cells
+from lab.plan.specs import SPECS_DIR, as_spec, load_spec, paper_spec, parse_spec
 
 THREE_ROWS = {
     "name": "mini-ablation",

@@ -1,4 +1,4 @@
-"""lab.stats (seed-paired CI, image-level and two-level bootstrap, P(B > A), verdicts) and lab.compare
+"""lab.tables.stats (seed-paired CI, image-level and two-level bootstrap, P(B > A), verdicts) and lab.tables.compare
 (``detlab compare``). The power / MDE simulations are in tests/test_power.py.
 
 The bootstrap's weighted re-accumulation is checked against the real evaluators on explicitly
@@ -18,7 +18,8 @@ from scipy import stats as sps
 
 from detector import evaluate as det_eval
 from detector import voc_eval
-from lab import stats, tracking
+from lab.tables import resampling, stats
+from lab.records import tracking
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
 
@@ -119,19 +120,19 @@ def test_seed_paired_ci_is_the_paired_t_interval() -> None:
 @pytest.mark.parametrize(("use_07", "exact"), [(True, False), (True, True), (False, False)])
 def test_voc_full_metric_equals_voc_evaluate(use_07: bool, exact: bool) -> None:
     gts, dets = _scene(1)
-    m = stats.voc_matches(gts, dets, NAMES, use_07_metric=use_07, exact_thresholds=exact)
+    m = resampling.voc_matches(gts, dets, NAMES, use_07_metric=use_07, exact_thresholds=exact)
     ref = det_eval.voc_evaluate(gts, dets, class_names=NAMES, use_07_metric=use_07, exact_thresholds=exact)["mAP"]
     assert 5 < ref < 95
-    assert stats.full_metric(m) == pytest.approx(ref, abs=1e-9)
+    assert resampling.full_metric(m) == pytest.approx(ref, abs=1e-9)
 
 
 @pytest.mark.parametrize("use_07", [True, False])
 def test_voc_resampled_metric_equals_evaluating_duplicated_images(use_07: bool) -> None:
     gts, dets = _scene(2)
-    m = stats.voc_matches(gts, dets, NAMES, use_07_metric=use_07)
-    counts = stats.resample_counts(len(gts), 5, seed=3)
+    m = resampling.voc_matches(gts, dets, NAMES, use_07_metric=use_07)
+    counts = resampling.resample_counts(len(gts), 5, seed=3)
     assert (counts.sum(axis=1) == len(gts)).all() and (counts == 0).any() and (counts > 1).any()
-    got = stats.resampled_metric(m, counts)
+    got = resampling.resampled_metric(m, counts)
     for row, value in zip(counts, got):
         g2, d2 = _duplicate(gts, dets, row)
         assert value == pytest.approx(det_eval.voc_evaluate(g2, d2, class_names=NAMES, use_07_metric=use_07)["mAP"],
@@ -147,8 +148,8 @@ def test_voc_hand_computed_delta_and_ci() -> None:
         return [{"image_id": i, "boxes": [[0, 0, 10, 10]], "scores": [1.0 - 0.01 * i], "labels": [0]}
                 for i in range(n_found)]
 
-    a, b = stats.voc_matches(gts, run(5)), stats.voc_matches(gts, run(8))
-    assert stats.full_metric(a) == pytest.approx(100 * 6 / 11)
+    a, b = resampling.voc_matches(gts, run(5)), resampling.voc_matches(gts, run(8))
+    assert resampling.full_metric(a) == pytest.approx(100 * 6 / 11)
     ci = stats.paired_bootstrap(a, b, 1000, seed=0)
     assert ci.delta == pytest.approx(300 / 11)
     assert ci.lo <= ci.delta <= ci.hi and ci.n_resamples == 1000
@@ -157,7 +158,7 @@ def test_voc_hand_computed_delta_and_ci() -> None:
 
 def test_identical_predictions_give_zero_delta_and_zero_width_ci() -> None:
     gts, dets = _scene(4)
-    a, b = stats.voc_matches(gts, dets, NAMES), stats.voc_matches(gts, dets, NAMES)
+    a, b = resampling.voc_matches(gts, dets, NAMES), resampling.voc_matches(gts, dets, NAMES)
     ci = stats.paired_bootstrap(a, b, 200, seed=1)
     assert (ci.delta, ci.lo, ci.hi) == (0.0, 0.0, 0.0) and not ci.excludes_zero
     assert ci.p_better == 0.5  # every resample a tie
@@ -166,7 +167,7 @@ def test_identical_predictions_give_zero_delta_and_zero_width_ci() -> None:
 def test_extra_true_positives_give_ci_above_zero() -> None:
     gts, dets = _scene(5, n_img=40)
     better = _with_extra_tp(gts, dets)
-    a, b = stats.voc_matches(gts, dets, NAMES), stats.voc_matches(gts, better, NAMES)
+    a, b = resampling.voc_matches(gts, dets, NAMES), resampling.voc_matches(gts, better, NAMES)
     ci = stats.paired_bootstrap(a, b, 1000, seed=0)
     assert ci.delta > 0 and ci.lo > 0 and ci.interval_excludes_zero
     # one pair of runs: image sampling only, so it is never marked as excluding 0 (no seed variance)
@@ -180,22 +181,22 @@ def test_extra_true_positives_give_ci_above_zero() -> None:
 
 def test_unpairable_runs_are_refused() -> None:
     gts, dets = _scene(6)
-    a = stats.voc_matches(gts, dets, NAMES)
-    b = stats.voc_matches(gts[:-1], dets[:-1], NAMES)
+    a = resampling.voc_matches(gts, dets, NAMES)
+    b = resampling.voc_matches(gts[:-1], dets[:-1], NAMES)
     with pytest.raises(ValueError, match="different images .0 of A's 29 image ids are not among B's, 1 of B's 30 not"):
         stats.paired_bootstrap(b, a, 10)
-    shifted = stats.voc_matches([{**g, "image_id": g["image_id"] + 28} for g in gts],
+    shifted = resampling.voc_matches([{**g, "image_id": g["image_id"] + 28} for g in gts],
                                 [{**d, "image_id": d["image_id"] + 28} for d in dets], NAMES)
     with pytest.raises(ValueError, match="28 of A's 30 image ids are not among B's, 28 of B's 30 not among A's"):
-        stats.check_pairable(a, shifted)  # same count, other ids: refused (pairing is by id, not count)
+        resampling.check_pairable(a, shifted)  # same count, other ids: refused (pairing is by id, not count)
     order = np.random.default_rng(0).permutation(len(gts))
-    shuffled = stats.voc_matches([gts[i] for i in order], [dets[i] for i in order], NAMES)
+    shuffled = resampling.voc_matches([gts[i] for i in order], [dets[i] for i in order], NAMES)
     with pytest.raises(ValueError, match="the same 30 image ids in another order"):
-        stats.check_pairable(a, shuffled)
+        resampling.check_pairable(a, shuffled)
     with pytest.raises(ValueError, match=r"shape \[B, 30\]"):
-        stats.resampled_metric(a, np.ones((2, 29), dtype=np.int64))
+        resampling.resampled_metric(a, np.ones((2, 29), dtype=np.int64))
     with pytest.raises(ValueError, match="'AP50'"):
-        stats.for_metric(a, "AP50")
+        resampling.for_metric(a, "AP50")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +220,10 @@ def test_two_level_without_image_variance_is_a_seed_bootstrap() -> None:
 
 def test_two_level_with_one_seed_pair_is_the_image_bootstrap() -> None:
     gts, dets = _scene(5, n_img=40)
-    a, b = stats.voc_matches(gts, dets, NAMES), stats.voc_matches(gts, _with_extra_tp(gts, dets), NAMES)
-    counts = stats.resample_counts(40, 500, seed=2)
-    d = stats.resampled_metric(b, counts) - stats.resampled_metric(a, counts)
-    ci = stats.two_level_bootstrap([stats.full_metric(b) - stats.full_metric(a)], d[None, :])
+    a, b = resampling.voc_matches(gts, dets, NAMES), resampling.voc_matches(gts, _with_extra_tp(gts, dets), NAMES)
+    counts = resampling.resample_counts(40, 500, seed=2)
+    d = resampling.resampled_metric(b, counts) - resampling.resampled_metric(a, counts)
+    ci = stats.two_level_bootstrap([resampling.full_metric(b) - resampling.full_metric(a)], d[None, :])
     assert (ci.lo, ci.hi) == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])), abs=1e-12)
     assert ci.se == pytest.approx(np.std(d, ddof=1)) and ci.s_img == pytest.approx(np.std(d, ddof=1))
     assert ci.n_boot == 500 and ci.s_seed is None and ci.mde is None
@@ -283,19 +284,19 @@ def test_verdict(paper: float, lo: float, hi: float, mde: float | None, expected
 def test_coco_full_metric_equals_coco_evaluate() -> None:
     gts, dets = _scene(7)
     gt, res = _coco_gt(gts), _coco_dets(dets)
-    m = stats.coco_matches(gt, res)
+    m = resampling.coco_matches(gt, res)
     ref = det_eval.coco_evaluate(gt, res)
     assert 5 < ref["AP"] < 95
-    assert stats.full_metric(m) == pytest.approx(ref["AP"], abs=1e-9)
-    assert stats.full_metric(stats.for_metric(m, "AP50")) == pytest.approx(ref["AP50"], abs=1e-9)
-    assert stats.full_metric(stats.for_metric(m, "AP75")) == pytest.approx(ref["AP75"], abs=1e-9)
+    assert resampling.full_metric(m) == pytest.approx(ref["AP"], abs=1e-9)
+    assert resampling.full_metric(resampling.for_metric(m, "AP50")) == pytest.approx(ref["AP50"], abs=1e-9)
+    assert resampling.full_metric(resampling.for_metric(m, "AP75")) == pytest.approx(ref["AP75"], abs=1e-9)
 
 
 def test_coco_resampled_metric_equals_evaluating_duplicated_images() -> None:
     gts, dets = _scene(8)
-    m = stats.coco_matches(_coco_gt(gts), _coco_dets(dets))
-    counts = stats.resample_counts(len(gts), 3, seed=5)
-    got = stats.resampled_metric(m, counts)
+    m = resampling.coco_matches(_coco_gt(gts), _coco_dets(dets))
+    counts = resampling.resample_counts(len(gts), 3, seed=5)
+    got = resampling.resampled_metric(m, counts)
     for row, value in zip(counts, got):
         g2, d2 = _duplicate(gts, dets, row)
         assert value == pytest.approx(det_eval.coco_evaluate(_coco_gt(g2), _coco_dets(d2))["AP"], abs=1e-9)
@@ -304,10 +305,10 @@ def test_coco_resampled_metric_equals_evaluating_duplicated_images() -> None:
 def test_coco_bootstrap_extra_true_positives() -> None:
     gts, dets = _scene(9)
     gt = _coco_gt(gts)
-    a = stats.coco_matches(gt, _coco_dets(dets))
-    b = stats.coco_matches(gt, _coco_dets(_with_extra_tp(gts, dets)))
+    a = resampling.coco_matches(gt, _coco_dets(dets))
+    b = resampling.coco_matches(gt, _coco_dets(_with_extra_tp(gts, dets)))
     ci = stats.paired_bootstrap(a, b, 300, seed=0)
-    assert ci.delta == pytest.approx(stats.full_metric(b) - stats.full_metric(a)) and ci.lo > 0
+    assert ci.delta == pytest.approx(resampling.full_metric(b) - resampling.full_metric(a)) and ci.lo > 0
     same = stats.paired_bootstrap(a, a, 50)
     assert (same.delta, same.lo, same.hi) == (0.0, 0.0, 0.0)
 
@@ -320,7 +321,7 @@ def test_coco_bootstrap_extra_true_positives() -> None:
 def compare_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import os
 
-    from lab.config import build_config, dump_config
+    from lab.settings.config import build_config, dump_config
 
     base = tmp_path_factory.mktemp("compare")
     old = os.environ.get("DETLAB_DATA")
@@ -366,7 +367,8 @@ def compare_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_detlab_compare_prints_metrics_delta_and_ci(compare_store: dict, capsys) -> None:
-    from lab import cli, compare
+    from lab import cli
+    from lab.tables import compare
 
     uri, val = compare_store["uri"], compare_store["val"]
     c = compare.compare(uri, "baseline-shapes-s0", "iac-shapes-s0", n_resamples=300)
@@ -387,7 +389,8 @@ def test_detlab_compare_prints_metrics_delta_and_ci(compare_store: dict, capsys)
 
 
 def test_detlab_compare_several_seeds_per_side(compare_store: dict, capsys) -> None:
-    from lab import cli, compare
+    from lab import cli
+    from lab.tables import compare
 
     uri, val = compare_store["uri"], compare_store["val"]
     c = compare.compare(uri, "baseline-shapes-s0,baseline-shapes-s1", ["iac-shapes-s0", "iac-shapes-s1"],
@@ -408,7 +411,8 @@ def test_detlab_compare_several_seeds_per_side(compare_store: dict, capsys) -> N
 
 
 def test_detlab_compare_errors_name_runs(compare_store: dict, capsys) -> None:
-    from lab import cli, compare
+    from lab import cli
+    from lab.tables import compare
 
     uri = compare_store["uri"]
     assert cli.main(["compare", "no-such-run", "iac-shapes-s0", "--tracking-uri", uri]) == 2
@@ -423,12 +427,12 @@ def test_detlab_compare_errors_name_runs(compare_store: dict, capsys) -> None:
 
 
 def test_run_matches_loader_returns_none_without_artifacts(compare_store: dict) -> None:
-    from lab.compare import RunMatchesLoader
+    from lab.tables.compare import RunMatchesLoader
 
     loader = RunMatchesLoader(MlflowClient(compare_store["uri"]))
     assert loader.get(compare_store["old"]) is None
     run = MlflowClient(compare_store["uri"]).search_runs(
         [tracking.init_store(compare_store["uri"], tracking.experiment_name(2))], "attributes.run_name = 'iac-shapes-s0'")[0]
     m = loader.get(run.info.run_id)
-    assert isinstance(m, stats.CocoMatches) and loader.get(run.info.run_id) is m  # cached
+    assert isinstance(m, resampling.CocoMatches) and loader.get(run.info.run_id) is m  # cached
     assert Path(compare_store["val"].images_dir).is_dir()

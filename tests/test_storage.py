@@ -1,4 +1,4 @@
-"""lab.storage: storage URIs (parse, join, the multi-host refusal) without any server; then, against
+"""lab.infra.storage: storage URIs (parse, join, the multi-host refusal) without any server; then, against
 a local moto S3 server (tests/s3server.py), file round trips, a Ray Train run whose checkpoints
 live in s3:// and resumes from them, its final weights read back by a CL-B evaluation and
 ``detlab predict``, and an ``mlflow server`` whose artifact store is the bucket.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import storage
-from lab.storage import StorageError, StorageURI
+from lab.infra import storage
+from lab.infra.storage import StorageError, StorageURI
 
 
 BIN = Path(sys.executable).parent
@@ -189,14 +189,15 @@ def test_train_checkpoints_in_s3_and_resume(s3, local_ray, tmp_path, monkeypatch
 
     from detector.data import build_dataset
     from lab.cli import main
-    from lab import faults
-    from lab.train import evaluate_weights, fit_cell, load_weights
+    from lab.execution import faults
+    from lab.execution.train import evaluate_weights, fit_cell
+    from lab.records.weights import load_weights
     from test_train import tiny_cell
 
     cell = tiny_cell("scaling.workers=1", "train.epochs=2")
     root = "s3://detlab/train-test"
     kwargs = {"name": "s3", "run_name": cell.run_name, "storage_path": root}
-    monkeypatch.setenv(faults.ENV, "raise_after_epoch:0")  # the one fault-injection path (lab.faults)
+    monkeypatch.setenv(faults.ENV, "raise_after_epoch:0")  # the one fault-injection path (lab.execution.faults)
     with pytest.raises(TrainingFailedError, match="injected failure"):
         fit_cell(cell.cfg, **kwargs)
     monkeypatch.delenv(faults.ENV)

@@ -20,8 +20,9 @@ import yaml
 from mlflow import MlflowClient
 
 from detector.config import ConfigError
-from lab import faults, sweep
-from lab.config import build_config, user_overrides
+from lab.execution import faults
+from lab import sweep
+from lab.settings.config import build_config, user_overrides
 from lab.sweep import Param, load_space, parse_spec, resolve_sample, validate_space
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
@@ -353,7 +354,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path: P
     # The store exists, migrated, before the sweep starts: the polling client below does not take
     # init_store's lock, and two processes creating one fresh sqlite file race in MLflow's alembic
     # migrations ("table _alembic_tmp_model_versions already exists" crashed the sweep in CI).
-    from lab import tracking
+    from lab.records import tracking
     tracking.init_store(uri, "detlab-sweep-shapes")
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, str(root / "jobs" / "sweep.py"), *argv], cwd=tmp_path, env=env,
@@ -415,7 +416,7 @@ def test_reconcile_lets_the_schedulers_stop_win_over_a_teardown_error(tmp_path: 
     record of the scheduler's verdict makes it KILLED; a trial that failed on its own stays FAILED."""
     from types import SimpleNamespace
 
-    from lab import tracking
+    from lab.records import tracking
     from lab.sweep.plan import TAG_PARENT, TAG_TRIAL
     from lab.sweep.tuner import _reconcile
 

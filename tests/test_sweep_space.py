@@ -8,7 +8,7 @@ import random
 import pytest
 
 from detector.config import ConfigError
-from lab.config import build_config
+from lab.settings.config import build_config
 from lab.sweep import load_space, parse_spec, resolve_sample, sample_space, validate_space
 
 BASE = {"assign": {"iac": True}}

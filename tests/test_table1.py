@@ -7,8 +7,9 @@ import pytest
 from mlflow import MlflowClient
 
 from detector.config import ConfigError
-from lab import runner, tracking
-from lab.experiments import TABLE1_DEFAULT_METHODS, load_profile, split_table1_row, table_cells
+from lab.execution import runner
+from lab.records import tracking
+from lab.plan.experiments import TABLE1_DEFAULT_METHODS, load_profile, split_table1_row, table_cells
 
 
 def test_default_table1_has_the_retinanet_and_gfl_blocks():
@@ -35,7 +36,7 @@ def test_rows_select_methods_and_bring_the_row_a_clb_row_reuses():
 
 
 def test_detlab_train_applies_the_profile_layer_of_the_chosen_detector():
-    from lab.experiments import single_cell
+    from lab.plan.experiments import single_cell
 
     demo = load_profile("demo")
     gfl = single_cell(demo, {"model": {"detector": "gfl"}}, "shapes")

@@ -1,4 +1,4 @@
-"""lab.tracking + lab.tables against a real sqlite MLflow store (no mocks).
+"""lab.records.tracking + lab.tables against a real sqlite MLflow store (no mocks).
 
 One store per module (the first open runs MLflow's migrations); every test uses its own
 experiment or reads the shared, fixed Table 1/2 data.
@@ -17,8 +17,11 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats
 
-from lab import paper, provenance, tables, tracking
-from lab import stats as lab_stats
+from lab.tables import paper
+from lab.records import provenance, tracking
+from lab import tables
+from lab.tables import stats as lab_stats
+from lab.tables import resampling
 from lab.tables.render import (
     build_claims_sections,
     render_claims_html,
@@ -26,9 +29,9 @@ from lab.tables.render import (
     render_claims_tex,
 )
 from lab.tables.rows import NO_VERDICT, claims
-from lab.tracking import TAG_KIND
+from lab.records.tracking import TAG_KIND
 
-# SQLAlchemy 2.1 deprecation inside MLflow's store; not ours (lab.tracking filters it outside pytest).
+# SQLAlchemy 2.1 deprecation inside MLflow's store; not ours (lab.records.tracking filters it outside pytest).
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")
 
 # Table 2 fixture data: (row, dataset) → {seed: headline value}. trees/iac_dc_clb has only a FAILED run.
@@ -263,7 +266,7 @@ def test_statistics_helpers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# lab.tracking
+# lab.records.tracking
 
 
 def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,7 +305,7 @@ def test_init_store_idempotent_and_artifact_location(store: dict) -> None:
 def test_init_store_concurrent_fresh_db(tmp_path: Path) -> None:
     """Three processes initialising one fresh sqlite DB at once (the race of notes §5.6)."""
     uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
-    code = f"from lab import tracking; print(tracking.init_store({uri!r}, 'race'))"
+    code = f"from lab.records import tracking; print(tracking.init_store({uri!r}, 'race'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -378,7 +381,7 @@ def _voc_run(n_found: int, n_images: int = 20, first_id: int = 0):
     gts = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "labels": [0]} for i in ids]
     dets = [{"image_id": i, "boxes": [[0, 0, 10, 10]], "scores": [1.0 - 0.01 * k], "labels": [0]}
             for k, i in enumerate(ids) if k < n_found]
-    return lab_stats.voc_matches(gts, dets, ["tree"])
+    return resampling.voc_matches(gts, dets, ["tree"])
 
 
 def _bootstrapped(found: dict[str, list[int | None]], profile: str = "small", n_resamples: int = 300,
@@ -391,7 +394,7 @@ def _bootstrapped(found: dict[str, list[int | None]], profile: str = "small", n_
             run_id = f"{row}-{profile}-{seed}"
             matches[run_id] = None if n is None else m
             records.append(tables.RunRecord(run_id, run_id, None, None, row, "trees", seed, profile, None, None,
-                                            {"mAP": lab_stats.full_metric(m)}, {}))
+                                            {"mAP": resampling.full_metric(m)}, {}))
     rows = tables.aggregate_records(records, 2)
     tables.add_bootstrap(rows, records, matches.get, n_resamples=n_resamples)
     return rows, matches
@@ -408,7 +411,7 @@ def test_table2_two_level_columns_and_markers() -> None:
     rows, matches = _bootstrapped({"baseline": [4, 5, 6], "iac": [9, 10, 11], "iac_dc": [9, 10, 11],
                                    "iac_dc_clb": [None, None, None]})
     iac = _row(rows, "iac", "trees")
-    full = [lab_stats.full_metric(matches[f"iac-small-{s}"]) - lab_stats.full_metric(matches[f"baseline-small-{s}"])
+    full = [resampling.full_metric(matches[f"iac-small-{s}"]) - resampling.full_metric(matches[f"baseline-small-{s}"])
             for s in range(3)]
     b = iac.boot
     assert b.n_pairs == 3 and b.n_resamples == 300 and b.seed_variance_known
@@ -458,7 +461,7 @@ def test_add_bootstrap_pairs_runs_by_image_ids() -> None:
     matches = {f"{row}-small-{s}": _voc_run(n, first_id=5 if (row, s) == ("iac", 1) else 0)
                for row, per_seed in found.items() for s, n in enumerate(per_seed)}
     records = [tables.RunRecord(k, k, None, None, k.split("-")[0], "trees", int(k[-1]), "small", None, None,
-                                {"mAP": lab_stats.full_metric(m)}, {}) for k, m in matches.items()]
+                                {"mAP": resampling.full_metric(m)}, {}) for k, m in matches.items()]
     rows = tables.aggregate_records(records, 2)
     with pytest.raises(ValueError, match="runs baseline-small-1 .A. and iac-small-1 .B.: runs were evaluated on "
                                          "different images .5 of A's 20 image ids are not among B's, 5 of B's 20"):

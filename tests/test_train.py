@@ -16,12 +16,15 @@ import torch
 from mlflow import MlflowClient
 
 from detector.data import build_dataset
-from lab import faults, tracking
-from lab.config import user_overrides
-from lab.experiments import load_profile, single_cell
-from lab.train import evaluate_weights, fit_cell, load_weights, lr_lambda, reposition_schedule
+from lab.execution import faults
+from lab.records import tracking
+from lab.settings.config import user_overrides
+from lab.plan.experiments import load_profile, single_cell
+from lab.execution.schedule import lr_lambda, reposition_schedule
 
 #: a few images, two epochs of two steps: seconds per fit in local mode
+from lab.execution.train import evaluate_weights, fit_cell
+from lab.records.weights import load_weights
 TINY = ["data.dataset=shapes", "train.epochs=2", "train.max_iters=2", "train.warmup_iters=1", "eval.num_samples=2"]
 
 

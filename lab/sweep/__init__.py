@@ -17,7 +17,7 @@ Read it in this order, one module per step:
 What runs where (shared notes §2):
 
 * Each trial is a Tune *function trainable* that builds and fits a Ray Train ``TorchTrainer``
-  over :func:`lab.train.train_loop_per_worker` (Train V2 cannot be handed to a Tuner).
+  over :func:`lab.execution.loop.train_loop_per_worker` (Train V2 cannot be handed to a Tuner).
   - With workers (``scaling.workers >= 1``) the trial process only waits on its worker group, so
     it reserves a custom resource (:data:`TRIAL_RESOURCE`), not a CPU; the workers hold the
     CPUs/GPUs. ``TuneReportCallback`` forwards rank 0's per-epoch report to Tune.
@@ -46,7 +46,7 @@ import os
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print reaches the driver twice
 
-from lab.runner import quiet_ray_console  # noqa: E402
+from lab.execution.runner import quiet_ray_console  # noqa: E402
 
 quiet_ray_console()
 

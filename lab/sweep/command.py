@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import yaml
 
 from detector.config import ConfigError, to_dict
-from lab import tracking
-from lab.joboptions import add_job_options
-from lab.scrub import scrub_mapping
+from lab.records import tracking
+from lab.settings.joboptions import add_job_options
+from lab.settings.scrub import scrub_mapping
 from lab.sweep.plan import build_plan, with_pretrained_backbone
 from lab.sweep.posthoc import add_posthoc_options, run_posthoc
 from lab.sweep.space import space_text
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=("random", "optuna"), default="random",
                    help="random search (default) or Optuna TPE (needs the optuna package)")
     p.add_argument("--space", action="append", default=[], metavar="FILE|KEY=SPEC",
-                   help="search space: a YAML file replacing the default (lab/spaces/default.yaml), or "
+                   help="search space: a YAML file replacing the default (lab/sweep/spaces/default.yaml), or "
                         "KEY=SPEC, e.g. nms.beta='uniform(0, 2)', loss.eps='loguniform(1e-4, 1)', "
                         "nms.iou_threshold='choice(0.5, 0.6)', KEY=none drops it (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search algorithm (default 0)")
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"search {plan.search}\nspace:\n{space_text(plan.space)}base config:\n"
                   f"{yaml.safe_dump(scrub_mapping(to_dict(plan.cfg)), sort_keys=False)}")
             return 0
-        from lab.datacheck import validate_data  # the data opened here: a bad file never reaches Ray or MLflow
+        from lab.plan.datacheck import validate_data  # the data opened here: a bad file never reaches Ray or MLflow
 
         validate_data(plan.cfg.data, plan.cfg.model.num_classes)
         return run_sweep(with_pretrained_backbone(plan, args, uri), uri, args.ray_address)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from detector.config import ConfigError, merge_dicts, overrides_to_dict, to_dict
-from lab import tracking
-from lab.tracking import TAG_WEIGHTS  # noqa: F401 - plan.TAG_WEIGHTS: where a trial's model.pt lives
-from lab.config import LabConfig, build_config
-from lab.experiments import data_root_overrides, load_profile, single_cell
-from lab.joboptions import settle_profile, user_layer
+from lab.records import tracking
+from lab.records.tracking import TAG_WEIGHTS  # noqa: F401 - plan.TAG_WEIGHTS: where a trial's model.pt lives
+from lab.settings.config import LabConfig, build_config
+from lab.plan.experiments import data_root_overrides, load_profile, single_cell
+from lab.settings.joboptions import settle_profile, user_layer
 from lab.sweep.space import Space, load_space, space_text, validate_space
 
 #: the sweep trains the full method unless --set/--config say otherwise.
@@ -60,20 +60,20 @@ class SweepPlan:
     grace_period: int
     reduction_factor: int
     resume: bool
-    #: ``--storage`` (a path, shared:///mount or s3://bucket/prefix; see lab.storage); None: ``out/sweeps``
+    #: ``--storage`` (a path, shared:///mount or s3://bucket/prefix; see lab.infra.storage); None: ``out/sweeps``
     storage_uri: str | None = None
 
     @property
     def storage(self) -> str:
         """Tune's storage URI; the sweep lives in ``storage/name``."""
-        from lab import storage
+        from lab.infra import storage
 
         return str(storage.parse(self.storage_uri or self.out / "sweeps"))
 
     @property
     def sweep_dir(self) -> str:
         """The sweep's Tune experiment (a path or URI); its trials' Train runs are under ``train/``."""
-        from lab import storage
+        from lab.infra import storage
 
         return storage.join(self.storage, self.name)
 
@@ -138,7 +138,7 @@ def build_plan(args: argparse.Namespace) -> SweepPlan:
 
 def _storage_option(args: argparse.Namespace) -> str | None:
     """``--storage`` validated (an s3:// URI without a bucket is a ConfigError here, before Ray)."""
-    from lab import storage
+    from lab.infra import storage
 
     value = getattr(args, "storage", None)
     return str(storage.parse(value)) if value else None
@@ -146,10 +146,10 @@ def _storage_option(args: argparse.Namespace) -> str | None:
 
 def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str) -> SweepPlan:
     """Start every trial from the backbone file a table cell of the same profile, dataset and seed
-    starts from (:mod:`lab.pretrain`: same settings, same pretraining data, same key, one file), so
+    starts from (:mod:`lab.execution.pretrain`: same settings, same pretraining data, same key, one file), so
     a sweep's winner transfers to the tables. No-op when the config does not pretrain or names weights."""
-    from lab.experiments import profile_data
-    from lab.pretrain import ensure_pretrained, needs_pretraining, pretrain_job
+    from lab.plan.experiments import profile_data
+    from lab.execution.pretrain import ensure_pretrained, needs_pretraining, pretrain_job
 
     if not needs_pretraining(plan.cfg):
         return plan
@@ -165,7 +165,7 @@ def with_pretrained_backbone(plan: SweepPlan, args: argparse.Namespace, uri: str
 def _metric_and_mode(metric: str | None, mode: str | None, dataset: str) -> tuple[str, str]:
     """``--metric`` (default: AP or mAP by the dataset's format) and ``--mode`` (default: min for a
     loss, else max); the metric must be one every epoch reports."""
-    from lab.evaluation import COCO_METRICS
+    from lab.execution.evaluation import COCO_METRICS
 
     default = METRIC_BY_DATASET[dataset]
     metric = metric or default

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from detector.config import ConfigError, to_dict
-from lab import provenance, tracking
-from lab.scrub import scrub_mapping, scrub_text
+from lab.records import provenance, tracking
+from lab.settings.scrub import scrub_mapping, scrub_text
 from lab.sweep.plan import (METRIC_BY_DATASET, TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, TAG_WEIGHTS, SweepPlan,
                             experiment_name)
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run
@@ -50,7 +50,7 @@ def posthoc_grid(space: Space, points: int) -> list[dict[str, Any]]:
 def storage_roots(args: argparse.Namespace) -> list[str]:
     """Where ``--posthoc RUN_ID`` accepts the run's weights from: ``--storage``, else the default
     storage of tables and of sweeps under ``--out`` (``<out>/ray``, ``<out>/sweeps``)."""
-    from lab import storage
+    from lab.infra import storage
 
     if getattr(args, "storage", None):
         return [str(storage.parse(args.storage))]
@@ -65,7 +65,7 @@ def resolve_weights(ref: str, uri: str, roots: Sequence[str]) -> str:
     A path the user typed is theirs to choose; a tag is not (anyone who may write to the tracking
     server may set it), so a run's weights are accepted only under one of ``roots``.
     """
-    from lab import storage
+    from lab.infra import storage
 
     if "://" in ref:
         if not storage.is_file(ref):
@@ -100,9 +100,9 @@ def run_posthoc(args: argparse.Namespace, uri: str) -> int:
     from detector.config import apply_overrides
     from detector.data import build_dataset
     from detector.model import build_detector
-    from lab import evaluation
-    from lab.config import config_from_dict
-    from lab.train import load_weights, resolve_num_classes
+    from lab.execution import evaluation
+    from lab.settings.config import config_from_dict
+    from lab.records.weights import load_weights, resolve_num_classes
 
     if args.points < 1:
         raise ConfigError(f"--points {args.points} must be >= 1")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from detector.config import flatten, overrides_to_dict
-from lab.config import build_config
+from lab.settings.config import build_config
 from lab.sweep.plan import METHOD, SweepPlan
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from detector.config import ConfigError, flatten, overrides_to_dict, read_yaml_mapping
-from lab.config import LabConfig, build_config
+from lab.settings.config import LabConfig, build_config
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 DEFAULT_SPACE = SPACES_DIR / "default.yaml"
 
 _SPEC = re.compile(r"^\s*(uniform|loguniform|choice)\s*\((.*)\)\s*(?:\*\s*([A-Za-z_][\w.]*)\s*)?$")

@@ -1,7 +1,7 @@
 """The trial: what runs in a Tune trial process (imports torch and Ray Train there, not in the driver).
 
 :func:`trial_fn` resolves the trial's config from its sample, opens (or, for a restored trial,
-reopens) its MLflow child run, and fits a ``TorchTrainer`` over :func:`lab.train.train_loop_per_worker`.
+reopens) its MLflow child run, and fits a ``TorchTrainer`` over :func:`lab.execution.loop.train_loop_per_worker`.
 In local mode (``scaling.workers: 0``) the loop runs in this process and reports each epoch to Tune;
 with workers, ``TuneReportCallback`` forwards rank 0's reports. A trial that ASHA stops ends its
 run KILLED with :func:`record_stop`; the driver does the same for trials whose process Tune killed.
@@ -15,10 +15,10 @@ import time
 from typing import Any
 
 from detector.config import ConfigError, flatten, overrides_to_dict
-from lab import tracking
-from lab.config import LabConfig, build_config, cell_key
-from lab.runlog import TAG_UNSENT
-from lab.scrub import scrub_text
+from lab.records import tracking
+from lab.settings.config import LabConfig, build_config, cell_key
+from lab.execution.runlog import TAG_UNSENT
+from lab.settings.scrub import scrub_text
 from lab.sweep.plan import TAG_MODE, TAG_PARENT, TAG_TRIAL, TAG_WEIGHTS
 from lab.sweep.space import Space, resolve_sample
 
@@ -34,16 +34,18 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lab.train import WEIGHTS_FILE, fit_cell
+    from lab.execution.train import fit_cell
 
     # a worker group may wait for a stopped trial's placement group to be freed (the cleaner polls)
+
+    from lab.records.weights import WEIGHTS_FILE
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     trial_id = tune.get_context().get_trial_id()
     space: Space = ctx["space"]
     client = MlflowClient(ctx["uri"])
     overrides = resolve_sample(space, config, ctx["base"])
     run_name = f"trial_{trial_id}"
-    from lab import storage
+    from lab.infra import storage
 
     train_storage = ctx["train_storage"]  # a path or URI (s3://...) every node reaches
     weights = storage.join(train_storage, run_name, WEIGHTS_FILE)
@@ -94,11 +96,11 @@ def trial_fn(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 def replay_trial_spool(uri: str, run_id: str, reported: int) -> int:
-    """Send what the trial's rank 0 left in its spool (:func:`lab.runlog.spool_dir_for`: the storage
+    """Send what the trial's rank 0 left in its spool (:func:`lab.execution.runlog.spool_dir_for`: the storage
     under ``$DETLAB_SPOOL_URI``, else this node's private spool); returns how many writes are still
     unsent, counting those ``reported`` by rank 0 that are not in the spool this process reads
     (rank 0 on another node). Never raises."""
-    from lab.runlog import RunLog, spool_dir_for
+    from lab.execution.runlog import RunLog, spool_dir_for
 
     try:
         log = RunLog(uri, run_id, spool_dir_for(run_id))

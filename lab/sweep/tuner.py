@@ -21,15 +21,16 @@ from typing import Any
 
 
 from detector.config import ConfigError
-from lab import provenance, storage, tracking
-from lab.config import LabConfig, dump_config
-from lab.scrub import scrub_text
+from lab.records import provenance, tracking
+from lab.infra import storage
+from lab.settings.config import LabConfig, dump_config
+from lab.settings.scrub import scrub_text
 from lab.sweep.plan import TAG_MODE, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, SweepPlan
 from lab.sweep.reports import TrialRow, best_trial, log_parent_run, summarize, write_best
 from lab.sweep.space import resolve_sample, space_text
 from lab.sweep.trial import record_stop, trial_fn
-from lab.runlog import SPOOL_URI_ENV
-from lab.workerenv import forwarded_env, init_address
+from lab.execution.runlog import SPOOL_URI_ENV
+from lab.execution.workerenv import forwarded_env, init_address
 
 #: custom Ray resource a trial's driver process reserves when it has workers (they reserve the CPUs/GPUs).
 TRIAL_RESOURCE = "detlab_trial_driver"
@@ -37,7 +38,7 @@ TRIAL_RESOURCE = "detlab_trial_driver"
 
 def run_sweep(plan: SweepPlan, uri: str, ray_address: str | None = None) -> int:
     """Run (or resume) the sweep of ``plan``; write the best config; 0 if at least one trial finished.
-    Fault injection for tests: ``DETLAB_FAULT`` (:mod:`lab.faults`), forwarded to every trial."""
+    Fault injection for tests: ``DETLAB_FAULT`` (:mod:`lab.execution.faults`), forwarded to every trial."""
     from mlflow import MlflowClient
 
     if storage.exists(plan.sweep_dir) and not plan.resume:

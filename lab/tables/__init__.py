@@ -23,14 +23,14 @@ Missing cells print "—", never 0. Numbers are percent.
 
 Statistics: mean over seeds; 95% CI half-width ``t(0.975, n-1) · s / sqrt(n)`` (blank for n = 1).
 Deltas between two cells: difference of means; CI paired over the seeds both cells have (at least
-2; :func:`lab.stats.seed_paired_ci`), otherwise Welch; blank when either n < 2. ``*`` marks a delta
+2; :func:`lab.tables.stats.seed_paired_ci`), otherwise Welch; blank when either n < 2. ``*`` marks a delta
 whose seed CI excludes 0.
 
-Every delta also gets a two-level CI (:func:`lab.stats.two_level_bootstrap`): seed pairs (each
+Every delta also gets a two-level CI (:func:`lab.tables.stats.two_level_bootstrap`): seed pairs (each
 seed with its own pretrained file) and val images (1000 resamples, seed 0, shared by the pairs,
 both runs re-scored on each; runs paired by image ids), as ``delta ± t_ν · se``; ``†`` marks one that
 excludes 0, and with one seed the table says seed variance is unknown instead. Beside it P(B > A),
-the MDE (80% power) and, in ``claims{N}.*``, a verdict per paper delta (:func:`lab.stats.verdict`).
+the MDE (80% power) and, in ``claims{N}.*``, a verdict per paper delta (:func:`lab.tables.stats.verdict`).
 
 Read it in this order, one module per step:
 
@@ -40,7 +40,7 @@ Read it in this order, one module per step:
 * :mod:`lab.tables.command` — :func:`write_tables` and ``detlab tables``.
 """
 
-from lab.stats import Stat, summarize  # names this module has always offered (tests use them)
+from lab.tables.stats import Stat, summarize  # names this module has always offered (tests use them)
 from lab.tables.collect import DATASET_ORDER, NO_PROFILE, RunRecord, fetch_cell_runs
 from lab.tables.command import build_parser, main, write_tables
 from lab.tables.render import (

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 
 from mlflow.entities import Run
 
-from lab import tracking
-from lab.specs import TableSpec, as_spec
-from lab.tracking import TAG_DATASET, TAG_GIT, TAG_KEY, TAG_KIND, TAG_PROFILE, TAG_ROW, TAG_SEED
+from lab.records import tracking
+from lab.plan.specs import TableSpec, as_spec
+from lab.records.tracking import TAG_DATASET, TAG_GIT, TAG_KEY, TAG_KIND, TAG_PROFILE, TAG_ROW, TAG_SEED
 
 log = logging.getLogger(__name__)
 

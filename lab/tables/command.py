@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
-from lab import tracking
-from lab.specs import TableSpec, as_spec, choose
+from lab.records import tracking
+from lab.plan.specs import TableSpec, as_spec, choose
 from lab.tables.rows import Row, build_rows
 from lab.tables.collect import RunRecord, fetch_cell_runs
 from lab.tables.render import (
@@ -83,13 +83,13 @@ def write_tables(
 
 
 def write_curves(uri: str, rows: Sequence[Row], stem: str, out: Path) -> dict[str, Path]:
-    """The learning curves of each section's rows overlaid (:func:`lab.curves.plot_rows_curves`), per
+    """The learning curves of each section's rows overlaid (:func:`lab.records.curves.plot_rows_curves`), per
     dataset (and profile, when there are several): the val metric, ``<stem>_curves_<dataset>.png``
     (one point per evaluation: ``eval.every`` sets how many), and the training loss per epoch,
     ``<stem>_loss_<dataset>.png`` (rows that only evaluate have none)."""
     import matplotlib.pyplot as plt
 
-    from lab.curves import plot_rows_curves
+    from lab.records.curves import plot_rows_curves
 
     client = MlflowClient(uri)
     sections = list(dict.fromkeys((r.dataset, r.profile) for r in rows))

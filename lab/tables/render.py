@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lab import paper, stats
-from lab.stats import SeedsNeeded, Stat, TwoLevelCI
-from lab.specs import TableSpec, as_spec
+from lab.tables import paper, resampling, stats
+
+from lab.tables.stats import SeedsNeeded, Stat, TwoLevelCI
+from lab.plan.specs import TableSpec, as_spec
 from lab.tables.rows import T1_METHOD_LABEL, Claim, Row, claims, dataset_view, row_label, t1_backbone, t1_method
 from lab.tables.collect import RunRecord
 
@@ -185,7 +186,7 @@ _LEGEND = ("ours: mean ± 95% CI half-width over seeds (Student t, n−1 dof; no
            f"rows have (Welch when fewer than 2 are shared); {SEED_MARK} = that CI excludes 0. Percent.")
 #: footnote of the two-level bootstrap columns (both tables)
 _BOOT_LEGEND = (f"Two-level CI (95%): Δ ± t_ν·sqrt(s_seed²/n + s_img²), s_seed the SD of the seed pairs' Δ, s_img "
-                f"the SD of Δ over {stats.N_RESAMPLES} resamples of the val images shared by every seed pair (the "
+                f"the SD of Δ over {resampling.N_RESAMPLES} resamples of the val images shared by every seed pair (the "
                 "seeds see the same images), ν by Welch–Satterthwaite; so it covers seed noise and image sampling "
                 f"(a seed's pretrained file is part of its seed); {BOOT_MARK} = it excludes 0; with one seed it is the image-only "
                 f"percentile interval: \"{ONE_SEED}\", never {BOOT_MARK}; {MISSING} = no detections logged for any "

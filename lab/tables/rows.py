@@ -16,10 +16,11 @@ import numpy as np
 from mlflow import MlflowClient
 from scipy import stats as sstats
 
-from lab import paper, stats
-from lab.experiments import TABLE1_GFL_METHODS, TABLE1_METHODS, split_table1_row
-from lab.specs import TableSpec, as_spec
-from lab.stats import SeedsNeeded, Stat, TwoLevelCI, summarize
+from lab.tables import paper, resampling, stats
+
+from lab.plan.experiments import TABLE1_GFL_METHODS, TABLE1_METHODS, split_table1_row
+from lab.plan.specs import TableSpec, as_spec
+from lab.tables.stats import SeedsNeeded, Stat, TwoLevelCI, summarize
 from lab.tables.collect import DATASET_ORDER, RunRecord, fetch_cell_runs
 
 TABLE2_ROWS = tuple(r.key for r in paper.TABLE2)
@@ -37,7 +38,7 @@ PAPER_BACKBONE = {
 #: the paper's "Ours" 48.9 is GFL + DC + CL-B on X-101-32x4d-DCN, and it reports no GFL + DC row.
 GFL_PAPER_METHOD = {"gfl": "gfl", "gfl_dc_clb": "ours"}
 GFL_PAPER_BACKBONE = "resnext101_32x4d_dcn"
-#: Table 1 method → its label in the tables (from the spec, lab/specs/table1.yaml)
+#: Table 1 method → its label in the tables (from the spec, lab/plan/specs/table1.yaml)
 T1_METHOD_LABEL = {r.name: r.label for r in as_spec(1).rows}
 #: how Table 1's deltas read (each is measured against the row its spec compares it to: "GFL +DC
 #: +CL-B" against GFL, the paper's 48.9 − 48.2; CL-B alone is its Δ minus "GFL +DC"'s)
@@ -95,7 +96,7 @@ def delta_stat(a: dict[int, float], b: dict[int, float]) -> tuple[Stat, str] | N
     """The delta ``a − b`` of per-seed values (seed → percent) with its 95% CI and the CI method.
 
     "paired" when at least 2 seeds are shared: mean over the shared seeds of ``a[s] − b[s]`` with a
-    Student-t CI (:func:`lab.stats.seed_paired_ci`; seeds only one side has are left out). Else
+    Student-t CI (:func:`lab.tables.stats.seed_paired_ci`; seeds only one side has are left out). Else
     "welch": ``mean(a) − mean(b)`` with a Welch CI (both n ≥ 2); else "none" (no CI). None when either
     side is empty.
     """
@@ -177,7 +178,7 @@ def aggregate(uri: str, table: int | TableSpec, profile: str | None = None, boot
 def build_rows(uri: str, records: Sequence[RunRecord], table: int | TableSpec, bootstrap: bool) -> list[Row]:
     rows = aggregate_records(records, table)
     if bootstrap:
-        from lab.compare import RunMatchesLoader  # rebuilds val datasets: only when asked
+        from lab.tables.compare import RunMatchesLoader  # rebuilds val datasets: only when asked
 
         add_bootstrap(rows, records, RunMatchesLoader(MlflowClient(uri)).get)
     return rows
@@ -293,7 +294,7 @@ def step_label(label: str, ref_label: str) -> str:
 
 def _add_deltas(rows: list[Row], table: int | TableSpec) -> None:
     """Headline-metric deltas: each row against the row its spec compares it with
-    (:meth:`lab.specs.TableSpec.reference`: Table 2 each step against the one above; Table 1 each
+    (:meth:`lab.plan.specs.TableSpec.reference`: Table 2 each step against the one above; Table 1 each
     block's modified rows against its baseline)."""
     spec = as_spec(table)
     by_key = {(r.dataset, r.profile, r.row): r for r in rows}
@@ -325,15 +326,15 @@ def _add_deltas(rows: list[Row], table: int | TableSpec) -> None:
 def add_bootstrap(
     rows: Sequence[Row],
     records: Sequence[RunRecord],
-    load: Callable[[str], stats.Matches | None],
-    n_resamples: int = stats.N_RESAMPLES,
-    seed: int = stats.BOOTSTRAP_SEED,
+    load: Callable[[str], resampling.Matches | None],
+    n_resamples: int = resampling.N_RESAMPLES,
+    seed: int = resampling.BOOTSTRAP_SEED,
 ) -> None:
-    """Set ``row.boot`` for every row with a delta: :func:`lab.stats.two_level_bootstrap` of
+    """Set ``row.boot`` for every row with a delta: :func:`lab.tables.stats.two_level_bootstrap` of
     ``headline(row) − headline(delta_ref)`` over the seeds both rows have (one seed pair per seed).
 
     ``load(run_id)`` gives a run's matched detections (None: not available; that seed pair is left
-    out). The two runs of a pair are paired by their val ``image_ids`` (:func:`lab.stats.check_pairable`),
+    out). The two runs of a pair are paired by their val ``image_ids`` (:func:`lab.tables.stats.check_pairable`),
     and every run of a (dataset, profile) section must have the section's image ids, because all its
     pairs share one resample matrix (the crossed design of the two-level bootstrap): a mismatch raises
     ValueError naming both run ids and how many ids differ. Each run's resampled metric is computed
@@ -341,25 +342,25 @@ def add_bootstrap(
     """
     run_of = {(r.row, r.dataset, r.profile, r.seed): r.run_id for r in records if r.used}
     by_key = {(r.dataset, r.profile, r.row): r for r in rows}
-    matches: dict[str, stats.Matches | None] = {}
+    matches: dict[str, resampling.Matches | None] = {}
     #: section → (its first scored run, that run's matches, the section's resample counts [J, I])
-    sections: dict[tuple[str, str], tuple[str, stats.Matches, np.ndarray]] = {}
+    sections: dict[tuple[str, str], tuple[str, resampling.Matches, np.ndarray]] = {}
     scored: dict[str, tuple[float, np.ndarray]] = {}
 
-    def matched(run_id: str, metric: str) -> stats.Matches | None:
+    def matched(run_id: str, metric: str) -> resampling.Matches | None:
         if run_id not in matches:  # a run belongs to one section, so to one headline metric
             m = load(run_id)
-            matches[run_id] = None if m is None else stats.for_metric(m, metric)
+            matches[run_id] = None if m is None else resampling.for_metric(m, metric)
         return matches[run_id]
 
-    def score(run_id: str, m: stats.Matches, section: tuple[str, str]) -> tuple[float, np.ndarray]:
+    def score(run_id: str, m: resampling.Matches, section: tuple[str, str]) -> tuple[float, np.ndarray]:
         """(full-set metric, metric on each of the section's resamples ``[J]``)."""
         if section not in sections:
-            sections[section] = (run_id, m, stats.resample_counts(m.image_ids.size, n_resamples, seed))
+            sections[section] = (run_id, m, resampling.resample_counts(m.image_ids.size, n_resamples, seed))
         first_id, first, counts = sections[section]
         _check_pair(first_id, first, run_id, m)
         if run_id not in scored:
-            scored[run_id] = (stats.full_metric(m), stats.resampled_metric(m, counts))
+            scored[run_id] = (resampling.full_metric(m), resampling.resampled_metric(m, counts))
         return scored[run_id]
 
     for r in rows:
@@ -381,10 +382,10 @@ def add_bootstrap(
             r.boot = stats.two_level_bootstrap(full, np.stack(boot))
 
 
-def _check_pair(id_a: str, a: stats.Matches, id_b: str, b: stats.Matches) -> None:
-    """:func:`lab.stats.check_pairable`, its message prefixed with both run ids."""
+def _check_pair(id_a: str, a: resampling.Matches, id_b: str, b: resampling.Matches) -> None:
+    """:func:`lab.tables.stats.check_pairable`, its message prefixed with both run ids."""
     try:
-        stats.check_pairable(a, b)
+        resampling.check_pairable(a, b)
     except ValueError as e:
         raise ValueError(f"runs {id_a} (A) and {id_b} (B): {e}") from None
 
@@ -420,7 +421,7 @@ class Claim:
 def claims(rows: Sequence[Row]) -> list[Claim]:
     """One :class:`Claim` per row with a delta and a paper delta, in row order: Table 2's +IAC, +DC,
     +CL-B steps and Table 1's "ours − RetinaNet", "+DC +CL-B − GFL" where the paper has both numbers.
-    Verdict: :func:`lab.stats.verdict` of the two-level CI and its MDE, else :data:`NO_VERDICT`."""
+    Verdict: :func:`lab.tables.stats.verdict` of the two-level CI and its MDE, else :data:`NO_VERDICT`."""
     out = []
     for r in rows:
         if r.delta_ref is None or r.paper_delta is None:

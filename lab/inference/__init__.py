@@ -1,0 +1,1 @@
+"""Using trained weights: ``detlab eval`` (``evalcmd``) and ``detlab export`` (``export``)."""
