@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-from detector.nms import clb_nms, cluster_center, greedy_nms, nms_clusters
+from detector.nms import class_wise_nms, clb_nms, cluster_center, greedy_nms, nms_clusters
 
 
 def _clustered(n: int, seed: int, num_classes: int = 80, objects: int = 40, tie_scores: bool = False):
@@ -53,6 +53,18 @@ def _reference_clb(boxes, scores, logits, labels, thr, beta):
     return kept, members
 
 
+@pytest.mark.parametrize("n", [0, 1, 999, 1000, 1001, 5000])  # either side of batched_nms's CPU cut-over (1000)
+def test_class_wise_nms_equals_batched_nms_bit_for_bit(n):
+    """Same indices in the same order: tied scores, one class, 200 classes, labels with gaps and
+    negative values, float64, a threshold of 0 and of 1."""
+    for seed in range(4):
+        boxes, scores, _, labels = _clustered(n, seed, num_classes=(80, 1, 200, 80)[seed], tie_scores=seed % 2 == 0)
+        if seed == 3:
+            labels, boxes, scores = labels * 7 - 100, boxes.double(), scores.double()
+        for thr in (0.0, 0.5, 0.7, 1.0):
+            assert torch.equal(class_wise_nms(boxes, scores, labels, thr), batched_nms(boxes, scores, labels, thr))
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 300, 1500, 5000])
 def test_beta_zero_equals_batched_nms(n):
     for seed in range(3):
@@ -66,6 +78,7 @@ def test_beta_zero_equals_batched_nms(n):
         assert clb_nms(boxes, scores, logits, labels, 0.5, beta=2.0).keep.numel() == expected.numel()
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("num_classes, objects", [(5, 12), (80, 40)])  # few leaders per class, and many classes
 def test_matches_loop_reference(num_classes, objects):
     for seed in range(4):
