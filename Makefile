@@ -9,9 +9,9 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make demo   - Table 2 at profile demo on a local Ray + MLflow (sqlite), then the table"
-	@echo "make test   - the test suite but the heavy end-to-end scenarios (what CI runs, ~25 min on 2 cores)"
+	@echo "make test   - the test suite but the heavy end-to-end scenarios (what CI runs, ~17 min on 2 cores)"
 	@echo "make test-all - every test, the heavy scenarios too (~55 min on 2 cores)"
-	@echo "make test-fast - the tests that start no Ray cluster and no server (-m 'not slow')"
+	@echo "make test-fast - the inner loop, under a minute: every test under half a second (-m 'not slow and not medium')"
 	@echo "make bench  - benchmarks (ratios measured in one process)"
 	@echo "make ui     - MLflow UI on 127.0.0.1 over the local store"
 	@echo "make data   - prepare the built-in datasets (shapes, trees)"
@@ -33,15 +33,18 @@ demo: $(STAMP) hooks
 
 # CI must finish within 30 minutes on 2 cores: the tests marked heavy (cluster e2e, node loss, driver
 # kills, outages mid-run; each over a minute) run with `make test-all`
+# Two pytest-xdist workers: the suite alone keeps 2 cores 59 % busy (it waits on processes it starts).
+# The tests that start Ray or a server run one at a time on one of them (tests/conftest.py groups them)
 test: $(STAMP) hooks
-	$(PY) -m pytest -q -m "not heavy"
+	$(PY) -m pytest -q -m "not heavy" -n 2 --dist loadgroup
 
 test-all: $(STAMP) hooks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-# everything but the tests marked slow (they start Ray clusters or servers); `make test-all` runs all
+# the inner loop: everything but the tests marked slow (they start Ray or a server) or medium (over half a
+# second: they train or run a subprocess); `make test` runs those too
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not medium"
 
 bench: $(STAMP)
 	$(PY) bench/bench_nms.py

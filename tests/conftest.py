@@ -48,12 +48,23 @@ _SESSION = f"detlab-tests-{os.getpid()}"
 os.environ["DETLAB_TEST_SESSION"] = _SESSION
 
 
+def _lives_with_this_process(proc) -> bool:
+    """multiprocessing's resource tracker: the first module that uses multiprocessing starts it as a
+    child of this process, and it stays, by design, until this process exits. Waiting for it cost
+    20 s per module that started it."""
+    try:
+        return proc.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return False
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _no_leaked_processes(request):
     import psutil
 
     def ours() -> dict[int, psutil.Process]:
-        return {p.pid: p for p in marked(_SESSION, var="DETLAB_TEST_SESSION") if p.pid != os.getpid()}
+        return {p.pid: p for p in marked(_SESSION, var="DETLAB_TEST_SESSION")
+                if p.pid != os.getpid() and not _lives_with_this_process(p)}
 
     before = ours()
     yield
@@ -78,3 +89,15 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("processes left behind by test modules (killed)")
         for line in _LEAKS:
             terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``), every test that starts Ray or a
+    server (``slow``, ``heavy``) runs on one worker, one at a time: two local Ray clusters on 2 cores would
+    starve each other. The other worker takes the in-process tests meanwhile."""
+    if not getattr(config.option, "loadgroup", False):  # what xdist sets in each worker under --dist loadgroup
+        return
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("heavy"):
+            item.add_marker(pytest.mark.xdist_group("ray"))

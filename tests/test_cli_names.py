@@ -12,6 +12,7 @@ from lab.settings.joboptions import SMOKE_WARNING
 from lab.tables import command as tables_command
 
 
+@pytest.mark.medium
 def test_tables_takes_the_number_as_typed_or_as_an_option(tmp_path: Path) -> None:
     """On a real, empty store: each form writes the table it names."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -45,6 +46,7 @@ def test_table_without_a_profile_warns_that_smoke_numbers_mean_nothing(
     assert SMOKE_WARNING not in capsys.readouterr().err  # chosen on purpose: no warning
 
 
+@pytest.mark.medium
 def test_sweep_without_a_profile_warns_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lab import sweep
 

@@ -580,6 +580,7 @@ def test_secrets_are_the_documented_ones() -> None:
         assert {"secretRef": {"name": "detlab-s3"}} in c.get("envFrom", []), c["name"]
 
 
+@pytest.mark.medium
 def test_mlflow_server_args() -> None:
     """`mlflow server` parses the Deployment's args; --allowed-hosts admits the Service names and
     the URI the jobs and Ray pods use, and rejects others; Postgres without a password in the URI; S3."""
@@ -597,6 +598,7 @@ def test_mlflow_server_args() -> None:
     (lambda a: [x.replace("$(DB_USER)@", "u:pw@") for x in a], "carries a password"),
     (lambda a: [*a, "--alowed-hosts", "x"], "refuses the args"),
 ])
+@pytest.mark.medium
 def test_mlflow_check_can_fail(edit, expected: str) -> None:
     dep = copy.deepcopy(_one(MLFLOW, "Deployment"))
     c = dep["spec"]["template"]["spec"]["containers"][0]

@@ -86,6 +86,7 @@ def test_coco_labels_round_trip_non_contiguous_ids(tmp_path: Path) -> None:
     torch.testing.assert_close(target["boxes"], torch.tensor([[1, 2, 11, 10], [5, 5, 9, 9], [0, 0, 40, 30]], dtype=torch.float32))
 
 
+@pytest.mark.medium
 def test_coco_labels_round_trip_on_shapes(shapes_root: Path) -> None:
     ds = CocoDetection(shapes_root / "train", shapes_root / "annotations" / "instances_train.json", train=False)
     assert ds.num_classes == len(SHAPE_CLASSES) and ds.class_names == list(SHAPE_CLASSES)
@@ -341,6 +342,7 @@ def test_shapes_cache_reused_and_invalidated(tmp_path: Path) -> None:
     assert len(json.loads(ann.read_text())["images"]) == 3
 
 
+@pytest.mark.medium
 def test_shapes_size_coverage_and_classes(shapes_root: Path) -> None:
     data = json.loads((shapes_root / "annotations" / "instances_train.json").read_text())
     areas = np.array([a["area"] for a in data["annotations"]])
@@ -351,6 +353,7 @@ def test_shapes_size_coverage_and_classes(shapes_root: Path) -> None:
     assert len(SHAPE_CLASSES) >= 5
 
 
+@pytest.mark.medium
 def test_shapes_boxes_match_visible_masks(shapes_root: Path) -> None:
     ds = CocoDetection(shapes_root / "train", shapes_root / "annotations" / "instances_train.json", train=False)
     coco = ds.coco
@@ -436,6 +439,7 @@ def test_resize_scales_boxes_and_records_scale() -> None:
 # trees (downloads the deepforest wheel once; cached under default_data_dir()/downloads)
 
 
+@pytest.mark.medium
 @pytest.mark.skipif(os.environ.get("DETLAB_SKIP_DOWNLOAD") == "1", reason="DETLAB_SKIP_DOWNLOAD=1")
 def test_prepare_trees_split_by_source_and_boxes_inside_tiles(tmp_path: Path) -> None:
     root = prepare_trees(tmp_path, tile_size=400)
@@ -470,6 +474,7 @@ def test_prepare_trees_split_by_source_and_boxes_inside_tiles(tmp_path: Path) ->
     assert (default_data_dir() / "downloads" / "deepforest-2.1.0-py3-none-any.whl").is_file()
 
 
+@pytest.mark.medium
 def test_trees_download_failure_names_package_and_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from detector.data.trees import download_deepforest_wheel
 

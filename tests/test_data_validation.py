@@ -151,6 +151,7 @@ VOC_CASES = {
 }
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize(("fmt", "case"), [("coco", c) for c in COCO_CASES] + [("voc", c) for c in VOC_CASES])
 def test_train_refuses_bad_data_before_ray_and_mlflow(tmp_path: Path, fmt: str, case: str) -> None:
     corrupt, needles = (COCO_CASES if fmt == "coco" else VOC_CASES)[case]
@@ -175,6 +176,7 @@ def _voc_devkit(root: Path) -> Path:
     return root
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("bad", ["coco", "voc07"])
 def test_table2_paper_checks_every_dataset_before_ray_and_mlflow(tmp_path: Path, bad: str) -> None:
     """The paper profile's Table 2 (VOC07+12 and COCO 2017): whichever of its two datasets is bad
@@ -197,6 +199,7 @@ def test_table2_paper_checks_every_dataset_before_ray_and_mlflow(tmp_path: Path,
     assert_refused_before_cluster(tmp_path, res, secs, *needles)
 
 
+@pytest.mark.medium
 def test_sweep_refuses_bad_voc_before_ray_and_mlflow(tmp_path: Path) -> None:
     root = voc_root(tmp_path / "voc")
     (root / "val/img1.xml").write_text("not xml at all")
@@ -206,6 +209,7 @@ def test_sweep_refuses_bad_voc_before_ray_and_mlflow(tmp_path: Path) -> None:
     assert_refused_before_cluster(tmp_path, res, secs, "img1.xml", "is not valid XML")
 
 
+@pytest.mark.medium
 def test_data_command_summarises_coco_and_voc(tmp_path: Path) -> None:
     root = coco_root(tmp_path / "coco")
     _edit_json(root / "annotations/instances_train.json",

@@ -34,6 +34,7 @@ def test_ema_follows_the_update_rule_and_copies_integer_buffers():
         ModelEMA(model, decay=1.0)
 
 
+@pytest.mark.medium
 def test_a_cell_with_ema_saves_the_averaged_weights(tmp_path):
     from lab.settings.config import user_overrides
     from lab.plan.experiments import load_profile, single_cell

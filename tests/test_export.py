@@ -109,6 +109,7 @@ def _assert_close_outputs(got: list[Tensor], want: tuple[Tensor, ...], names: tu
     return diffs
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_graph_then_postprocess_gives_the_models_own_detections(weights: Path, fmt: str,
                                                                        tmp_path: Path) -> None:
@@ -139,6 +140,7 @@ def test_exported_graph_then_postprocess_gives_the_models_own_detections(weights
         _assert_same_detections(postprocess(model, outputs, SIZE, layout), want)
 
 
+@pytest.mark.medium
 def test_graph_boxes_are_each_anchors_decoded_box(weights: Path) -> None:
     """The ``boxes`` output is what the model decodes: every final detection is one of its rows, clipped."""
     model = _model(weights, NmsConfig())
@@ -161,6 +163,7 @@ def test_mismatch_is_reported_in_words() -> None:
     assert "1 detections against 0" in detections_mismatch(a, [{k: v[:0] for k, v in a[0].items()}])
 
 
+@pytest.mark.medium
 def test_fcos_exports_and_faster_rcnn_is_refused_by_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
     # fpn_channels 64: torchvision's FCOS head has GroupNorm(32), which needs > 1 value per group
@@ -203,6 +206,7 @@ def _cli(argv: list[str]) -> int:
     return cli_export.run(parser.parse_args(argv))
 
 
+@pytest.mark.medium
 def test_cli_writes_both_formats_and_a_manifest_and_checks_them(weights: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "export"
@@ -234,6 +238,7 @@ def test_cli_writes_both_formats_and_a_manifest_and_checks_them(weights: Path, t
     (["{weights}", "--size", "64", "64"], "--size 64 64: image_size=(64, 64)"),
     (["{weights}", "--set", "model.fpn_channels=64"], "--set 'model.fpn_channels=64': only inference settings"),
 ])
+@pytest.mark.medium
 def test_cli_errors_name_the_value(weights: Path, tmp_path: Path, argv: list[str], words: str) -> None:
     missing = str(tmp_path / "nope" / "model.pt")
     fill = {"missing": missing, "weights": str(weights)}

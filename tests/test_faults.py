@@ -69,6 +69,7 @@ def test_fault_spec_parses_and_rejects_typos():
         faults.parse("exit_afer_epoch:1")
 
 
+@pytest.mark.medium
 def test_runlog_queues_while_the_server_is_down_and_the_driver_replays_in_order(tmp_path, monkeypatch):
     """A RunLog against a port where nothing listens keeps every write (spooled to disk, artifacts
     copied); the driver's :func:`replay_spool` later sends them, in order, to a store that answers
@@ -136,6 +137,7 @@ def test_too_many_nonfinite_steps_in_a_row_abort_naming_the_step(tmp_path, monke
 # MLflow unreachable at start
 
 
+@pytest.mark.medium
 def test_unreachable_tracking_server_fails_before_anything_starts(tmp_path):
     port = free_port()  # nothing listens here
     t0 = time.monotonic()

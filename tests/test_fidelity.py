@@ -76,6 +76,7 @@ def _kept(model) -> int:
     return int(model.postprocess.detections(*_two_overlapping_boxes(), 100, counts)["boxes"].shape[0])
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p != "paper"])
 def test_gfl_cells_post_process_at_iou_06_and_retinanet_cells_at_05(profile, tmp_path):
     cells = _table1(profile, tmp_path)
@@ -93,6 +94,7 @@ def test_gfl_cells_post_process_at_iou_06_and_retinanet_cells_at_05(profile, tmp
     assert model.postprocess.iou_threshold == 0.5 and _kept(model) == 1
 
 
+@pytest.mark.medium
 def test_paper_gfl_cells_post_process_at_iou_06(paper_gfl, tmp_path):
     cells, model = paper_gfl
     assert [c.cfg.nms.iou_threshold for c in cells] == [0.6, 0.6, 0.6] and cells[-1].cfg.nms.clb
@@ -107,6 +109,7 @@ def test_paper_gfl_cells_post_process_at_iou_06(paper_gfl, tmp_path):
 # 2. mmdet's frozen_stages=1 (stem and res2 frozen) is torchvision's trainable_backbone_layers=3
 
 
+@pytest.mark.medium
 def test_paper_gfl_freezes_the_stem_and_c2_and_trains_c3_to_c5(paper_gfl):
     cells, model = paper_gfl
     m = cells[0].cfg.model
@@ -237,6 +240,7 @@ def _normaliser_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.save({"local": local, "shared": shared}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.medium
 def test_gfl_normalisers_are_the_mean_over_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
@@ -298,6 +302,7 @@ def test_profiles_keep_their_anchor_sizes_and_gfl_without_one_gets_8x_stride(tmp
 # 7. detlab train / sweep on the paper profile refuse random weights under frozen BN, before Ray
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("command", [["train", "--set", "data.root={root}"], ["sweep", "--data-root", "{root}"]])
 def test_paper_train_and_sweep_refuse_an_unset_weights_backbone(command, tmp_path, capsys):
     import ray
@@ -315,6 +320,7 @@ def test_paper_train_and_sweep_refuse_an_unset_weights_backbone(command, tmp_pat
     assert not ray.is_initialized()
 
 
+@pytest.mark.medium
 def test_detlab_data_on_the_paper_profile_needs_no_weights(tmp_path, capsys):
     from lab.cli import main
 

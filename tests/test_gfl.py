@@ -175,6 +175,7 @@ def test_modulated_deform_conv_with_zero_offsets_and_unit_mask_is_the_plain_conv
     assert v1.conv_offset.out_channels == 18 and torch.allclose(v1(x), conv(x), atol=1e-5)
 
 
+@pytest.mark.medium
 def test_dcn_resnext_backbone_loads_torchvision_keys_and_trains_on_cpu(tmp_path):
     from detector.backbones import build_backbone, resnext101_32x4d
 
@@ -203,6 +204,7 @@ def _cfg(detector: str, **extra):
     return build_config({"model": model, **extra})
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("detector", ["gfl", "fcos", "faster_rcnn", "retinanet"])
 def test_every_detector_trains_a_step_and_detects(detector):
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ def _module():
     return mod
 
 
+@pytest.mark.medium
 def test_no_cuda_fails_fast_without_ray() -> None:
     """With CUDA hidden the entry point exits 2 with 'no CUDA device', before importing Ray."""
     probe = textwrap.dedent(f"""
@@ -46,6 +47,7 @@ def test_no_cuda_fails_fast_without_ray() -> None:
     assert "CHECK" not in proc.stdout  # nothing ran
 
 
+@pytest.mark.medium
 def test_shell_entry_no_cuda(tmp_path: Path) -> None:
     """`bash bench/gpu_check.sh` from another directory: same message, same exit status."""
     env = {**NO_CUDA, "DETLAB_PYTHON": sys.executable}
@@ -74,6 +76,7 @@ def test_run_check_reports_each_outcome(tmp_path: Path) -> None:
     assert not other.ok
 
 
+@pytest.mark.medium
 def test_run_check_timeout_kills_the_whole_check(tmp_path: Path) -> None:
     """A check that hangs is killed with everything it started (as Ray's processes would be)."""
     gc = _module()
@@ -105,6 +108,7 @@ def test_last_check_line_takes_the_named_check_last_line() -> None:
     assert gc.last_check_line(text, "c") is None
 
 
+@pytest.mark.medium
 def test_dry_run_one_check_end_to_end(tmp_path: Path) -> None:
     """The parent runs a real check (clb_nms, CPU, no Ray) in a child and reports it."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-dry-run", "--only", "clb_nms", "--workdir", str(tmp_path)],

@@ -130,7 +130,9 @@ def ray_head(workdir):
         mine = []
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(str(temp) in arg for arg in p.info["cmdline"] or []):
+                # the cluster's processes name its temp dir; the client-server proxy names only the
+                # GCS address (it leaked, and the leak check waited 20 s for it)
+                if any(str(temp) in arg or arg.endswith(f":{port}") for arg in p.info["cmdline"] or []):
                     mine.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass

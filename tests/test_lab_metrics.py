@@ -61,6 +61,7 @@ def _hot(model):  # p ~ 0.5: at alpha 0.5, tau 0.7 the score rule fires on ancho
     torch.nn.init.zeros_(model.head.classification_head.cls_logits.bias)
 
 
+@pytest.mark.medium
 def test_iac_score_positives_are_averaged_over_steps_after_warmup():
     metrics, seen = _run({"assign": {"iac": True, "warmup_iters": 2}}, _hot)
     assert [s["iac_active"] for s in seen] == [0.0, 0.0, 1.0, 1.0]
@@ -73,6 +74,7 @@ def test_iac_score_positives_are_averaged_over_steps_after_warmup():
     assert "dc_lambda_p50" not in metrics  # loss.dc off
 
 
+@pytest.mark.medium
 def test_dc_spread_and_data_wait_vs_compute():
     metrics, _ = _run({"loss": {"dc": True}}, wait_s=0.3)
     assert 0 < metrics["dc_lambda_p5"] <= metrics["dc_lambda_p50"] <= metrics["dc_lambda_p95"]

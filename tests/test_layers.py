@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
 
@@ -53,6 +55,7 @@ def test_the_contracts_catch_detector_importing_the_platform(tmp_path):
     assert "BROKEN" in out.stdout and "detector.model -> lab.execution.runner" in out.stdout, out.stdout
 
 
+@pytest.mark.medium
 def test_the_contracts_catch_a_room_importing_a_room_above_it(tmp_path):
     """A low room (settings) importing a higher one (execution) breaks the rooms' layers; the same
     import the other way round is allowed."""

@@ -63,6 +63,7 @@ def test_a_dead_process_of_this_host_frees_its_lease_at_once(tmp_path):
     assert lease.acquire(uri).gen == 1
 
 
+@pytest.mark.medium
 def test_the_heartbeat_refreshes_and_reports_a_takeover(tmp_path):
     uri = lease.lease_uri(str(tmp_path), "cell")
     held = lease.acquire(uri)
@@ -95,6 +96,7 @@ except lease.LeaseHeld as e:
 """
 
 
+@pytest.mark.medium
 def test_processes_racing_for_one_lease_on_a_mount_one_wins(tmp_path):
     """Search-then-update is not atomic; the exclusive create is: of six drivers started at the
     same instant on the same storage, exactly one gets the cell."""

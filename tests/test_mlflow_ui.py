@@ -29,6 +29,7 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tracking.resolve_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('ui')}/mlflow.db")
 
 
+@pytest.mark.medium
 def test_every_experiment_is_a_training_one_with_a_description(uri: str) -> None:
     client = MlflowClient(uri)
     names = [tracking.experiment_name(1), tracking.experiment_name(2), sweep.experiment_name("trees"),
@@ -44,6 +45,7 @@ def test_every_experiment_is_a_training_one_with_a_description(uri: str) -> None
     assert "trees" in tracking.experiment_description(sweep.experiment_name("trees"))
 
 
+@pytest.mark.medium
 def test_an_older_experiment_gets_the_tags_and_keeps_its_own_note(uri: str) -> None:
     client = MlflowClient(uri)
     tracking.init_store(uri, "probe")  # creates the store

@@ -31,6 +31,7 @@ def batch():
     return images, targets
 
 
+@pytest.mark.medium
 def test_baseline_equals_stock_torchvision_retinanet():
     torch.manual_seed(0)
     cfg = tiny_cfg(**{"model.score_thresh": 0.0})
@@ -61,6 +62,7 @@ def test_baseline_equals_stock_torchvision_retinanet():
         {"loss.dc": True, "loss.scope": "image", "model.reg_loss": "giou", "assign.score_threshold": 0.0},
     ],
 )
+@pytest.mark.medium
 def test_forward_backward_every_switch(switches):
     torch.manual_seed(0)
     model = build_detector(tiny_cfg(**switches))
@@ -79,6 +81,7 @@ def test_forward_backward_every_switch(switches):
     assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
 
 
+@pytest.mark.medium
 def test_iac_and_dc_change_the_loss():
     torch.manual_seed(0)
     base = build_detector(tiny_cfg())
@@ -118,6 +121,7 @@ def _hot(model):
     return hot
 
 
+@pytest.mark.medium
 def test_iac_warmup_uses_plain_iou_matching():
     torch.manual_seed(0)
     model = _hot(build_detector(tiny_cfg(**{"assign.iac": True, "assign.warmup_iters": 1})))
@@ -132,6 +136,7 @@ def test_iac_warmup_uses_plain_iou_matching():
     assert not torch.allclose(model(images, targets)["classification"], plain(images, targets)["classification"])
 
 
+@pytest.mark.medium
 def test_configure_nms_switches_to_clb():
     torch.manual_seed(0)
     model = build_detector(tiny_cfg(**{"model.score_thresh": 0.0})).eval()
@@ -146,6 +151,7 @@ def test_configure_nms_switches_to_clb():
     assert len(clb4[0]["boxes"]) == len(std[0]["boxes"])
 
 
+@pytest.mark.medium
 def test_weights_paths(tmp_path):
     # NOT pretrained: a randomly initialised resnet18 state_dict stands in for ImageNet weights,
     # which cannot be downloaded here. It exercises the loading path only.
@@ -180,6 +186,7 @@ def test_weights_paths(tmp_path):
         build_detector(tiny_cfg(**{"model.weights": str(tmp_path / "missing.pth")}))
 
 
+@pytest.mark.medium
 def test_resnext101_32x4d_matches_published_size():
     # ResNeXt-101 32x4d has 44.18M parameters with its ImageNet classifier (Xie et al. 2017).
     n = sum(p.numel() for p in resnext101_32x4d().parameters())
@@ -200,6 +207,7 @@ def test_num_classes_required():
         build_detector(cfg)
 
 
+@pytest.mark.medium
 def test_assign_stats_report_iac_score_positives():
     torch.manual_seed(0)
     images, targets = batch()
@@ -216,6 +224,7 @@ def test_assign_stats_report_iac_score_positives():
     assert cold.assign_stats["iac_active"] == 1.0 and cold.assign_stats["iac_score_positives_per_image"] == 0
 
 
+@pytest.mark.medium
 def test_dc_stats_give_lambda_percentiles():
     torch.manual_seed(0)
     images, targets = batch()
@@ -230,6 +239,7 @@ def test_dc_stats_give_lambda_percentiles():
     assert s["dc_lambda_p5"] < s["dc_lambda_p95"]  # positives differ in localisation: lambda' spreads
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("clb", [False, True])
 def test_nms_stats_count_clusters_and_kept_not_top(clb):
     torch.manual_seed(0)
@@ -250,6 +260,7 @@ def test_nms_stats_count_clusters_and_kept_not_top(clb):
     assert model.nms_stats == {"clusters": 0, "kept_not_top": 0}  # ... until reset
 
 
+@pytest.mark.medium
 def test_clb_cluster_max_reports_cluster_top_score():
     torch.manual_seed(0)
     images, _ = batch()

@@ -45,6 +45,7 @@ def logged(tmp_path_factory):
     return {"uri": uri, "run_id": run_id, "model_id": model_id, "weights": weights, "val": val, "tmp": tmp}
 
 
+@pytest.mark.medium
 def test_the_logged_model_is_linked_to_the_run_and_its_final_metrics(logged):
     client = MlflowClient(logged["uri"])
     model = client.get_logged_model(logged["model_id"])
@@ -59,6 +60,7 @@ def test_the_logged_model_is_linked_to_the_run_and_its_final_metrics(logged):
     assert version.run_id == logged["run_id"] and version.source == f"models:/{logged['model_id']}"
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("how", ["models:/shapes-smoke/1", "model_id", "runs", "run_id", "run_name", "path"])
 def test_every_weights_source_gives_back_the_same_bytes(logged, how):
     source = {"models:/shapes-smoke/1": "models:/shapes-smoke/1", "model_id": f"models:/{logged['model_id']}",
@@ -71,6 +73,7 @@ def test_every_weights_source_gives_back_the_same_bytes(logged, how):
     assert all(torch.equal(payload["model"][k], v) for k, v in want.items())
 
 
+@pytest.mark.medium
 def test_a_run_whose_weights_file_is_gone_falls_back_to_its_logged_model(logged):
     client = MlflowClient(logged["uri"])
     client.set_tag(logged["run_id"], "detlab.weights", str(logged["tmp"] / "gone" / "model.pt"))
@@ -88,6 +91,7 @@ def test_a_run_whose_weights_file_is_gone_falls_back_to_its_logged_model(logged)
     ("runs:/0123456789abcdef0123456789abcdef/model", "no MLflow run"),
     ("/nowhere/model.pt", "no such file"),
 ])
+@pytest.mark.medium
 def test_a_bad_source_is_named(logged, source, says):
     with pytest.raises(ConfigError, match=says) as e:
         models.resolve(source, logged["uri"])
@@ -101,6 +105,7 @@ def test_a_missing_file_does_not_create_a_store(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.medium
 def test_predict_takes_a_registered_model(logged, tmp_path):
     image = Path(logged["val"].records[0].path)
     assert main(["predict", str(image), "--weights", "models:/shapes-smoke/1", "--tracking-uri", logged["uri"],
@@ -109,6 +114,7 @@ def test_predict_takes_a_registered_model(logged, tmp_path):
     assert out["weights"] == "models:/shapes-smoke/1" and isinstance(out["detections"], list)
 
 
+@pytest.mark.medium
 def test_eval_logs_its_own_run_linked_to_the_source(logged, capsys):
     assert main(["eval", "models:/shapes-smoke/1", "--tracking-uri", logged["uri"], "--clb"]) == 0
     client = MlflowClient(logged["uri"])
@@ -125,6 +131,7 @@ def test_eval_logs_its_own_run_linked_to_the_source(logged, capsys):
     assert f"  {'AP':24} {run.data.metrics['AP']:.4f}\n" in printed and run.info.run_id in printed
 
 
+@pytest.mark.medium
 def test_eval_refuses_a_dataset_with_other_classes_before_opening_a_run(logged, capsys):
     assert main(["eval", str(logged["weights"]), "--tracking-uri", logged["uri"], "--dataset", "trees",
                  "--set", "data.max_images=2", "--experiment", "detlab-eval-refused"]) == 2
@@ -133,6 +140,7 @@ def test_eval_refuses_a_dataset_with_other_classes_before_opening_a_run(logged, 
     assert MlflowClient(logged["uri"]).get_experiment_by_name("detlab-eval-refused") is None
 
 
+@pytest.mark.medium
 def test_export_takes_a_run_name(logged, tmp_path):
     assert main(["export", "t2-baseline-shapes-s0", "--tracking-uri", logged["uri"], "--format", "onnx",
                  "--out", str(tmp_path)]) == 0

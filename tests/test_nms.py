@@ -53,6 +53,7 @@ def _reference_clb(boxes, scores, logits, labels, thr, beta):
     return kept, members
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("n", [0, 1, 999, 1000, 1001, 5000])  # either side of batched_nms's CPU cut-over (1000)
 def test_class_wise_nms_equals_batched_nms_bit_for_bit(n):
     """Same indices in the same order: tied scores, one class, 200 classes, labels with gaps and

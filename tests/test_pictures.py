@@ -209,6 +209,7 @@ def test_voc_per_class_ap_averages_to_map(voc_set):
     assert result.confusion.shape == (4, 4)
 
 
+@pytest.mark.medium
 def test_write_artifacts_adds_confusion_and_per_class_files(coco_set, tmp_path):
     result = evaluation.score(coco_set, _noisy_predictions(coco_set))
     paths = evaluation.write_artifacts(tmp_path, coco_set, result, num_samples=2, title="tiny")
@@ -281,6 +282,7 @@ def mlflow_runs(tmp_path_factory):
     return client, ids
 
 
+@pytest.mark.medium
 def test_plot_run_curves_losses_and_val_metric(mlflow_runs):
     client, ids = mlflow_runs
     fig = plot_run_curves(client, ids["a1"], title="a1")
@@ -293,6 +295,7 @@ def test_plot_run_curves_losses_and_val_metric(mlflow_runs):
     assert val_ax.get_ylabel() == "AP (%)"
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("run", ["empty", "unknown"])
 def test_plot_run_curves_without_history_is_an_empty_note(mlflow_runs, run):
     client, ids = mlflow_runs
@@ -302,6 +305,7 @@ def test_plot_run_curves_without_history_is_an_empty_note(mlflow_runs, run):
     assert "no loss history" in notes and any(n.startswith("no val metric history") for n in notes)
 
 
+@pytest.mark.medium
 def test_plot_rows_curves_mean_over_seeds_with_band(mlflow_runs):
     client, ids = mlflow_runs
     rows = {"method A": [ids["a1"], ids["a2"]], "method B": [ids["b1"]], "nothing yet": [ids["empty"]]}
@@ -326,6 +330,7 @@ def _close_figures():
     plt.close("all")
 
 
+@pytest.mark.medium
 def test_nan_ap_is_null_in_json(coco_set, tmp_path):
     result = evaluation.score(coco_set, _noisy_predictions(coco_set))
     result.per_class_ap["owl"] = float("nan")

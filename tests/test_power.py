@@ -93,6 +93,7 @@ def test_seeds_needed() -> None:
     assert stats.seeds_needed(0.6, 0.0, 0.1).n == 2  # no seed noise: the smallest n with a known variance
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("n, s_seed, s_img", [(3, 1.0, 0.1), (3, 0.3, 1.0), (5, 1.0, 0.5)])
 def test_the_two_level_interval_covers_the_true_delta(n: int, s_seed: float, s_img: float) -> None:
     """Simulated tables: the val set's image error e (shared by every seed) and each seed's own error;

@@ -37,6 +37,7 @@ def test_crops_have_the_size_and_labels_asked_for_and_background_avoids_boxes():
     assert counts[2] > 50 and counts[0] > 20 and counts[1] > 20  # both object classes and background
 
 
+@pytest.mark.medium
 def test_pretrained_body_loads_through_weights_backbone(tmp_path):
     result = pretrain_backbone([_source()], num_classes=3, backbone="resnet10", width=16, norm="bn", steps=4,
                                batch_size=8, crop_size=32, lr=1e-3, weight_decay=0.0, seed=0, evals=2)
@@ -72,6 +73,7 @@ def _attach(cells, profile, user, out, uri):
     return attach_pretrained(cells, out, uri, lambda tag: profile_data(profile, tag, user))
 
 
+@pytest.mark.medium
 def test_table_stage_pretrains_a_file_per_seed_and_dataset_and_reuses_them(tmp_path, monkeypatch):
     monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
     profile = load_profile("smoke")
@@ -106,6 +108,7 @@ def test_table_stage_pretrains_a_file_per_seed_and_dataset_and_reuses_them(tmp_p
     assert _attach(named, profile, _BODY, out, uri)[0].cfg.model.trainable_backbone_layers == 3
 
 
+@pytest.mark.medium
 def test_the_same_pretraining_twice_gives_the_same_bytes_and_keys(tmp_path, monkeypatch):
     """Fresh output dirs, same settings: byte-identical files (so identical cell keys), in parallel
     processes or not; a shared pretrain.seed gives every seed one file."""
@@ -150,6 +153,7 @@ def _race(out: str, data: str, barrier) -> tuple[str, str]:
     return res["path"], str(res["reused"])
 
 
+@pytest.mark.medium
 def test_two_jobs_racing_for_one_key_make_one_file_and_both_use_it(tmp_path, monkeypatch):
     import multiprocessing
 
@@ -165,6 +169,7 @@ def test_two_jobs_racing_for_one_key_make_one_file_and_both_use_it(tmp_path, mon
     assert len(list((tmp_path / "out" / "pretrain").glob("*/backbone-*.pt"))) == 1
 
 
+@pytest.mark.medium
 def test_a_changed_file_is_refused_naming_both_hashes(tmp_path, monkeypatch):
     monkeypatch.setenv("DETLAB_DATA", str(tmp_path / "data"))
     profile = load_profile("smoke")
@@ -189,6 +194,7 @@ def test_pretrain_settings_are_checked():
         pretrain_job(cell.cfg, cell.dataset, lambda tag: profile_data(load_profile("smoke"), tag))
 
 
+@pytest.mark.medium
 def test_a_sweep_starts_from_the_tables_pretrained_backbone(tmp_path, monkeypatch):
     """No Ray: the plan only. The sweep's base names the file the Table 2 cell of that seed starts from."""
     from lab.sweep import build_parser, build_plan, with_pretrained_backbone
@@ -211,6 +217,7 @@ def test_a_sweep_starts_from_the_tables_pretrained_backbone(tmp_path, monkeypatc
     assert len(runs) == 2  # shapes made once (by the sweep), trees by the table
 
 
+@pytest.mark.medium
 def test_dry_run_prints_the_final_keys_once_the_files_exist(tmp_path, monkeypatch, capsys):
     """`detlab table 2 --dry-run` printed the keys cells have before pretraining; once the backbone
     files are made it prints the keys the job runs under, and the config the cells share and where they

@@ -84,6 +84,7 @@ def _standin_model(path: Path) -> None:
     save_weights(path, torch.nn.Linear(1, 1), cfg, [f"c{i}" for i in range(6)])
 
 
+@pytest.mark.medium
 def test_posthoc_dry_run_reads_the_weights_and_opens_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """--dry-run was ignored by --posthoc: it evaluated the whole grid and logged runs."""
@@ -102,6 +103,7 @@ def test_the_docs_hold_the_job_commands_this_test_runs() -> None:
     assert docs == set(DOCS) and len(cmds) >= 8, cmds  # the extraction can fail: the docs name jobs
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("doc, line", _commands(), ids=lambda v: v if v in DOCS else None)
 def test_each_documented_command_passes_detlabs_checks(doc: str, line: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,

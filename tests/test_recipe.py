@@ -141,6 +141,7 @@ def _train_on_them(model, cfg: DetectorConfig, steps: int) -> list[dict[str, flo
     return stats
 
 
+@pytest.mark.medium
 def test_a_tiny_detector_overfits_a_few_shapes_images(tmp_path):
     """Loss, assignment and box decoding agree: a small model memorises 4 images to AP50 >= 90.
 
@@ -158,6 +159,7 @@ def test_a_tiny_detector_overfits_a_few_shapes_images(tmp_path):
     assert ap50 >= 90, f"AP50 {ap50:.1f} on the 4 training images after 300 steps"
 
 
+@pytest.mark.medium
 def test_iac_score_rule_fires_after_its_warm_up_and_stays_below_the_iou_positives(tmp_path):
     """On a model that has learned something, eq. 5's score rule adds positives, but only after
     ``assign.warmup_iters`` and fewer than the IoU rule gives (the profiles' alpha/tau are chosen so)."""

@@ -53,6 +53,7 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["histories"] == b["histories"] and "train_loss" in a["histories"] and "AP" in a["histories"]
 
 
+@pytest.mark.medium
 def test_a_local_mode_cell_twice_gives_identical_weights_and_metric_histories(tmp_path):
     first, second = _fit(tmp_path / "a"), _fit(tmp_path / "b")
     _assert_same(first, second)
@@ -66,6 +67,7 @@ def test_a_local_mode_cell_twice_gives_identical_weights_and_metric_histories(tm
     assert other["key"] != first["key"] and other["histories"]["train_loss"] != first["histories"]["train_loss"]
 
 
+@pytest.mark.medium
 def test_the_thread_count_keys_a_cell_apart_and_is_what_the_worker_runs_with(tmp_path):
     two = _fit(tmp_path / "t2", "train.threads=2")
     assert two["key"] != single_cell(load_profile("smoke"), user_overrides(sets=TINY), "shapes").key

@@ -53,6 +53,7 @@ def files_under(path: Path) -> dict[str, tuple[int, int]]:
 # Finding 4: a refused write, the spool's cost, spool I/O errors
 
 
+@pytest.mark.medium
 def test_a_permanently_refused_write_is_dead_lettered_and_does_not_block_the_rest(store, tmp_path, capsys):
     """A 400 (here an invalid metric name, refused by the store) will never succeed: it goes to the
     dead-letter file with a warning, and the writes after it are sent."""
@@ -68,6 +69,7 @@ def test_a_permanently_refused_write_is_dead_lettered_and_does_not_block_the_res
     assert [d["op"]["values"] for d in dead] == [{"a/../b": 1.0}] and "a/../b" in dead[0]["error"]
 
 
+@pytest.mark.medium
 def test_the_spool_is_append_only(store, tmp_path):
     """Queuing a write does not rewrite the writes queued before it (the old spool rewrote its
     whole file on every write: O(n^2) in the step while the server was away)."""
@@ -84,6 +86,7 @@ def test_the_spool_is_append_only(store, tmp_path):
     assert log.pending == 39
 
 
+@pytest.mark.medium
 def test_spool_io_errors_warn_and_never_stop_training(store, tmp_path, capsys):
     """The spool cannot be written (here its parent is a file: ENOTDIR; a full disk or EACCES take
     the same path): the loop's calls return, say why once, and keep the writes in memory, which
@@ -106,6 +109,7 @@ def test_spool_io_errors_warn_and_never_stop_training(store, tmp_path, capsys):
     assert {f.path for f in MlflowClient(uri).list_artifacts(run_id, "eval")} == {"eval/x.txt"}
 
 
+@pytest.mark.medium
 def test_the_queue_in_memory_is_bounded(store, tmp_path, monkeypatch):
     """Past the bound, queued writes live only in the spool; all of them are replayed, in order."""
     uri, run_id, down = store
@@ -122,6 +126,7 @@ def test_the_queue_in_memory_is_bounded(store, tmp_path, monkeypatch):
     assert not spool.exists()  # nothing left: the run's spool is gone
 
 
+@pytest.mark.medium
 def test_a_spooled_artifact_survives_its_temp_dir_and_is_replayed_by_another_process(store, tmp_path):
     uri, run_id, down = store
     spool = tmp_path / "spool"
@@ -139,6 +144,7 @@ def test_a_spooled_artifact_survives_its_temp_dir_and_is_replayed_by_another_pro
 # Finding 5: what a resumed attempt logs
 
 
+@pytest.mark.medium
 def test_a_resumed_attempt_does_not_relog_what_the_failed_one_spooled(store, tmp_path):
     """Attempt 1 logged epoch 1 into the spool (server away) and died; attempt 2 resumes before
     epoch 1 and logs it again. The run must hold epoch 1 once."""
@@ -156,6 +162,7 @@ def test_a_resumed_attempt_does_not_relog_what_the_failed_one_spooled(store, tmp
     assert steps(uri, run_id, "train_loss") == [1, 2]
 
 
+@pytest.mark.medium
 def test_final_metrics_replace_those_of_discarded_weights(store):
     """The final evaluation logged AP, then the final checkpoint write failed; the resumed attempt
     retrains the last epoch and evaluates other weights: their AP is the run's AP. The same
@@ -177,6 +184,7 @@ def test_final_metrics_replace_those_of_discarded_weights(store):
     assert [m.value for m in MlflowClient(uri).get_metric_history(run_id, "AP")] == [10.0, 12.5]
 
 
+@pytest.mark.medium
 def test_replay_sends_in_order_and_removes_the_spool(store, tmp_path):
     uri, run_id, down = store
     spool = tmp_path / "spool"
@@ -205,6 +213,7 @@ def test_spool_location_follows_the_storage_root(tmp_path, monkeypatch):
     assert os.fspath(runlog.spool_dir_for("abc", "s3://b/p")) == "s3://b/p/abc"
 
 
+@pytest.mark.medium
 def test_a_spooled_write_naming_a_path_outside_the_spool_is_never_sent(store, tmp_path):
     """Spooled artifact writes name the spool's own copies; one naming any other directory (planted
     by whoever could write there, or torn) is dead-lettered, not uploaded."""
@@ -221,6 +230,7 @@ def test_a_spooled_write_naming_a_path_outside_the_spool_is_never_sent(store, tm
     assert len(list((tmp_path / "spool" / "dead").iterdir())) == 2
 
 
+@pytest.mark.medium
 def test_a_trial_replays_its_spool_and_counts_what_it_cannot_see(store, tmp_path, monkeypatch):
     """A sweep trial sends what its rank 0 queued before closing its run (issue 17, finding 3);
     writes rank 0 reported but this process cannot see (another node's spool) count as unsent."""
@@ -292,6 +302,7 @@ def test_a_real_server_refusing_a_write_dead_letters_only_that_write(tmp_path, c
         stop(server)
 
 
+@pytest.mark.medium
 def test_messages_about_failed_writes_mask_the_tracking_password(store, tmp_path, capsys):
     _, run_id, down = store
     log = RunLog(down.replace("http://", "http://alice:s3cr3t@"), run_id, tmp_path / "spool")

@@ -82,6 +82,7 @@ def test_bad_yaml_override_names_the_file(tmp_path, capsys):
     assert str(bad) in err and "assign.alpha" in err
 
 
+@pytest.mark.medium
 def test_finished_cells_are_skipped_without_starting_ray(tmp_path):
     opts = options(tmp_path)
     cells = shapes_cells()
@@ -236,6 +237,7 @@ def bobs_run(opts: runner.RunOptions, cell, tmp_path, lease_age_s: float) -> str
     return running_run(opts, cell, "laptop-of-bob:4242:1000.00", theirs)
 
 
+@pytest.mark.medium
 def test_a_run_held_by_a_live_driver_on_another_host_is_not_reopened(tmp_path):
     """Another host's driver runs the cell (its lease is fresh): not reused, not KILLED, refused by name."""
     opts = options(tmp_path)
@@ -247,6 +249,7 @@ def test_a_run_held_by_a_live_driver_on_another_host_is_not_reopened(tmp_path):
     assert client.get_run(live).info.status == "RUNNING"
 
 
+@pytest.mark.medium
 def test_a_live_run_is_not_killed_beside_a_dead_one(tmp_path):
     """Two RUNNING runs of the cell from other hosts: the newer one's driver is gone (its lease
     stale), the older one's alive. Neither is touched; the cell is refused."""
@@ -267,6 +270,7 @@ def test_a_live_run_is_not_killed_beside_a_dead_one(tmp_path):
     assert [client.get_run(r).info.status for r in (live, dead)] == ["RUNNING", "RUNNING"]
 
 
+@pytest.mark.medium
 def test_a_dead_drivers_run_is_reused_once_its_lease_is_stale(tmp_path):
     opts = options(tmp_path)
     cell = shapes_cells()[0]
@@ -275,6 +279,7 @@ def test_a_dead_drivers_run_is_reused_once_its_lease_is_stale(tmp_path):
     assert runner.open_run(client, exp_id, cell, {}) == dead
 
 
+@pytest.mark.medium
 def test_a_run_whose_lease_is_on_another_hosts_own_disk_is_left_alone(tmp_path):
     """Its lease cannot be read from here, so its driver may be alive: a new run, the old one untouched."""
     from lab.execution import lease
@@ -288,6 +293,7 @@ def test_a_run_whose_lease_is_on_another_hosts_own_disk_is_left_alone(tmp_path):
     assert mine != other and client.get_run(other).info.status == "RUNNING"
 
 
+@pytest.mark.medium
 def test_claiming_a_cell_takes_its_storage_lease(tmp_path):
     """Two drivers on the same storage (here the same process twice): the second is refused, naming
     the first; once the first releases, the second takes the cell and its run."""
@@ -303,6 +309,7 @@ def test_claiming_a_cell_takes_its_storage_lease(tmp_path):
     assert again == run_id and held2.gen == held.gen + 1
 
 
+@pytest.mark.medium
 def test_an_unreachable_server_at_a_cells_close_does_not_stop_the_job(tmp_path, monkeypatch):
     """MLflow is gone when a cell ends: the close gives up after a bounded wait, says so, records
     the outcome, and raises nothing (which made run()'s finally cancel every other cell)."""
@@ -329,6 +336,7 @@ def _queue_writes(uri_down: str, run_id: str, spool: str, n: int) -> None:
     assert log.close(wait_s=0) == n
 
 
+@pytest.mark.medium
 def test_the_driver_sends_a_cells_spooled_writes_before_closing_it_finished(tmp_path):
     """The cell's rank 0 left writes in the spool, which lives in the run's storage: the driver
     sends them, then closes the run FINISHED."""
@@ -346,6 +354,7 @@ def test_the_driver_sends_a_cells_spooled_writes_before_closing_it_finished(tmp_
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 2]
 
 
+@pytest.mark.medium
 def test_a_cell_with_writes_the_driver_cannot_send_is_not_closed_finished(tmp_path):
     """The cell reports 3 unsent writes, but its spool is not where the driver looks (a node-local
     DETLAB_SPOOL_DIR on another node): the run is not FINISHED, and says why."""
@@ -361,6 +370,7 @@ def test_a_cell_with_writes_the_driver_cannot_send_is_not_closed_finished(tmp_pa
     assert "3 MLflow write(s) not sent" in run.data.tags["detlab.error"]
 
 
+@pytest.mark.medium
 def test_a_rerun_sends_the_unsent_writes_and_finishes_the_run_without_training(tmp_path, no_ray):
     """A run left FAILED with unsent writes: the same command sends them from its spool and closes
     it FINISHED (no Ray, no training); a run FINISHED that way is then skipped."""
@@ -392,6 +402,7 @@ def test_job_progress_line_counts_cells_and_projects_the_rest_from_the_throughpu
     assert "1 failed" in job_progress(3, 8, 1, 1, 90) and job_progress(8, 8, 0, 0, 60).endswith("all done")
 
 
+@pytest.mark.medium
 def test_a_finished_cell_logs_its_model_and_registers_it_before_its_run_closes(tmp_path):
     """The driver's end of a cell: the weights the cell reports become the run's logged model, with
     the final metrics linked, registered under --register; a model that cannot be logged is a tag on
@@ -424,3 +435,21 @@ def test_a_finished_cell_logs_its_model_and_registers_it_before_its_run_closes(t
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "gone.pt" in run.data.tags[models.TAG_MODEL_ERROR]
     assert models.TAG_MODEL_ID not in run.data.tags
+
+
+def test_the_demo_launches_its_long_cells_first_and_the_clb_cells_last():
+    """Table 2 at profile demo lists trees before shapes; with 2000 shapes images at 160 px against
+    108 trees tiles at 256 px the shapes cells go first (so the third one does not start last and run
+    alone), the evaluate-only CL-B cells last, and equal cells keep the table's order."""
+    cells = table_cells(2, load_profile("demo"))
+    assert [c.cfg.data.dataset for c in cells][:4] == ["trees"] * 4  # the table's order
+    sizes = {repr(c.cfg.data): 2000 if c.cfg.data.dataset == "shapes" else 108 for c in cells}
+    order = runner.launch_order(cells, sizes)
+    assert sorted(c.name for c in order) == sorted(c.name for c in cells)
+    assert [(c.cfg.data.dataset, bool(c.reuse)) for c in order] == (
+        [("shapes", False)] * 3 + [("trees", False)] * 3 + [("trees", True), ("shapes", True)])
+    trained = [c for c in cells if not c.reuse]
+    assert [c.name for c in order[:3]] == [c.name for c in trained if c.cfg.data.dataset == "shapes"]
+    # unknown sizes (user data not opened by the driver): epochs alone, and the table's order on ties
+    assert [c.name for c in runner.launch_order(cells, {})][:6] == [c.name for c in trained]
+    assert runner.cell_cost(cells[0], 108) < runner.cell_cost(cells[4], 2000)

@@ -128,6 +128,7 @@ def test_down_spares_a_process_that_reuses_a_recorded_pid(tmp_path: Path) -> Non
         bystander.wait()
 
 
+@pytest.mark.medium
 def test_down_stops_a_recorded_session_and_its_children(tmp_path: Path) -> None:
     leader = _session("sh", "-c", "sleep 300 & sleep 300 & wait")
     try:

@@ -62,6 +62,7 @@ def _store(tmp_path: Path) -> tuple[str, MlflowClient, str]:
     return uri, MlflowClient(uri), exp_id
 
 
+@pytest.mark.medium
 def test_a_cell_error_tag_is_scrubbed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lab.settings.config import user_overrides
     from lab.plan.experiments import load_profile, single_cell
@@ -80,6 +81,7 @@ def test_a_cell_error_tag_is_scrubbed(tmp_path: Path, capsys: pytest.CaptureFixt
     assert PASSWORD not in capsys.readouterr().out + (sched.outcomes[cell.name].error or "")
 
 
+@pytest.mark.medium
 def test_a_trial_error_tag_and_its_retry_record_are_scrubbed(tmp_path: Path) -> None:
     from lab.sweep.plan import TAG_PARENT, TAG_TRIAL
     from lab.sweep.trial import _open_trial_run, error_tag
@@ -120,6 +122,7 @@ def test_runlog_does_not_print_the_password(quick_mlflow: None, tmp_path: Path, 
     assert "MLflow write failed" in shown and PASSWORD not in shown
 
 
+@pytest.mark.medium
 def test_sweep_dry_run_prints_the_config_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from lab.sweep.command import main
@@ -139,6 +142,7 @@ def test_detlab_ui_prints_a_server_uri_scrubbed(capsys: pytest.CaptureFixture[st
     assert "open http://bob:***@127.0.0.1:9" in out and PASSWORD not in out
 
 
+@pytest.mark.medium
 def test_compare_names_the_store_scrubbed(tmp_path: Path) -> None:
     from lab.tables.compare import resolve_run
 

@@ -70,6 +70,7 @@ def _run(tmp_path: Path) -> tuple[str, MlflowClient, str]:
     return uri, client, client.create_run(exp_id).info.run_id
 
 
+@pytest.mark.medium
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user owns needs root (chown)")
 def test_a_spool_another_user_made_first_is_refused_and_nothing_is_uploaded(tmp_path: Path, default_tmp: Path) -> None:
     uri, client, run_id = _run(tmp_path)
@@ -88,6 +89,7 @@ def test_a_spool_another_user_made_first_is_refused_and_nothing_is_uploaded(tmp_
     assert client.list_artifacts(run_id) == [], "the planted op uploaded a directory"
 
 
+@pytest.mark.medium
 def test_a_symlinked_spool_is_refused(tmp_path: Path, default_tmp: Path) -> None:
     uri, client, run_id = _run(tmp_path)
     target = tmp_path / "somewhere"

@@ -88,6 +88,7 @@ def test_an_empty_weights_file_is_named_not_an_eoferror(tmp_path: Path) -> None:
         load_weights(tmp_path / "model.pt")
 
 
+@pytest.mark.medium
 def test_a_real_checkpoint_and_weights_file_load_with_weights_only(tmp_path: Path) -> None:
     """What ``lab.execution.loop._fit`` saves (the same dict, from the same builders) loads with
     ``weights_only=True``, and the RNG states it holds restore every generator."""
@@ -187,6 +188,7 @@ def _clb_cell():
     return dataclasses.replace(cell, reuse="t2-iac-shapes-s0")
 
 
+@pytest.mark.medium
 def test_a_clb_cell_refuses_weights_tagged_outside_the_storage_root(tmp_path: Path) -> None:
     from lab.execution.runner import Outcome
 
@@ -212,6 +214,7 @@ def test_a_clb_cell_refuses_weights_tagged_outside_the_storage_root(tmp_path: Pa
     assert sched2._source_weights(cell2, src2) == str(inside)
 
 
+@pytest.mark.medium
 def test_posthoc_accepts_a_run_tag_only_under_the_storage_roots(tmp_path: Path) -> None:
     from lab.sweep.posthoc import resolve_weights, storage_roots
 

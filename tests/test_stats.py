@@ -366,6 +366,7 @@ def compare_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
             os.environ["DETLAB_DATA"] = old
 
 
+@pytest.mark.medium
 def test_detlab_compare_prints_metrics_delta_and_ci(compare_store: dict, capsys) -> None:
     from lab import cli
     from lab.tables import compare
@@ -388,6 +389,7 @@ def test_detlab_compare_prints_metrics_delta_and_ci(compare_store: dict, capsys)
     assert "seed variance unknown (1 run per side)" in out and "P(B > A) " in out and "MDE" in out
 
 
+@pytest.mark.medium
 def test_detlab_compare_several_seeds_per_side(compare_store: dict, capsys) -> None:
     from lab import cli
     from lab.tables import compare
@@ -410,6 +412,7 @@ def test_detlab_compare_several_seeds_per_side(compare_store: dict, capsys) -> N
         compare.compare(uri, "baseline-shapes-s0,baseline-shapes-s1", "iac-shapes-s0")
 
 
+@pytest.mark.medium
 def test_detlab_compare_errors_name_runs(compare_store: dict, capsys) -> None:
     from lab import cli
     from lab.tables import compare
@@ -426,6 +429,7 @@ def test_detlab_compare_errors_name_runs(compare_store: dict, capsys) -> None:
         compare.compare(uri, "baseline-shapes-s0", "iac-shapes-s0", metric="mAP")
 
 
+@pytest.mark.medium
 def test_run_matches_loader_returns_none_without_artifacts(compare_store: dict) -> None:
     from lab.tables.compare import RunMatchesLoader
 

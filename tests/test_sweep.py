@@ -120,6 +120,7 @@ def _args(*argv: str):
     return sweep.build_parser().parse_args(["--profile", "smoke", "--dataset", "shapes", *argv])
 
 
+@pytest.mark.medium
 def test_plan_defaults_name_and_errors(tmp_path: Path) -> None:
     import ray
 
@@ -152,6 +153,7 @@ def test_plan_defaults_name_and_errors(tmp_path: Path) -> None:
     assert not ray.is_initialized()
 
 
+@pytest.mark.medium
 def test_optuna_is_optional() -> None:
     if importlib.util.find_spec("optuna") is None:
         with pytest.raises(ConfigError, match="'optuna' package, which is not installed"):
@@ -410,6 +412,7 @@ def test_local_mode_trial_is_retried_from_its_last_epoch(tmp_path: Path, monkeyp
     assert sorted(m.step for m in history) == [1, 2]
 
 
+@pytest.mark.medium
 def test_reconcile_lets_the_schedulers_stop_win_over_a_teardown_error(tmp_path: Path) -> None:
     """ASHA stopped a trial; while Tune tore its worker group down the trial saw an error, closed
     its run FAILED, and Tune reported the error too (the race that failed CI once). The driver's

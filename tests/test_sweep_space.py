@@ -14,6 +14,7 @@ from lab.sweep import load_space, parse_spec, resolve_sample, sample_space, vali
 BASE = {"assign": {"iac": True}}
 
 
+@pytest.mark.medium
 def test_default_space_draws_are_all_valid():
     space = load_space()
     validate_space(space, BASE)

@@ -109,6 +109,7 @@ def _t_ci(values: list[float]) -> float:
 # lab.tables
 
 
+@pytest.mark.medium
 def test_means_and_cis(store: dict) -> None:
     rows = tables.aggregate(store["uri"], 2)
     for name, seeds in T2_TREES.items():
@@ -128,6 +129,7 @@ def test_means_and_cis(store: dict) -> None:
     assert not _row(rows, "iac", "trees").comparable
 
 
+@pytest.mark.medium
 def test_missing_cell_and_failed_run_ignored(store: dict) -> None:
     rows = tables.aggregate(store["uri"], 2)
     missing = _row(rows, "iac_dc_clb", "trees")  # only a FAILED run exists
@@ -141,6 +143,7 @@ def test_missing_cell_and_failed_run_ignored(store: dict) -> None:
     assert f"{FAILED_VALUE:.1f} " not in md
 
 
+@pytest.mark.medium
 def test_deltas_paired_and_welch(store: dict) -> None:
     rows = tables.aggregate(store["uri"], 2)
     iac = _row(rows, "iac", "trees")  # same seeds as baseline → paired
@@ -160,6 +163,7 @@ def test_deltas_paired_and_welch(store: dict) -> None:
     assert clb.delta.mean == pytest.approx(42.75 - 42.25) and clb.paper_delta == pytest.approx(0.4)
 
 
+@pytest.mark.medium
 def test_table1_rows_n1_and_missing(store: dict) -> None:
     rows = tables.aggregate(store["uri"], 1)
     assert [r.row for r in rows] == ["retinanet_resnet101", "ours_resnet101", "retinanet_resnet50", "ours_resnet50"]
@@ -180,6 +184,7 @@ def test_table1_rows_n1_and_missing(store: dict) -> None:
     assert "| ours − RetinaNet (resnet101) | +1.5 | — |" in render_claims_markdown(rows, 1)
 
 
+@pytest.mark.medium
 def test_write_tables_files_parquet_and_tables_run(store: dict, tmp_path: Path) -> None:
     paths = tables.write_tables(store["uri"], 2, tmp_path / "out")
     assert set(paths) == {"md", "tex", "csv", "html", "parquet", "png", "claims_md", "claims_tex", "claims_html",
@@ -225,12 +230,14 @@ def test_write_tables_files_parquet_and_tables_run(store: dict, tmp_path: Path) 
     assert [r.n for r in tables.aggregate(store["uri"], 2)] == [r.n for r in tables.aggregate(store["uri"], 2)]
 
 
+@pytest.mark.medium
 def test_profile_filter_and_no_pooling(store: dict) -> None:
     assert tables.aggregate(store["uri"], 2, profile="paper") == []
     rows = tables.aggregate(store["uri"], 2, profile="small")
     assert {r.profile for r in rows} == {"small"} and len(rows) == 8
 
 
+@pytest.mark.medium
 def test_main_prints_markdown_and_rejects_bad_table(store: dict, tmp_path: Path, capsys) -> None:
     assert tables.main(["--table", "1", "--out", str(tmp_path), "--tracking-uri", store["uri"], "--no-log"]) == 0
     out = capsys.readouterr().out
@@ -243,6 +250,7 @@ def test_main_prints_markdown_and_rejects_bad_table(store: dict, tmp_path: Path,
         tables.aggregate(store["uri"], 3)
 
 
+@pytest.mark.medium
 def test_empty_experiment_renders_paper_only(tmp_path: Path, store: dict) -> None:
     # unknown profile → no cells; the paper's table is still printed and nothing reads as 0
     md = tables.render_markdown(tables.aggregate(store["uri"], 1, profile="nope"), 1)
@@ -288,6 +296,7 @@ def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.Mon
         tracking.resolve_tracking_uri("file:///tmp/x")
 
 
+@pytest.mark.medium
 def test_init_store_idempotent_and_artifact_location(store: dict) -> None:
     uri = store["uri"]
     first = tracking.init_store(uri, "idem")
@@ -302,6 +311,7 @@ def test_init_store_idempotent_and_artifact_location(store: dict) -> None:
         tracking.init_store("sqlite:///rel.db", "x")
 
 
+@pytest.mark.medium
 def test_init_store_concurrent_fresh_db(tmp_path: Path) -> None:
     """Three processes initialising one fresh sqlite DB at once (the race of notes §5.6)."""
     uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
@@ -313,6 +323,7 @@ def test_init_store_concurrent_fresh_db(tmp_path: Path) -> None:
     assert len({out.strip() for out, _ in outs}) == 1
 
 
+@pytest.mark.medium
 def test_find_finished_run_and_close_dangling(store: dict) -> None:
     uri = store["uri"]
     exp = tracking.init_store(uri, "lookup")

@@ -103,6 +103,7 @@ def trained(tmp_path_factory):
     return {"uri": uri, "run_id": run_id, "result": result, "cell": cell, "tmp": tmp}
 
 
+@pytest.mark.medium
 def test_local_mode_trains_evaluates_and_logs(trained):
     result, client = trained["result"], MlflowClient(trained["uri"])
     assert result["start_epoch"] == 0 and result["world_size"] == 1 and result["backend"] is None
@@ -130,6 +131,7 @@ def test_local_mode_trains_evaluates_and_logs(trained):
     assert Path(result["weights"]).parent.name == trained["cell"].run_name
 
 
+@pytest.mark.medium
 def test_detections_json_is_coco_results(trained):
     client = MlflowClient(trained["uri"])
     local = client.download_artifacts(trained["run_id"], "eval/detections.json", str(trained["tmp"]))
@@ -139,6 +141,7 @@ def test_detections_json_is_coco_results(trained):
         assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"} and len(dets[0]["bbox"]) == 4
 
 
+@pytest.mark.medium
 def test_clb_evaluates_saved_weights(trained):
     """CL-B rows do not train: they load a trained model and only swap the NMS."""
     run_id = new_run(trained["uri"], "clb")
@@ -151,6 +154,7 @@ def test_clb_evaluates_saved_weights(trained):
     assert "eval/pr_curve.png" in artifact_paths(client, run_id)
 
 
+@pytest.mark.medium
 def test_detlab_eval_of_a_run_gives_its_final_metrics_again(trained):
     """``detlab eval RUN`` is training's own evaluation: on the same split it reproduces the run's
     final metrics exactly, and its run names the source run."""
@@ -174,6 +178,7 @@ def test_detlab_eval_of_a_run_gives_its_final_metrics_again(trained):
     assert dets[0] == dets[1] and len(dets[0]) > 0
 
 
+@pytest.mark.medium
 def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
     from lab.cli import main
 
@@ -186,6 +191,7 @@ def test_predict_cli_writes_boxes_and_picture(trained, tmp_path):
     assert (tmp_path / f"{image.stem}.png").stat().st_size > 0
 
 
+@pytest.mark.medium
 def test_predict_cli_takes_a_directory_and_a_glob(trained, tmp_path):
     import shutil
 

@@ -98,7 +98,7 @@ def run_cells(cells: list[Cell], opts: RunOptions) -> list[Outcome]:
         else:
             todo.append(cell)
     if todo:
-        _prepare_builtin_data(todo)
+        todo = launch_order(todo, _prepare_builtin_data(todo))
         _init_ray(opts.ray_address)
         with _sigterm_as_exit():
             _Scheduler(todo, opts, client, outcomes).run()
@@ -136,21 +136,42 @@ def summarize(outcomes: list[Outcome]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_builtin_data(cells: list[Cell]) -> None:
-    """Generate/unpack shapes and trees once in the driver, so concurrent cells do not race on it."""
+def _prepare_builtin_data(cells: list[Cell]) -> dict[str, int]:
+    """Generate/unpack shapes and trees once in the driver, so concurrent cells do not race on it;
+    returns the train images of each built-in data config (``repr(cfg.data)``)."""
     from detector.data import build_dataset
 
-    seen: set[str] = set()
+    sizes: dict[str, int] = {}
     for cell in cells:
         data = cell.cfg.data
         if data.dataset not in ("shapes", "trees"):
             continue
         ident = repr(data)
-        if ident in seen:
+        if ident in sizes:
             continue
-        seen.add(ident)
-        for split in ("train", "val"):
-            build_dataset(data, split, train=False)
+        sizes[ident] = len(build_dataset(data, "train", train=False))
+        build_dataset(data, "val", train=False)
+    return sizes
+
+
+def launch_order(cells: list[Cell], train_images: dict[str, int]) -> list[Cell]:
+    """Longest first (:func:`cell_cost`; ``train_images`` by ``repr(cfg.data)``): the short cells then
+    fill the cores the long ones leave, instead of a long cell starting last and running alone. A
+    cell's result does not depend on when it runs. Stable: equal cells keep the table's order."""
+    return sorted(cells, key=lambda c: -cell_cost(c, train_images.get(repr(c.cfg.data), 0)))
+
+
+def cell_cost(cell: Cell, train_images: int) -> float:
+    """A cell's relative training cost, for ordering only: images seen x pixels per image (its
+    ``max_iters`` cap included). A cell that only evaluates (CL-B) costs 0; one whose train set is
+    unknown (user data, not opened here) counts its epochs alone."""
+    if cell.reuse:
+        return 0.0
+    t, m = cell.cfg.train, cell.cfg.model
+    per_epoch = train_images or 1
+    if t.max_iters > 0:  # a cap on iterations per epoch
+        per_epoch = min(per_epoch, t.max_iters * t.batch_size * max(cell.cfg.scaling.workers, 1))
+    return float(t.epochs * per_epoch) * m.max_size * m.max_size
 
 
 def _init_ray(address: str | None) -> None:
