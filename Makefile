@@ -33,13 +33,23 @@ demo: $(STAMP) hooks
 
 # CI must finish within 30 minutes on 2 cores: the tests marked heavy (cluster e2e, node loss, driver
 # kills, outages mid-run; each over a minute) run with `make test-all`
-# Two pytest-xdist workers: the suite alone keeps 2 cores 59 % busy (it waits on processes it starts).
-# The tests that start Ray or a server run one at a time on one of them (tests/conftest.py groups them)
+# Two pytest processes at once: the tests that start Ray or a server (slow; heavy too in test-all), one at
+# a time, beside all the others. Run alone, the suite kept 2 cores 59 % busy: it waits on the processes it
+# starts. No two Ray clusters ever run at once. The first one's output follows the second's.
+SLOW_LOG := $(VENV)/.tests-that-start-ray.log
+define two_pytests
+	@echo "running the tests marked $(1) in the background (output: $(SLOW_LOG), shown at the end)"
+	@$(PY) -m pytest -q -p no:cacheprovider -m "$(1)" > $(SLOW_LOG) 2>&1 & ray=$$!; \
+	$(PY) -m pytest -q -m "$(2)"; rest=$$?; \
+	wait $$ray; rc=$$?; echo "=== the tests marked $(1) ==="; cat $(SLOW_LOG); \
+	echo "=== exit: $(2): $$rest, $(1): $$rc ==="; test $$rest -eq 0 -a $$rc -eq 0
+endef
+
 test: $(STAMP) hooks
-	$(PY) -m pytest -q -m "not heavy" -n 2 --dist loadgroup
+	$(call two_pytests,slow and not heavy,not slow and not heavy)
 
 test-all: $(STAMP) hooks
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(call two_pytests,slow or heavy,not slow and not heavy)
 
 # the inner loop: everything but the tests marked slow (they start Ray or a server) or medium (over half a
 # second: they train or run a subprocess); `make test` runs those too

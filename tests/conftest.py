@@ -90,14 +90,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for line in _LEAKS:
             terminalreporter.write_line(line)
 
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``), every test that starts Ray or a
-    server (``slow``, ``heavy``) runs on one worker, one at a time: two local Ray clusters on 2 cores would
-    starve each other. The other worker takes the in-process tests meanwhile."""
-    if not getattr(config.option, "loadgroup", False):  # what xdist sets in each worker under --dist loadgroup
-        return
-    for item in items:
-        if item.get_closest_marker("slow") or item.get_closest_marker("heavy"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
