@@ -2,19 +2,19 @@
 messages name the file, field and value.
 
 Every fixture is a real file written to tmp_path (COCO JSON read by pycocotools, VOC XML, PNGs); no
-mocks. The CLI tests run ``detlab train`` / ``detlab table 2`` / ``detlab sweep`` as subprocesses and
+mocks. The CLI tests run ``detlab train`` / ``detlab table 2`` / ``detlab sweep`` in one fresh interpreter, in turn, and
 check the message, the exit code, that Ray was never imported (so no session could start) and that
 the ``--tracking-uri`` sqlite store was never created; they start no Ray and no server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,25 +87,73 @@ def _edit_json(path: Path, edit) -> None:
 # ----------------------------------------------------------------------------------------------
 # the CLI refuses bad data before Ray and MLflow
 
-#: runs lab.cli.main in a fresh interpreter and reports whether anything imported Ray
-_WRAPPER = ("import sys\nfrom lab.cli import main\nrc = main(sys.argv[1:])\n"
-            "print('RAY_IMPORTED=%s' % ('ray' in sys.modules), file=sys.stderr)\nsys.exit(rc)")
+#: runs lab.cli.main once per case in ONE fresh interpreter (a fresh one per case cost ~10 s of imports
+#: each, a dozen times) and reports, after each case, whether anything so far imported Ray: the first
+#: case to import it fails, and every later one with it. Each case gets its own cwd, DETLAB_DATA and
+#: output files (file descriptors 1 and 2 redirected, so prints, logging and warnings all land there).
+_BATCH = """
+import json, os, sys, time, traceback
+from lab.cli import main
+cases = json.loads(open(sys.argv[1]).read())
+for case in cases:
+    os.chdir(case["cwd"])
+    os.environ["DETLAB_DATA"] = case["data"]
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd); os.close(f)
+    t0 = time.monotonic()
+    try:
+        rc = main(case["args"])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except Exception:
+        traceback.print_exc(); rc = 1
+    secs = time.monotonic() - t0
+    print("RAY_IMPORTED=%s" % ("ray" in sys.modules), file=sys.stderr)
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    open(case["result"], "w").write(json.dumps({"rc": rc, "secs": secs}))
+"""
 
 
-def run_cli(tmp_path: Path, *args: str, job: bool = True) -> tuple[subprocess.CompletedProcess, float]:
-    """``detlab ARGS`` in a subprocess (a job gets a tmp sqlite store and --out); returns (result, seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DETLAB_DATA": str(tmp_path / "cache")}
+@dataclasses.dataclass
+class CliResult:
+    """What one ``detlab`` call of the batch gave: the fields of ``subprocess.CompletedProcess`` it needs."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli_batch(cases: dict[str, tuple[Path, list[str], bool]]) -> dict[str, tuple[CliResult, float]]:
+    """``detlab ARGS`` for each case ``id -> (case dir, ARGS, job)``, one interpreter for all; a job gets the
+    case dir's sqlite store and --out. Returns ``id -> (result, seconds of that call)``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    common = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "--out", str(tmp_path / "out")]
-    common = common if job else []
-    t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", _WRAPPER, *args, *common], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    return res, time.monotonic() - t0
+    specs = []
+    for cid, (d, args, job) in cases.items():
+        d.mkdir(parents=True, exist_ok=True)
+        common = ["--tracking-uri", f"sqlite:///{d / 'mlruns' / 'mlflow.db'}", "--out", str(d / "out")]
+        specs.append({"id": cid, "cwd": str(d), "data": str(d / "cache"), "args": [*args, *(common if job else [])],
+                      "stdout": str(d / "cli.stdout"), "stderr": str(d / "cli.stderr"), "result": str(d / "cli.json")})
+    listing = cases[next(iter(cases))][0].parent / "cases.json"
+    listing.write_text(json.dumps(specs))
+    ran = subprocess.run([sys.executable, "-c", _BATCH, str(listing)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    out = {}
+    for spec in specs:
+        result = Path(spec["result"])
+        assert result.exists(), f"case {spec['id']} did not finish: {ran.stdout[-2000:]} {ran.stderr[-4000:]}"
+        r = json.loads(result.read_text())
+        out[spec["id"]] = (CliResult(r["rc"], Path(spec["stdout"]).read_text(), Path(spec["stderr"]).read_text()),
+                           r["secs"])
+    return out
 
 
-def assert_refused_before_cluster(tmp_path: Path, res: subprocess.CompletedProcess, secs: float, *needles: str) -> None:
+def assert_refused_before_cluster(tmp_path: Path, res: CliResult, secs: float, *needles: str) -> None:
     msg = [line for line in res.stderr.splitlines() if "config error" in line]
     print(f"\nREFUSED {secs:.1f}s: {msg[0] if msg else res.stderr[-2000:]}")
     assert res.returncode == 2, res.stdout + res.stderr
@@ -151,14 +199,7 @@ VOC_CASES = {
 }
 
 
-@pytest.mark.medium
-@pytest.mark.parametrize(("fmt", "case"), [("coco", c) for c in COCO_CASES] + [("voc", c) for c in VOC_CASES])
-def test_train_refuses_bad_data_before_ray_and_mlflow(tmp_path: Path, fmt: str, case: str) -> None:
-    corrupt, needles = (COCO_CASES if fmt == "coco" else VOC_CASES)[case]
-    root = (coco_root if fmt == "coco" else voc_root)(tmp_path / fmt)
-    corrupt(root)
-    res, secs = run_cli(tmp_path, "train", "--set", f"data.dataset={fmt}", "--set", f"data.root={root}")
-    assert_refused_before_cluster(tmp_path, res, secs, f"data.dataset={fmt}", *needles)
+TRAIN_CASES = [("coco", c) for c in COCO_CASES] + [("voc", c) for c in VOC_CASES]
 
 
 def _voc_devkit(root: Path) -> Path:
@@ -176,47 +217,84 @@ def _voc_devkit(root: Path) -> Path:
     return root
 
 
-@pytest.mark.medium
-@pytest.mark.parametrize("bad", ["coco", "voc07"])
-def test_table2_paper_checks_every_dataset_before_ray_and_mlflow(tmp_path: Path, bad: str) -> None:
-    """The paper profile's Table 2 (VOC07+12 and COCO 2017): whichever of its two datasets is bad
-    stops the job before Ray and MLflow."""
-    voc = _voc_devkit(tmp_path / "VOCdevkit")
-    coco = tmp_path / "coco"
+def _table2_case(d: Path, bad: str) -> list[str]:
+    """The paper profile's Table 2 over a good VOCdevkit and COCO root, one of them broken."""
+    voc = _voc_devkit(d / "VOCdevkit")
+    coco = d / "coco"
     _coco_split(coco, "train2017")
     _coco_split(coco, "val2017")
     if bad == "coco":
         _edit_json(coco / "annotations/instances_train2017.json", lambda d: d["annotations"][0].update(bbox=[0, 0, 5]))
-        needles = ["data.dataset=coco", "instances_train2017.json", "annotation id=10", "bbox=[0, 0, 5]"]
     else:
         (voc / "VOC2012" / "JPEGImages" / "trainval1.jpg").unlink()
+    weights = d / "resnet50.pth"
+    weights.write_bytes(b"not pretrained: the job stops before anything loads it")
+    return ["table", "2", "--profile", "paper", "--data-root", f"voc07={voc}", "--data-root", f"coco={coco}",
+            "--set", f"model.weights_backbone={weights}"]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, tuple[CliResult, float, Path]]:
+    """Every ``detlab`` call of the tests below, in one interpreter (:func:`run_cli_batch`); each has its own
+    directory, data and store. ``id -> (result, seconds, case dir)``."""
+    base = tmp_path_factory.mktemp("cli")
+    cases: dict[str, tuple[Path, list[str], bool]] = {}
+    # the data command first: its degenerate-box warning must not be one an earlier case already gave
+    d = base / "data"
+    root = coco_root(d / "coco")
+    _edit_json(root / "annotations/instances_train.json",
+               lambda a: a["annotations"].append({"id": 99, "image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 5],
+                                                  "area": 0, "iscrowd": 0}))
+    cases["data-coco"] = (d / "coco-run", ["data", "coco", "--root", str(root), "--set", "model.min_size=96",
+                                           "--set", "model.max_size=128"], False)
+    cases["data-voc"] = (d / "voc-run", ["data", "voc", "--root", str(voc_root(d / "voc"))], False)
+    cases["data-no-root"] = (d / "no-root-run", ["data", "coco"], False)
+    for i, (fmt, case) in enumerate(TRAIN_CASES):
+        d = base / f"train-{i}"
+        root = (coco_root if fmt == "coco" else voc_root)(d / fmt)
+        (COCO_CASES if fmt == "coco" else VOC_CASES)[case][0](root)
+        cases[f"train-{fmt}-{case}"] = (d, ["train", "--set", f"data.dataset={fmt}", "--set", f"data.root={root}"], True)
+    for bad in ("coco", "voc07"):
+        cases[f"table2-{bad}"] = (base / f"table2-{bad}", _table2_case(base / f"table2-{bad}", bad), True)
+    root = voc_root(base / "sweep" / "voc")
+    (root / "val/img1.xml").write_text("not xml at all")
+    cases["sweep-voc"] = (base / "sweep", ["sweep", "--profile", "smoke", "--set", "data.dataset=voc",
+                                           "--set", f"data.root={root}", "--num-samples", "1"], True)
+    return {cid: (*res, cases[cid][0]) for cid, res in run_cli_batch(cases).items()}
+
+
+@pytest.mark.medium
+@pytest.mark.parametrize(("fmt", "case"), TRAIN_CASES)
+def test_train_refuses_bad_data_before_ray_and_mlflow(cli_runs, fmt: str, case: str) -> None:
+    needles = (COCO_CASES if fmt == "coco" else VOC_CASES)[case][1]
+    res, secs, d = cli_runs[f"train-{fmt}-{case}"]
+    assert_refused_before_cluster(d, res, secs, f"data.dataset={fmt}", *needles)
+
+
+@pytest.mark.medium
+@pytest.mark.parametrize("bad", ["coco", "voc07"])
+def test_table2_paper_checks_every_dataset_before_ray_and_mlflow(cli_runs, bad: str) -> None:
+    """The paper profile's Table 2 (VOC07+12 and COCO 2017): whichever of its two datasets is bad
+    stops the job before Ray and MLflow."""
+    if bad == "coco":
+        needles = ["data.dataset=coco", "instances_train2017.json", "annotation id=10", "bbox=[0, 0, 5]"]
+    else:
         needles = ["data.dataset=voc", "VOC2007/trainval+VOC2012/trainval", "1 of 4 VOC annotation(s) does not exist",
                    "VOC2012/Annotations/trainval1.xml"]
-    weights = tmp_path / "resnet50.pth"
-    weights.write_bytes(b"not pretrained: the job stops before anything loads it")
-    res, secs = run_cli(tmp_path, "table", "2", "--profile", "paper", "--data-root", f"voc07={voc}",
-                        "--data-root", f"coco={coco}", "--set", f"model.weights_backbone={weights}")
-    assert_refused_before_cluster(tmp_path, res, secs, *needles)
+    res, secs, d = cli_runs[f"table2-{bad}"]
+    assert_refused_before_cluster(d, res, secs, *needles)
 
 
 @pytest.mark.medium
-def test_sweep_refuses_bad_voc_before_ray_and_mlflow(tmp_path: Path) -> None:
-    root = voc_root(tmp_path / "voc")
-    (root / "val/img1.xml").write_text("not xml at all")
-    res, secs = run_cli(tmp_path, "sweep", "--profile", "smoke", "--set", "data.dataset=voc",
-                        "--set", f"data.root={root}", "--num-samples", "1")
+def test_sweep_refuses_bad_voc_before_ray_and_mlflow(cli_runs) -> None:
+    res, secs, d = cli_runs["sweep-voc"]
     assert "sweep: config error" in res.stderr, res.stderr
-    assert_refused_before_cluster(tmp_path, res, secs, "img1.xml", "is not valid XML")
+    assert_refused_before_cluster(d, res, secs, "img1.xml", "is not valid XML")
 
 
 @pytest.mark.medium
-def test_data_command_summarises_coco_and_voc(tmp_path: Path) -> None:
-    root = coco_root(tmp_path / "coco")
-    _edit_json(root / "annotations/instances_train.json",
-               lambda d: d["annotations"].append({"id": 99, "image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 5],
-                                                  "area": 0, "iscrowd": 0}))
-    res, _ = run_cli(tmp_path, "data", "coco", "--root", str(root), "--set", "model.min_size=96",
-                     "--set", "model.max_size=128", job=False)
+def test_data_command_summarises_coco_and_voc(cli_runs) -> None:
+    res = cli_runs["data-coco"][0]
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "coco train 'train'" in out and "coco val 'val'" in out
@@ -227,13 +305,12 @@ def test_data_command_summarises_coco_and_voc(tmp_path: Path) -> None:
     assert "degenerate boxes dropped: 1" in out and "anchor fit at 96-128 px" in out
     assert "dropped 1 degenerate box(es)" in res.stderr and "annotation id=99 bbox=[10, 10, 0, 5]" in res.stderr
 
-    vroot = voc_root(tmp_path / "voc")
-    res, _ = run_cli(tmp_path, "data", "voc", "--root", str(vroot), job=False)
+    res = cli_runs["data-voc"][0]
     assert res.returncode == 0, res.stderr
     assert "voc val 'val'" in res.stdout and "boxes per class: cat 3, dog 3" in res.stdout
     # the VOC default is 1-based: cat (5, 5, 24, 14) -> 20 x 10 px
     assert "raw p5 14.1" in res.stdout
-    res, _ = run_cli(tmp_path, "data", "coco", job=False)
+    res = cli_runs["data-no-root"][0]
     assert res.returncode == 2 and "data.root is required" in res.stderr
 
 
