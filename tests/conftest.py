@@ -12,6 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules b
 from procs import marked  # noqa: E402
 from s3server import moto_s3  # noqa: E402
 
+# Ray Train's controller, for every Ray the tests start (it passes these to its actors): poll the
+# workers every 0.25 s, not 2 s, so a fit's start, end and a dead worker are seen sooner; and no
+# preemption watcher, an actor (one more process per fit, ~2 s on 2 cores) that waits for spot-node
+# notices no test sends. Measured: a 2-step fit on a warm local Ray, 24-28 s -> 21 s.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 @pytest.fixture(scope="module")
 def local_ray():

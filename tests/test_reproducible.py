@@ -102,16 +102,33 @@ def test_the_source_digest_follows_the_code(tmp_path):
     assert provenance.source_digest(tmp_path) == before
 
 
+@pytest.fixture(scope="module")
+def ray_for_four_fits():
+    """A private local Ray with 6 logical CPUs on this 2-core machine: the four fits below (1 + 1 + 2 + 2
+    workers) run at once. Each pins its threads (train.threads), so sharing cores changes their speed,
+    not their numbers; most of a fit's 20 s here is Ray starting processes, which overlap."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, include_dashboard=True, object_store_memory=200 * 1024**2,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_ray_train_workers_twice_give_identical_weights(local_ray, tmp_path):
+def test_ray_train_workers_twice_give_identical_weights(ray_for_four_fits, tmp_path):
     """One Train worker, then two gloo workers (a fixed world size adds in a fixed order): each
-    twice from fresh stores, identical weights and histories; 1 and 2 workers differ (another batch)."""
-    one = [_fit(tmp_path / f"w1-{i}", "scaling.workers=1") for i in range(2)]
-    _assert_same(*one)
-    two = [_fit(tmp_path / f"w2-{i}", "scaling.workers=2") for i in range(2)]
-    _assert_same(*two)
-    assert two[0]["result"]["backend"] == "gloo"
-    assert two[0]["histories"]["train_loss"] != one[0]["histories"]["train_loss"]
+    twice from fresh stores, all four fits at once, identical weights and histories; 1 and 2 workers
+    differ (another batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [(f"w{w}-{i}", f"scaling.workers={w}") for w in (1, 2) for i in range(2)]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        one_a, one_b, two_a, two_b = pool.map(lambda r: _fit(tmp_path / r[0], r[1]), runs)
+    _assert_same(one_a, one_b)
+    _assert_same(two_a, two_b)
+    assert two_a["result"]["backend"] == "gloo"
+    assert two_a["histories"]["train_loss"] != one_a["histories"]["train_loss"]
 
 
 def test_a_working_dir_without_git_reads_the_commit_and_the_dirty_flag_from_the_stamp(tmp_path, monkeypatch):
