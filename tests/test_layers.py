@@ -40,9 +40,21 @@ def _stand_in(tmp_path: Path) -> Path:
         (tmp_path / pkg).mkdir(parents=True, exist_ok=True)
         (tmp_path / pkg / "__init__.py").write_text("")
     config = tmp_path / "pyproject.toml"
-    section = (ROOT / "pyproject.toml").read_text().split("[tool.importlinter]", 1)[1].split("[tool.pytest", 1)[0]
-    config.write_text("[tool.importlinter]" + section)
+    config.write_text(_importlinter_section((ROOT / "pyproject.toml").read_text()))
+    assert tomllib.loads(config.read_text())["tool"]["importlinter"]["contracts"] == contracts  # all, verbatim
     return config
+
+
+def _importlinter_section(pyproject: str) -> str:
+    """The ``[tool.importlinter]`` table and its ``[[tool.importlinter.contracts]]``, as written: from its
+    header to the next table header of another tool, wherever the section sits in the file."""
+    kept, inside = [], False
+    for line in pyproject.splitlines(keepends=True):
+        if line.startswith("["):
+            inside = line.startswith(("[tool.importlinter]", "[tool.importlinter.", "[[tool.importlinter."))
+        if inside:
+            kept.append(line)
+    return "".join(kept)
 
 
 def test_the_contracts_catch_detector_importing_the_platform(tmp_path):

@@ -40,13 +40,9 @@ Every bad option or space is a ``ConfigError`` raised before ``ray.init``.
 
 from __future__ import annotations
 
-import os
-
-# Ray reads these when it is imported (lazily, in the modules below).
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print reaches the driver twice
-
-from lab.execution.runner import quiet_ray_console  # noqa: E402
+# lab.execution's __init__ sets Ray Train's environment pins (V2, no print patch) before any of these
+# modules imports Ray
+from lab.execution.runner import quiet_ray_console
 
 quiet_ray_console()
 
