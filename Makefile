@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make demo   - Table 2 at profile demo on a local Ray + MLflow (sqlite), then the table"
-	@echo "make test   - the test suite but the heavy end-to-end scenarios (what CI runs, ~17 min on 2 cores)"
+	@echo "make test   - the test suite but the heavy end-to-end scenarios (what CI runs, ~15 min on 2 cores)"
 	@echo "make test-all - every test, the heavy scenarios too (~55 min on 2 cores)"
 	@echo "make test-fast - the inner loop, under a minute: every test under half a second (-m 'not slow and not medium')"
 	@echo "make bench  - benchmarks (ratios measured in one process)"
@@ -33,9 +33,10 @@ demo: $(STAMP) hooks
 
 # CI must finish within 30 minutes on 2 cores: the tests marked heavy (cluster e2e, node loss, driver
 # kills, outages mid-run; each over a minute) run with `make test-all`
-# Two pytest processes at once: the tests that start Ray or a server (slow; heavy too in test-all), one at
-# a time, beside all the others. Run alone, the suite kept 2 cores 59 % busy: it waits on the processes it
-# starts. No two Ray clusters ever run at once. The first one's output follows the second's.
+# Two pytest processes at once: the tests that start Ray (slow but not server; heavy too in test-all), one
+# at a time, beside all the others (those marked server start only moto S3 or mlflow, never Ray). Run
+# alone, the suite kept 2 cores 59 % busy: it waits on the processes it starts. No two Ray clusters ever
+# run at once. The first one's output follows the second's.
 SLOW_LOG := $(VENV)/.tests-that-start-ray.log
 define two_pytests
 	@echo "running the tests marked $(1) in the background (output: $(SLOW_LOG), shown at the end)"
@@ -46,10 +47,10 @@ define two_pytests
 endef
 
 test: $(STAMP) hooks
-	$(call two_pytests,slow and not heavy,not slow and not heavy)
+	$(call two_pytests,slow and not server and not heavy,(not slow or server) and not heavy)
 
 test-all: $(STAMP) hooks
-	$(call two_pytests,slow or heavy,not slow and not heavy)
+	$(call two_pytests,(slow or heavy) and not server,not (slow or heavy) or server)
 
 # the inner loop: everything but the tests marked slow (they start Ray or a server) or medium (over half a
 # second: they train or run a subprocess); `make test` runs those too

@@ -97,3 +97,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for line in _LEAKS:
             terminalreporter.write_line(line)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# `make test` runs two pytest processes at once: the tests that start Ray (marked slow, not server),
+# one at a time, beside all the others.
+
+
+@pytest.fixture(autouse=True)
+def _a_server_test_starts_no_ray(request):
+    """A test marked ``server`` runs beside the Ray tests, so it must never start Ray itself."""
+    yield
+    if request.node.get_closest_marker("server") is not None and "ray" in sys.modules:
+        import ray
+
+        assert not ray.is_initialized(), f"{request.node.nodeid} is marked server but started Ray"
+

@@ -127,6 +127,7 @@ def test_lease_records_that_are_not_ours_do_not_break_anything(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_s3_lease_is_a_conditional_put(s3):
     uri = lease.lease_uri("s3://detlab/leases", "cell")
     first = lease.acquire(uri)
@@ -147,6 +148,7 @@ def test_s3_lease_is_a_conditional_put(s3):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_s3_threads_racing_for_one_lease_one_wins(s3):
     uri = lease.lease_uri("s3://detlab/race", "cell")
     barrier = threading.Barrier(6)

@@ -253,6 +253,7 @@ def test_a_trial_replays_its_spool_and_counts_what_it_cannot_see(store, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_the_spool_in_s3_storage_is_replayed_by_the_driver(s3, store, tmp_path):
     """Rank 0 on some node queues into ``s3://.../mlflow-spool/<run id>``; the driver, elsewhere,
     sends it all in order (artifacts too) and the prefix is left empty."""
@@ -275,6 +276,7 @@ def test_the_spool_in_s3_storage_is_replayed_by_the_driver(s3, store, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_a_real_server_refusing_a_write_dead_letters_only_that_write(tmp_path, capsys):
     """Over HTTP a refusal is the server's 400 (a RestException): dead-lettered, and the queue
     behind it, held while the server was down, is sent once it is back."""

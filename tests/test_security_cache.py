@@ -54,6 +54,7 @@ def test_prune_of_a_missing_cache_is_a_no_op(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_a_rewritten_object_leaves_one_copy_in_the_cache(tmp_path: Path) -> None:
     from s3server import moto_s3
 

@@ -109,6 +109,7 @@ def test_local_upload_download_exists(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_s3_round_trip_and_cache(s3, tmp_path):
     src = tmp_path / "w.bin"
     src.write_bytes(os.urandom(3 * 1024 * 1024))
@@ -144,6 +145,7 @@ class FailsHalfway(io.RawIOBase):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("good_mib", [1, 12])  # one PUT, and a multipart upload (pyarrow's parts are 10 MiB)
 def test_s3_upload_that_fails_halfway_publishes_nothing(s3, tmp_path, good_mib):
     """pyarrow completes an S3 upload when its stream is closed by an exception (the first half of
@@ -223,6 +225,7 @@ def test_train_checkpoints_in_s3_and_resume(s3, local_ray, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_mlflow_server_artifacts_land_in_the_bucket(s3, tmp_path):
     """``mlflow server --artifacts-destination s3://...`` against moto: a run's artifacts are objects."""
     from mlflow import MlflowClient
