@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside the tests
+from localray import private_ray  # noqa: E402
 from procs import marked  # noqa: E402
 from s3server import moto_s3  # noqa: E402
 
@@ -22,17 +23,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A private local Ray cluster (with its dashboard) for one test module.
-
-    ``address="local"``: never attach to another cluster on this machine. Module scope: a module's
-    tests share it, and the next module starts clean.
-    """
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=200 * 1024**2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
+    """:func:`private_ray` for one test module: a module's tests share it, and the next module starts clean."""
+    with private_ray():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +91,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
             terminalreporter.write_line(line)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # `make test` runs two pytest processes at once: the tests that start Ray (marked slow, not server),
 # one at a time, beside all the others.
@@ -112,4 +104,3 @@ def _a_server_test_starts_no_ray(request):
         import ray
 
         assert not ray.is_initialized(), f"{request.node.nodeid} is marked server but started Ray"
-

@@ -127,9 +127,11 @@ class CliResult:
     stderr: str
 
 
-def run_cli_batch(cases: dict[str, tuple[Path, list[str], bool]]) -> dict[str, tuple[CliResult, float]]:
-    """``detlab ARGS`` for each case ``id -> (case dir, ARGS, job)``, one interpreter for all; a job gets the
-    case dir's sqlite store and --out. Returns ``id -> (result, seconds of that call)``."""
+def run_cli_batch(base: Path,
+                  cases: dict[str, tuple[Path, list[str], bool]]) -> dict[str, tuple[CliResult, float, Path]]:
+    """``detlab ARGS`` for each case ``id -> (case dir, ARGS, job)``, one interpreter for all (the list of
+    cases is written under ``base``); a job gets the case dir's sqlite store and --out. Returns
+    ``id -> (result, seconds of that call, case dir)``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
@@ -139,7 +141,7 @@ def run_cli_batch(cases: dict[str, tuple[Path, list[str], bool]]) -> dict[str, t
         common = ["--tracking-uri", f"sqlite:///{d / 'mlruns' / 'mlflow.db'}", "--out", str(d / "out")]
         specs.append({"id": cid, "cwd": str(d), "data": str(d / "cache"), "args": [*args, *(common if job else [])],
                       "stdout": str(d / "cli.stdout"), "stderr": str(d / "cli.stderr"), "result": str(d / "cli.json")})
-    listing = cases[next(iter(cases))][0].parent / "cases.json"
+    listing = base / "cases.json"
     listing.write_text(json.dumps(specs))
     ran = subprocess.run([sys.executable, "-c", _BATCH, str(listing)], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -149,7 +151,7 @@ def run_cli_batch(cases: dict[str, tuple[Path, list[str], bool]]) -> dict[str, t
         assert result.exists(), f"case {spec['id']} did not finish: {ran.stdout[-2000:]} {ran.stderr[-4000:]}"
         r = json.loads(result.read_text())
         out[spec["id"]] = (CliResult(r["rc"], Path(spec["stdout"]).read_text(), Path(spec["stderr"]).read_text()),
-                           r["secs"])
+                           r["secs"], Path(spec["cwd"]))
     return out
 
 
@@ -260,7 +262,7 @@ def cli_runs(tmp_path_factory) -> dict[str, tuple[CliResult, float, Path]]:
     (root / "val/img1.xml").write_text("not xml at all")
     cases["sweep-voc"] = (base / "sweep", ["sweep", "--profile", "smoke", "--set", "data.dataset=voc",
                                            "--set", f"data.root={root}", "--num-samples", "1"], True)
-    return {cid: (*res, cases[cid][0]) for cid, res in run_cli_batch(cases).items()}
+    return run_cli_batch(base, cases)
 
 
 @pytest.mark.medium

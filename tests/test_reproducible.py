@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from localray import private_ray
 from mlflow import MlflowClient
 
 from lab.records import provenance, tracking
@@ -107,12 +108,8 @@ def ray_for_four_fits():
     """A private local Ray with 6 logical CPUs on this 2-core machine: the four fits below (1 + 1 + 2 + 2
     workers) run at once. Each pins its threads (train.threads), so sharing cores changes their speed,
     not their numbers; most of a fit's 20 s here is Ray starting processes, which overlap."""
-    import ray
-
-    ray.init(address="local", num_cpus=6, include_dashboard=True, object_store_memory=200 * 1024**2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
+    with private_ray(num_cpus=6):
+        yield
 
 
 @pytest.mark.slow
