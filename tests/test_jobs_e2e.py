@@ -74,7 +74,7 @@ def kill_tree(procs: list[psutil.Process]) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(everything.values()), timeout=10)
+    _, alive = psutil.wait_procs(list(everything.values()), timeout=3)
     for p in alive:
         try:
             p.kill()
@@ -90,7 +90,8 @@ def workdir():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(workdir):
+def mlflow_started(workdir):
+    """The server's process, not yet waited for: it boots while the Ray head starts."""
     (port,) = free_ports(1)
     log = open(workdir / "mlflow.log", "w")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner (7 processes)
@@ -100,17 +101,23 @@ def mlflow_server(workdir):
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{uri}/health", 180, proc)
-        yield uri
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         kill_tree([psutil.Process(proc.pid)])
         log.close()
 
 
 @pytest.fixture(scope="module")
-def ray_head(workdir):
+def mlflow_server(mlflow_started, ray_head):
+    proc, uri = mlflow_started
+    wait_http(f"{uri}/health", 180, proc)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def ray_head(workdir, mlflow_started):
+    """A ``ray start --head`` on 127.0.0.1; asks for ``mlflow_started`` only so that the server boots meanwhile."""
     temp = workdir / "ray"
     port, dash, client, agent, metrics, runtime_env = free_ports(6)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
