@@ -74,6 +74,25 @@ def test_every_weights_source_gives_back_the_same_bytes(logged, how):
 
 
 @pytest.mark.medium
+def test_a_downloaded_model_is_removed_when_the_process_exits(logged):
+    """A logged model is downloaded to a temp dir for the command that reads it (~130 MB at the demo's
+    size; they piled up in /tmp, 21 GB of them here): it lives as long as the process, no longer."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from lab.records import models; "
+              "print(models.resolve(sys.argv[1], sys.argv[2]).path)")
+    out = subprocess.run([sys.executable, "-c", script, "models:/shapes-smoke/1", logged["uri"]],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert path.name == "model.pt" and path.parent.parent.name.startswith("detlab-model-"), path
+    assert not path.parent.parent.exists()  # removed at exit
+    src = models.resolve("models:/shapes-smoke/1", logged["uri"])  # in this process: still there
+    assert Path(src.path).is_file()
+
+
+@pytest.mark.medium
 def test_a_run_whose_weights_file_is_gone_falls_back_to_its_logged_model(logged):
     client = MlflowClient(logged["uri"])
     client.set_tag(logged["run_id"], "detlab.weights", str(logged["tmp"] / "gone" / "model.pt"))

@@ -19,7 +19,9 @@ run id or run name (its ``detlab.weights`` file, else its logged model); ``model
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -283,6 +285,14 @@ def _runs_uri_as_model(uri: str, tracking_uri: str | None) -> str:
     return uri
 
 
+def _download_dir() -> Path:
+    """A temp dir for one downloaded model, removed when this process exits: the command that asked for
+    the weights reads them meanwhile (a model is ~130 MB at the demo's size, and undeleted ones piled up)."""
+    dest = Path(tempfile.mkdtemp(prefix="detlab-model-"))
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
+    return dest
+
+
 def _from_model_uri(uri: str, tracking_uri: str | None, label: str | None = None) -> WeightsSource:
     """``models:/...`` or ``runs:/...``: download the logged model and take its ``model.pt``."""
     import mlflow.artifacts
@@ -294,7 +304,7 @@ def _from_model_uri(uri: str, tracking_uri: str | None, label: str | None = None
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     resolved = tracking.resolve_tracking_uri(tracking_uri)
-    dest = Path(tempfile.mkdtemp(prefix="detlab-model-"))
+    dest = _download_dir()
     try:
         with _use_tracking_uri(resolved):  # the registry follows the tracking URI only when it is set globally
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
