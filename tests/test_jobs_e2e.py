@@ -83,10 +83,18 @@ def kill_tree(procs: list[psutil.Process]) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir():
-    # short: Ray's AF_UNIX socket paths live under the temp dir (107-byte limit)
+def workdir(request):
+    """Short: Ray's AF_UNIX socket paths live under it (107-byte limit). Removed after the module (1.6 GB of
+    models, checkpoints and logs a run; they piled up in /tmp), kept when one of its tests failed."""
+    import shutil
+
     d = Path(tempfile.mkdtemp(prefix="dl", dir="/tmp"))
+    failed = request.session.testsfailed
     yield d
+    if request.session.testsfailed == failed:
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        print(f"kept {d} for the failure")
 
 
 @pytest.fixture(scope="module")
