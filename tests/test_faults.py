@@ -234,7 +234,11 @@ def baseline_result(proc: subprocess.Popen) -> dict:
 @pytest.mark.slow
 def test_worker_process_crash_recovers_from_checkpoint_into_one_run(local_ray, tmp_path):
     baseline = start_baseline(tmp_path / "baseline", [*TINY, *DDP])  # meanwhile, in its own driver
-    outcome, uri, seconds = run_one_cell(tmp_path / "crash", tiny_cell(*DDP), env={faults.ENV: "exit_after_epoch:0"})
+    try:
+        outcome, uri, seconds = run_one_cell(tmp_path / "crash", tiny_cell(*DDP), env={faults.ENV: "exit_after_epoch:0"})
+    except BaseException:
+        baseline.kill()  # this failure is the one to show, not the baseline's
+        raise
     ddp_baseline = baseline_result(baseline)
     assert outcome.status == "FINISHED", outcome.error
     client = MlflowClient(uri)
