@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside the tests
-from localray import private_ray  # noqa: E402
 from procs import marked  # noqa: E402
 from s3server import moto_s3  # noqa: E402
 
@@ -22,10 +21,18 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """:func:`private_ray` for one test module: a module's tests share it, and the next module starts clean."""
-    with private_ray():
+def local_ray(request):
+    """A private local Ray cluster (with its dashboard) for one test module: a module's tests share it,
+    and the next module starts clean. ``address="local"``: never attach to another cluster on this
+    machine. Logical CPUs: the module's ``RAY_CPUS``, else 2 (a module whose fits run at once sets more)."""
+    import ray
+
+    ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=True,
+             object_store_memory=200 * 1024**2, logging_level="WARNING")
+    try:
         yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

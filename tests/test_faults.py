@@ -20,7 +20,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from localray import private_ray
 from mlflow import MlflowClient
 
 from lab.execution import faults, runner
@@ -185,17 +184,14 @@ def run_one_cell(tmp: Path, cell, env: dict[str, str] | None = None, ray_address
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """This module's private Ray, with 6 logical CPUs on this 2-core machine: the crash run and its
-    uninterrupted baseline (2 + 2 workers) run at once. Each worker pins its threads, so sharing
-    cores changes their speed, not their numbers; most of a fit here is Ray starting processes."""
-    with private_ray(num_cpus=6):
-        yield
-
+#: logical CPUs of this module's ``local_ray`` on a 2-core machine: the crash run and its uninterrupted
+#: baseline (2 + 2 workers) run at once. Each worker pins its threads, so sharing cores changes their
+#: speed, not their numbers; most of a fit here is Ray starting processes.
+RAY_CPUS = 6
 
 #: the uninterrupted baseline, driven from its own process beside the crash run: ``DETLAB_FAULT`` is
-#: read from the driver's environment, which the crash run sets in this one
+#: read from the driver's environment, which the crash run sets in this one. What :func:`run_one_cell`
+#: does, restated: importing this module would cost the driver ~6.5 CPU-s (torch, mlflow) more.
 _BASELINE_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -293,15 +289,9 @@ def test_complete_checkpoint_ray_never_registered_is_resumed_from(local_ray, tmp
 
 
 def start_mlflow(workdir: Path, port: int) -> subprocess.Popen:
-    from test_jobs_e2e import wait_http
+    from test_jobs_e2e import spawn_mlflow, wait_http
 
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
-         "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(workdir / "mlflow.log", "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    proc = spawn_mlflow(workdir, port)
     wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
     return proc
 

@@ -97,23 +97,28 @@ def workdir(request):
         print(f"kept {d} for the failure")
 
 
+def spawn_mlflow(workdir: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` over ``<workdir>/mlflow.db`` on 127.0.0.1:``port``, not waited for; output appended
+    to ``<workdir>/mlflow.log``."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner (7 processes)
+    with open(workdir / "mlflow.log", "a") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+             "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+
 @pytest.fixture(scope="module")
 def mlflow_started(workdir):
     """The server's process, not yet waited for: it boots while the Ray head starts."""
     (port,) = free_ports(1)
-    log = open(workdir / "mlflow.log", "w")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner (7 processes)
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
-         "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    proc = spawn_mlflow(workdir, port)
     try:
         yield proc, f"http://127.0.0.1:{port}"
     finally:
         kill_tree([psutil.Process(proc.pid)])
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from localray import private_ray
 from mlflow import MlflowClient
 
 from lab.records import provenance, tracking
@@ -103,17 +102,14 @@ def test_the_source_digest_follows_the_code(tmp_path):
     assert provenance.source_digest(tmp_path) == before
 
 
-@pytest.fixture(scope="module")
-def ray_for_four_fits():
-    """A private local Ray with 6 logical CPUs on this 2-core machine: the four fits below (1 + 1 + 2 + 2
-    workers) run at once. Each pins its threads (train.threads), so sharing cores changes their speed,
-    not their numbers; most of a fit's 20 s here is Ray starting processes, which overlap."""
-    with private_ray(num_cpus=6):
-        yield
+#: logical CPUs of this module's ``local_ray`` on a 2-core machine: the four fits below (1 + 1 + 2 + 2
+#: workers) run at once. Each pins its threads (train.threads), so sharing cores changes their speed,
+#: not their numbers; most of a fit's 20 s here is Ray starting processes, which overlap.
+RAY_CPUS = 6
 
 
 @pytest.mark.slow
-def test_ray_train_workers_twice_give_identical_weights(ray_for_four_fits, tmp_path):
+def test_ray_train_workers_twice_give_identical_weights(local_ray, tmp_path):
     """One Train worker, then two gloo workers (a fixed world size adds in a fixed order): each
     twice from fresh stores, all four fits at once, identical weights and histories; 1 and 2 workers
     differ (another batch)."""
