@@ -111,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="nms.KEY=VALUE", dest="sets",
                    help="inference overrides, e.g. --set nms.clb=true --set model.score_thresh=0.1")
 
-    from lab.inference import evalcmd, export
+    from lab.inference import evalcmd
 
     p = sub.add_parser("eval", help="evaluate saved weights (a run, a file or an MLflow model) on any dataset and "
                        "split, as an MLflow run of its own")
     evalcmd.add_arguments(p)
-    p = sub.add_parser("export", help="trained weights to ONNX and/or TorchScript (the dense graph; NMS outside)")
-    export.add_arguments(p)
+    # its own parser (lab.inference.export imports torch: ~3 s that tables, compare, ui and --help do not need)
+    sub.add_parser("export", help="trained weights to ONNX and/or TorchScript (the dense graph; NMS outside; "
+                   "see detlab export --help)", add_help=False)
 
     from lab.infra import cluster
 
@@ -141,12 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lab import tables
 
         return tables.main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["export"]:  # its own parser, owned by lab.inference.export
+            from lab.inference import export
+
+            return export.main(argv[1:])
+        args = build_parser().parse_args(argv)
         return {"table": cmd_table, "train": cmd_train, "data": cmd_data, "predict": cmd_predict, "ui": cmd_ui,
-                "compare": cmd_compare, "cluster": cmd_cluster, "eval": cmd_eval, "export": cmd_export}[
-            args.command
-        ](args)
+                "compare": cmd_compare, "cluster": cmd_cluster, "eval": cmd_eval}[args.command](args)
     except ConfigError as e:
         print(f"detlab: config error: {e}", file=sys.stderr)
         return 2
@@ -382,12 +385,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lab.inference import evalcmd
 
     return evalcmd.run(args)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from lab.inference import export
-
-    return export.run(args)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

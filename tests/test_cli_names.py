@@ -69,6 +69,26 @@ def test_help_texts_name_table_against_tables_and_explain_every_ui_option(
     assert "95%%" not in capsys.readouterr().out
 
 
+@pytest.mark.medium
+def test_commands_that_need_no_torch_start_without_importing_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """`detlab tables`, `compare`, `cluster`, `ui` and `--help` parse without torch (~3 s a start); `detlab export`
+    has its own parser, in the module that needs torch, and still answers `--help` with its options."""
+    import subprocess
+    import sys
+
+    probe = "import sys; from lab.cli import build_parser; build_parser(); print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: detlab export") and "--opset" in text and "--check" in text
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export"])  # WEIGHTS missing: argparse's error, exit 2
+    assert e.value.code == 2 and "WEIGHTS" in capsys.readouterr().err
+
+
 def test_predict_names_each_item_that_gives_no_image(tmp_path: Path) -> None:
     from detector.config import ConfigError
     from lab.cli import image_paths

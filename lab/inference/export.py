@@ -56,6 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the image --check runs on, resized to --size (default: a random one)")
 
 
+def main(argv: list[str]) -> int:
+    """``detlab export ARGS``: its own parser, so that the other commands start without torch."""
+    parser = argparse.ArgumentParser(prog="detlab export", description="trained weights to ONNX and/or TorchScript "
+                                     "(the dense graph; NMS outside, recorded in the manifest)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
 def _load_payload(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """The weights WEIGHTS names (:func:`lab.records.models.load_source`: a path, a run, a models:/ URI):
     ``{"model": state_dict, "config": dict, "class_names": list, "sha256": hex of the file}``."""
