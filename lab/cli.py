@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return tables.main(argv[1:])
     try:
-        if argv[:1] == ["export"]:  # its own parser, owned by lab.inference.export
+        if argv[:1] == ["export"]:  # its own parser, owned by lab.inference.export; its ConfigError ends below
             from lab.inference import export
 
             return export.main(argv[1:])

@@ -76,7 +76,8 @@ def test_commands_that_need_no_torch_start_without_importing_it(capsys: pytest.C
     import subprocess
     import sys
 
-    probe = "import sys; from lab.cli import build_parser; build_parser(); print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    probe = ("import sys; from lab.cli import build_parser; build_parser(); "
+             "print(sorted({'torch', 'torchvision'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
     with pytest.raises(SystemExit) as e:

@@ -201,9 +201,7 @@ def test_sizes_are_ones_the_transform_keeps_and_padding_happens_in_the_graph() -
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    cli_export.add_arguments(parser)
-    return cli_export.run(parser.parse_args(argv))
+    return cli_export.main(argv)  # what `detlab export ARGV` runs
 
 
 @pytest.mark.medium
